@@ -1,0 +1,142 @@
+"""The two FPN ops and the backend choice.
+
+``upsample_add(lateral, top, bias)``  -> (lateral + bias[c]) + nearest_upsample(top, lateral's H x W)
+``upsample_add_(lateral, top, bias)`` -> the same, written into ``lateral`` (inference: no autograd)
+``stride2_pool(x)``                   -> F.max_pool2d(x, 1, 2, 0), i.e. x[:, :, ::2, ::2]
+
+Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
+under TRITON_INTERPRET=1), "torch" (pure PyTorch, always there), and "auto" (the default):
+CUDA tensors -> extension if built with CUDA, else triton if importable, else torch;
+CPU tensors -> extension if built, else torch. The pool level is a strided copy that only the
+Triton backend has a kernel for; the other backends do it with the ATen strided copy.
+
+Choose with ``set_backend(name)``, ``with use_backend(name):`` or the FPN_FAST_BACKEND
+environment variable (read once, at import). Naming a backend that cannot run raises
+BackendUnavailableError saying why; it never silently falls back.
+"""
+import contextlib
+import os
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from . import _checks, _extension, _triton
+from . import reference as _torch_impl
+from .reference import memory_format_of, nearest_source_index
+
+__all__ = [
+    "upsample_add", "upsample_add_", "stride2_pool", "set_backend", "get_backend", "use_backend",
+    "available_backends", "BackendUnavailableError", "BACKENDS", "nearest_source_index",
+]
+
+BACKENDS = ("auto", "extension", "triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was named that cannot run here (not built, no GPU, triton missing)."""
+
+
+_IMPLS = {"extension": _extension, "triton": _triton, "torch": _torch_impl}
+# Availability is probed once, at import: the hot path only reads these.
+_REASONS: Dict[str, Dict[str, Optional[str]]] = {
+    "extension": {"cpu": _extension.unavailable_reason("cpu"), "cuda": _extension.unavailable_reason("cuda")},
+    "triton": {"cpu": _triton.unavailable_reason("cpu"), "cuda": _triton.unavailable_reason("cuda")},
+    "torch": {"cpu": None, "cuda": None},
+}
+_AUTO_UPSAMPLE = {
+    "cpu": _extension if _REASONS["extension"]["cpu"] is None else _torch_impl,
+    "cuda": (_extension if _REASONS["extension"]["cuda"] is None
+             else _triton if _REASONS["triton"]["cuda"] is None else _torch_impl),
+}
+_AUTO_POOL = {"cpu": _torch_impl, "cuda": _triton if _REASONS["triton"]["cuda"] is None else _torch_impl}
+
+_backend = "auto"
+
+
+def _validate_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fpn_fast backend {name!r}; choose one of {BACKENDS}")
+    if name != "auto" and all(reason is not None for reason in _REASONS[name].values()):
+        raise BackendUnavailableError(
+            f"fpn_fast backend {name!r} is not available: " + "; ".join(
+                f"{dev}: {reason}" for dev, reason in _REASONS[name].items()))
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all later calls ("auto", "extension", "triton", "torch")."""
+    global _backend
+    _backend = _validate_name(name)
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed calls with the named backend, restoring the previous one after."""
+    global _backend
+    previous = _backend
+    _backend = _validate_name(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def available_backends() -> Dict[str, Dict[str, Optional[str]]]:
+    """{backend: {device_type: None if usable there, else the reason why not}}."""
+    return {name: dict(reasons) for name, reasons in _REASONS.items()}
+
+
+def _named_impl(device_type: str):
+    if _backend == "torch":
+        return _torch_impl
+    reason = _REASONS[_backend].get(device_type, f"{device_type} tensors are not supported")
+    if reason is not None:
+        raise BackendUnavailableError(f"fpn_fast backend {_backend!r} cannot run on {device_type}: {reason}")
+    return _IMPLS[_backend]
+
+
+def _upsample_impl(device_type: str):
+    if _backend == "auto":
+        return _AUTO_UPSAMPLE.get(device_type, _torch_impl)
+    return _named_impl(device_type)
+
+
+def _pool_impl(device_type: str):
+    if _backend == "auto":
+        return _AUTO_POOL.get(device_type, _torch_impl)
+    impl = _named_impl(device_type)
+    return impl if hasattr(impl, "stride2_pool") else _torch_impl
+
+
+def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(lateral + bias[c]) + nearest_upsample(top, size=lateral.shape[-2:]); differentiable.
+
+    Output takes lateral's memory format; float16/bfloat16 accumulate in float32 and round once.
+    """
+    _checks.check_upsample_add(lateral, top, bias)
+    return _upsample_impl(lateral.device.type).upsample_add(lateral, top, bias)
+
+
+def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place upsample_add into ``lateral`` (returned). For inference: no autograd through it."""
+    _checks.check_upsample_add(lateral, top, bias)
+    return _upsample_impl(lateral.device.type).upsample_add_(lateral, top, bias)
+
+
+def stride2_pool(x: torch.Tensor) -> torch.Tensor:
+    """F.max_pool2d(x, 1, 2, 0) as a strided copy: output ceil(H/2) x ceil(W/2), x's memory format."""
+    _checks.check_stride2_pool(x)
+    return _pool_impl(x.device.type).stride2_pool(x)
+
+
+def _backend_from_env() -> None:
+    name = os.environ.get("FPN_FAST_BACKEND")
+    if name:
+        set_backend(name)
+
+
+_backend_from_env()

@@ -1,0 +1,65 @@
+"""Pure-PyTorch implementations: the 'torch' backend and the reference every kernel is checked against."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when t is laid out that way (and not also plainly contiguous), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def nearest_source_index(out_size: int, in_size: int) -> torch.Tensor:
+    """Source index of each destination index for nearest resize, as PyTorch computes it
+    (float32 scale, floor, clamp); the formula every backend implements (see DESIGN.md)."""
+    if out_size == in_size:
+        return torch.arange(out_size)
+    if out_size == 2 * in_size:
+        return torch.arange(out_size) // 2
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    src = torch.floor(torch.arange(out_size, dtype=torch.float32) * scale).long()
+    return src.clamp_(max=in_size - 1)
+
+
+def _upsampled(top: torch.Tensor, size) -> torch.Tensor:
+    if tuple(top.shape[-2:]) == tuple(size):
+        return top
+    return F.interpolate(top, size=size, mode="nearest")
+
+
+def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(lateral + bias[c]) + nearest_upsample(top); low precision computed in float32, rounded once."""
+    up = _upsampled(top, lateral.shape[-2:])
+    fmt = memory_format_of(lateral)
+    if lateral.dtype in (torch.float16, torch.bfloat16):
+        acc = lateral.float()
+        if bias is not None:
+            acc = acc + bias.float().view(1, -1, 1, 1)
+        return (acc + up.float()).to(lateral.dtype).contiguous(memory_format=fmt)
+    out = torch.empty_like(lateral, memory_format=fmt)
+    if bias is not None:
+        torch.add(lateral, bias.view(1, -1, 1, 1), out=out)
+        return out.add_(up)
+    return torch.add(lateral, up, out=out)
+
+
+def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place upsample_add: writes the result into lateral and returns it."""
+    if lateral.dtype in (torch.float16, torch.bfloat16):
+        return lateral.copy_(upsample_add(lateral, top, bias))
+    if bias is not None:
+        lateral.add_(bias.view(1, -1, 1, 1))
+    return lateral.add_(_upsampled(top, lateral.shape[-2:]))
+
+
+def stride2_pool(x: torch.Tensor) -> torch.Tensor:
+    """Every other row and column: F.max_pool2d(x, 1, 2, 0) without the max."""
+    return x[:, :, ::2, ::2].clone(memory_format=memory_format_of(x))
+
+
+def stride2_pool_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's formulation, kept as the reference stride2_pool is tested against."""
+    return F.max_pool2d(x, kernel_size=1, stride=2, padding=0)
