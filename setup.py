@@ -63,7 +63,8 @@ def _extensions():
     with_cuda, cuda_home = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # torch picks the C++ standard its headers need (C++20 for torch >= 2.10).
+    cxx_flags = ["-O3", "-fno-math-errno"]
     extra = {"cxx": cxx_flags}
     if not with_cuda:
         return [cpp_extension.CppExtension("fpn_fast._C", sources, include_dirs=include_dirs,
@@ -81,7 +82,7 @@ def _extensions():
             if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in include_dirs:
                 include_dirs.append(inc)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [cpp_extension.CUDAExtension("fpn_fast._C", sources, include_dirs=include_dirs,
                                         extra_compile_args=extra, define_macros=[("FPN_FAST_WITH_CUDA", "1")])]
 

@@ -1,0 +1,166 @@
+// Schemas of the fpn_fast ops and their device-independent host code.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+
+#include "upsample_add_ops.h"
+#include "upsample_index.h"
+
+// Importing fpn_fast._C runs the static registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fpn_fast {
+namespace {
+
+// NHWC when the tensor is laid out that way and not also plainly contiguous (mirrors
+// fpn_fast.ops.reference.memory_format_of, which the fake kernels use).
+bool is_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_inputs(const at::Tensor& lateral, const at::Tensor& top, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(lateral.dim() == 4 && top.dim() == 4,
+                    "fpn_fast::upsample_add: lateral and top must be 4-D (N, C, H, W); got lateral ",
+                    lateral.sizes(), ", top ", top.sizes());
+  TORCH_CHECK_VALUE(is_float(lateral.scalar_type()), "fpn_fast::upsample_add: floating dtypes only, got lateral ",
+                    lateral.scalar_type());
+  TORCH_CHECK_VALUE(top.scalar_type() == lateral.scalar_type(), "fpn_fast::upsample_add: top dtype ",
+                    top.scalar_type(), " differs from lateral dtype ", lateral.scalar_type());
+  TORCH_CHECK_VALUE(top.device() == lateral.device(), "fpn_fast::upsample_add: top is on ", top.device(),
+                    ", lateral on ", lateral.device());
+  TORCH_CHECK_VALUE(top.size(0) == lateral.size(0) && top.size(1) == lateral.size(1), "fpn_fast::upsample_add: top ",
+                    top.sizes(), " must match lateral ", lateral.sizes(), " in N and C");
+  TORCH_CHECK_VALUE((top.size(2) > 0 && top.size(3) > 0) || lateral.size(2) * lateral.size(3) == 0,
+                    "fpn_fast::upsample_add: top has an empty plane ", top.sizes(), ", nothing to upsample to lateral ",
+                    lateral.sizes());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == lateral.size(1), "fpn_fast::upsample_add: bias must have shape (",
+                      lateral.size(1), ",) for lateral ", lateral.sizes(), ", got ", b.sizes());
+    TORCH_CHECK_VALUE(b.scalar_type() == lateral.scalar_type() && b.device() == lateral.device(),
+                      "fpn_fast::upsample_add: bias (", b.scalar_type(), ", ", b.device(),
+                      ") must match lateral (", lateral.scalar_type(), ", ", lateral.device(), ")");
+  }
+}
+
+// Fills the kernel arguments; `top` and `bias` are made dense in out's layout (a copy only
+// when they arrive in another one: top is a quarter of the output or less).
+UpsampleAddArgs make_args(const at::Tensor& out, const at::Tensor& lateral, const at::Tensor& top_dense,
+                          const std::optional<at::Tensor>& bias_dense, bool channels_last) {
+  return UpsampleAddArgs{out.data_ptr(),
+                         lateral.const_data_ptr(),
+                         top_dense.const_data_ptr(),
+                         bias_dense.has_value() ? bias_dense->const_data_ptr() : nullptr,
+                         lateral.size(0),
+                         lateral.size(1),
+                         lateral.size(2),
+                         lateral.size(3),
+                         top_dense.size(2),
+                         top_dense.size(3),
+                         channels_last,
+                         lateral.scalar_type()};
+}
+
+std::optional<at::Tensor> dense_bias(const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return std::nullopt;
+  return bias->contiguous();
+}
+
+}  // namespace
+
+at::Tensor upsample_add_driver(const at::Tensor& lateral, const at::Tensor& top, const std::optional<at::Tensor>& bias,
+                               ForwardKernel kernel) {
+  check_inputs(lateral, top, bias);
+  const bool channels_last = is_channels_last(lateral);
+  const at::MemoryFormat fmt = format_of(channels_last);
+  at::Tensor out = at::empty(lateral.sizes(), lateral.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor lateral_dense = lateral.contiguous(fmt);
+  const at::Tensor top_dense = top.contiguous(fmt);
+  kernel(make_args(out, lateral_dense, top_dense, dense_bias(bias), channels_last));
+  return out;
+}
+
+void upsample_add_inplace_driver(const at::Tensor& lateral, const at::Tensor& top,
+                                 const std::optional<at::Tensor>& bias, ForwardKernel kernel) {
+  check_inputs(lateral, top, bias);
+  if (lateral.numel() == 0) return;
+  const bool channels_last = is_channels_last(lateral);
+  const at::MemoryFormat fmt = format_of(channels_last);
+  if (!lateral.is_contiguous(fmt)) {
+    // Neither layout (e.g. a strided view): compute densely, then write back through the view.
+    const_cast<at::Tensor&>(lateral).copy_(upsample_add_driver(lateral, top, bias, kernel));
+    return;
+  }
+  // The kernel reads each lateral element before writing the same element: safe in place.
+  const at::Tensor top_dense = top.contiguous(fmt);
+  kernel(make_args(lateral, lateral, top_dense, dense_bias(bias), channels_last));
+}
+
+at::Tensor upsample_add_backward_top_driver(const at::Tensor& grad, int64_t top_h, int64_t top_w,
+                                            BackwardKernel kernel) {
+  TORCH_CHECK_VALUE(grad.dim() == 4, "fpn_fast::upsample_add_backward_top: grad must be 4-D, got ", grad.sizes());
+  TORCH_CHECK_VALUE(is_float(grad.scalar_type()), "fpn_fast::upsample_add_backward_top: floating dtypes only, got ",
+                    grad.scalar_type());
+  TORCH_CHECK_VALUE(top_h >= 0 && top_w >= 0, "fpn_fast::upsample_add_backward_top: negative top size ", top_h, "x",
+                    top_w);
+  TORCH_CHECK_VALUE((top_h > 0 && top_w > 0) || grad.size(2) * grad.size(3) == 0,
+                    "fpn_fast::upsample_add_backward_top: empty top plane ", top_h, "x", top_w, " for grad ",
+                    grad.sizes());
+  const bool channels_last = is_channels_last(grad);
+  const at::MemoryFormat fmt = format_of(channels_last);
+  at::Tensor grad_top =
+      at::empty({grad.size(0), grad.size(1), top_h, top_w}, grad.options().memory_format(fmt));
+  if (grad_top.numel() == 0) return grad_top;
+  const at::Tensor grad_dense = grad.contiguous(fmt);
+  kernel(UpsampleBackwardArgs{grad_top.data_ptr(), grad_dense.const_data_ptr(), grad.size(0), grad.size(1),
+                              grad.size(2), grad.size(3), top_h, top_w, channels_last, grad.scalar_type()});
+  return grad_top;
+}
+
+namespace {
+
+// Test hook for the index arithmetic at sizes too large to allocate: for output element
+// `index` of a lateral of `lateral_shape` (N, C, H, W) upsampling a top of `top_hw`, returns
+// [n, c, h, w, source h, source w, offset of the source element in top] as the kernels compute it.
+std::vector<int64_t> upsample_add_index_probe(std::vector<int64_t> lateral_shape, std::vector<int64_t> top_hw,
+                                              bool channels_last, int64_t index) {
+  TORCH_CHECK_VALUE(lateral_shape.size() == 4 && top_hw.size() == 2, "index probe: lateral_shape has 4 entries, top_hw 2");
+  const int64_t C = lateral_shape[1], H = lateral_shape[2], W = lateral_shape[3];
+  int64_t n, c, h, w;
+  dense_coords<int64_t>(index, C, H, W, channels_last, n, c, h, w);
+  const int64_t sh = nearest_source<int64_t>(make_nearest_axis(top_hw[0], H), h);
+  const int64_t sw = nearest_source<int64_t>(make_nearest_axis(top_hw[1], W), w);
+  return {n, c, h, w, sh, sw, dense_offset<int64_t>(n, c, sh, sw, C, top_hw[0], top_hw[1], channels_last)};
+}
+
+// Test hook for the backward windows: [first_dst_from(s) for s in 0..in_size].
+std::vector<int64_t> nearest_window_starts(int64_t in_size, int64_t out_size) {
+  const NearestAxis axis = make_nearest_axis(in_size, out_size);
+  std::vector<int64_t> starts(in_size + 1);
+  for (int64_t s = 0; s <= in_size; ++s) starts[s] = first_dst_from<int64_t>(axis, s);
+  return starts;
+}
+
+}  // namespace
+}  // namespace fpn_fast
+
+TORCH_LIBRARY(fpn_fast, m) {
+  m.def("upsample_add(Tensor lateral, Tensor top, Tensor? bias) -> Tensor");
+  m.def("upsample_add_(Tensor(a!) lateral, Tensor top, Tensor? bias) -> ()");
+  m.def("upsample_add_backward_top(Tensor grad, SymInt top_h, SymInt top_w) -> Tensor");
+  m.def("_upsample_add_index_probe", &fpn_fast::upsample_add_index_probe);
+  m.def("_nearest_window_starts", &fpn_fast::nearest_window_starts);
+}
