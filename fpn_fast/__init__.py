@@ -1,4 +1,13 @@
 """fpn_fast: a drop-in ResNet-FPN backbone for torchvision detection models with fused FPN kernels."""
 from . import ops
+from .backbone import BackboneWithFPN, IntermediateLayerGetter, resnet50_fpn_backbone, resnet_fpn_backbone
+from .convert import convert
+from .fpn import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
+from .resnet import FrozenBatchNorm2d, ResNet
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ops", "BackboneWithFPN", "IntermediateLayerGetter", "resnet_fpn_backbone", "resnet50_fpn_backbone",
+    "convert", "ExtraFPNBlock", "FeaturePyramidNetwork", "LastLevelMaxPool", "FrozenBatchNorm2d", "ResNet",
+]
