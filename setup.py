@@ -81,7 +81,7 @@ def _extensions():
             inc = os.path.join(site, "nvidia", sub, "include")
             if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in include_dirs:
                 include_dirs.append(inc)
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [cpp_extension.CUDAExtension("fpn_fast._C", sources, include_dirs=include_dirs,
                                         extra_compile_args=extra, define_macros=[("FPN_FAST_WITH_CUDA", "1")])]
