@@ -34,6 +34,7 @@ UPSAMPLE_SIZES = [
     ((6, 9), (6, 9)),
     ((9, 13), (5, 7)),
     ((5, 7), (9, 13)),
+    ((46, 69), (14, 21)),  # float32 scale: floorf(dst * scale) != dst * in // out at 23, 46
 ]
 POOL_SIZES = [(1, 1), (1, 7), (6, 1), (7, 11), (8, 10), (25, 38)]
 
@@ -153,6 +154,45 @@ def test_upsample_add_gradcheck(lat_hw, top_hw, device):
     lateral, top, bias = (t.requires_grad_() for t in _inputs(lat_hw, top_hw, torch.float64, device, n=1))
     assert torch.autograd.gradcheck(_triton.upsample_add, (lateral, top, bias), fast_mode=True)
     assert torch.autograd.gradcheck(_triton.upsample_add, (lateral, top, None), fast_mode=True)
+
+
+def test_float32_scale_case_is_not_the_exact_ratio():
+    """The (46, 69) <- (14, 21) case above only tests the float32 arithmetic if it differs there."""
+    for out_size, in_size in ((46, 14), (69, 21)):
+        exact = torch.arange(out_size) * in_size // out_size
+        assert not torch.equal(reference.nearest_source_index(out_size, in_size), exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+def test_many_small_tiles(device, int64, monkeypatch):
+    """Tiles much smaller than the tensors: ragged edges in both tile dims, and (forced) the
+    int64 offset path that only >= 2**31-element tensors take otherwise."""
+    monkeypatch.setattr(_triton, "_TILE", 1024)
+    if int64:
+        monkeypatch.setattr(_triton, "_needs_int64", lambda *tensors: True)
+    lateral0, top0, bias = _inputs((46, 69), (14, 21), torch.float32, device)
+    for layout in ("contiguous", "channels_last"):
+        lateral = _laid_out(lateral0, layout)
+        top = _laid_out(top0.clone(), layout).requires_grad_()
+        out = _triton.upsample_add(lateral, top, bias)
+        assert torch.equal(out, reference.upsample_add(lateral, top.detach(), bias)), layout
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref_top = top.detach().clone().requires_grad_()
+        _reference_autograd(lateral, ref_top, bias).backward(grad)
+        torch.testing.assert_close(top.grad, ref_top.grad, rtol=1e-5, atol=1e-6)
+        x = lateral.clone().requires_grad_()
+        pooled = _triton.stride2_pool(x)
+        assert torch.equal(pooled, F.max_pool2d(x.detach(), 1, 2, 0)), layout
+        pooled.backward(torch.ones_like(pooled))
+        assert torch.equal(x.grad, _pool_grad_of_ones(x)), layout
+
+
+def _pool_grad_of_ones(x):
+    expected = torch.zeros_like(x)
+    expected[:, :, ::2, ::2] = 1
+    return expected
 
 
 # ----------------------------------------------------------------------------- stride2_pool

@@ -136,7 +136,7 @@ if triton is not None:
         elif MODE == 1:
             src = dst >> 1
         else:
-            src = tl.minimum((dst.to(tl.float32) * scale).to(tl.int32), in_size - 1)
+            src = tl.minimum((dst.to(tl.float32) * scale).to(dst.dtype), in_size - 1)
         return src
 
     @triton.jit
@@ -179,7 +179,8 @@ if triton is not None:
         lat_sn, lat_sc, lat_sh, lat_sw,
         top_sn, top_sc, top_sh, top_sw,
         out_sn, out_sc, out_sh, out_sw,
-        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, MODE_H: tl.constexpr, MODE_W: tl.constexpr,
+        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
+        MODE_H: tl.constexpr, MODE_W: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         n, c, h, w, mask = _tile_indices(N, C, H, W, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_C)
