@@ -144,8 +144,12 @@ def test_upsample_add_backward(lat_hw, top_hw, dtype, device):
             ours = (top_grad.double() - exact[1].grad).abs().max()
             aten = (ref_leaves[1].grad.double() - exact[1].grad).abs().max()
             assert ours <= aten + torch.finfo(dtype).eps * exact[1].grad.abs().max(), (ours, aten)
-        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
-        torch.testing.assert_close(bias_grad.double(), exact[2].grad, rtol=tol, atol=tol * lat_hw[0] * lat_hw[1])
+        # grad_bias is an ATen sum: one rounding to dtype, plus accumulation error in the
+        # accumulator's precision (float32 for float16/bfloat16), bounded by a multiple of sum |g|.
+        acc_eps = torch.finfo(torch.float32 if dtype in LOW_PRECISION else dtype).eps
+        bound = (torch.finfo(dtype).eps * exact[2].grad.abs()
+                 + 16 * acc_eps * grad.double().abs().sum((0, 2, 3)))
+        assert ((bias_grad.double() - exact[2].grad).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

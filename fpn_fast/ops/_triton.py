@@ -102,10 +102,8 @@ if triton is not None:
         """(n, c, h, w, mask) of this program's tile, each broadcastable to (BLOCK_R, BLOCK_C):
         the contiguous dim (C or W) along the columns, the other three flattened into rows."""
         if CHANNELS_LAST:
-            n_rows = N * H * W
             n_cols = C
         else:
-            n_rows = N * C * H
             n_cols = W
         col_blocks = tl.cdiv(n_cols, BLOCK_C)
         pid = tl.program_id(0)
@@ -114,17 +112,18 @@ if triton is not None:
             pid_r = pid_r.to(tl.int64)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         if CHANNELS_LAST:
             w = (rows % W)[:, None]
             h = (rows // W % H)[:, None]
             n = (rows // W // H)[:, None]
             c = cols[None, :]
+            mask = (n < N) & (c < C)  # n < N: the row count itself could overflow int32
         else:
             h = (rows % H)[:, None]
             c = (rows // H % C)[:, None]
             n = (rows // H // C)[:, None]
             w = cols[None, :]
+            mask = (n < N) & (w < W)
         return n, c, h, w, mask
 
     @triton.jit
