@@ -19,6 +19,16 @@ ODD_SIZES = [(25, 38), (13, 19), (7, 11), (3, 5)]
 IN_CHANNELS = [8, 16, 24, 32]
 
 
+@pytest.fixture(params=sorted(ops.available_backends()))
+def backend(request):
+    """Each fpn_fast.ops backend that can run on CPU here (the others skip, saying why)."""
+    reason = ops.available_backends()[request.param]["cpu"]
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} cannot run on cpu: {reason}")
+    with ops.use_backend(request.param):
+        yield request.param
+
+
 def randomise_(module: nn.Module) -> nn.Module:
     """Replace every parameter and floating buffer by random values of a sensible scale:
     conv/linear weights ~ N(0, 2/fan_in), norm weights and running_var in [0.5, 1.5],
@@ -156,7 +166,7 @@ def test_resnet50_fpn_backbone_and_unknown_name():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("grad_mode", [False, True])
-def test_fpn_parity_odd_sizes(channels_last, grad_mode):
+def test_fpn_parity_odd_sizes(channels_last, grad_mode, backend):
     tv, ours = tv_and_ours_fpn()
     x = random_features(channels_last=channels_last)
     with torch.set_grad_enabled(grad_mode):
@@ -168,14 +178,14 @@ def test_fpn_parity_odd_sizes(channels_last, grad_mode):
 
 
 @pytest.mark.parametrize("sizes", [[(1, 1), (1, 1), (1, 1), (1, 1)], [(9, 4), (5, 7), (6, 2), (1, 3)]])
-def test_fpn_parity_degenerate_and_top_larger(sizes):
+def test_fpn_parity_degenerate_and_top_larger(sizes, backend):
     tv, ours = tv_and_ours_fpn()
     x = random_features(sizes=sizes, batch=1)
     with torch.no_grad():
         assert_levels_close(ours(x), tv(x))
 
 
-def test_fpn_with_norm_layer_parity():
+def test_fpn_with_norm_layer_parity(backend):
     tv, ours = tv_and_ours_fpn(norm_layer=nn.BatchNorm2d)
     assert list(ours.state_dict()) == list(tv.state_dict())
     assert ours.inner_blocks[0][0].bias is None
@@ -185,7 +195,7 @@ def test_fpn_with_norm_layer_parity():
     assert_levels_close(ours(x), tv(x))
 
 
-def test_fpn_gradients_match_torchvision():
+def test_fpn_gradients_match_torchvision(backend):
     tv, ours = tv_and_ours_fpn()
     tv.train()
     ours.train()
@@ -218,7 +228,7 @@ def _counting(monkeypatch):
     return calls
 
 
-def test_inplace_inference_path_matches_grad_path(monkeypatch):
+def test_inplace_inference_path_matches_grad_path(monkeypatch, backend):
     _, ours = tv_and_ours_fpn()
     x = random_features()
     calls = _counting(monkeypatch)
