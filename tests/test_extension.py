@@ -38,7 +38,8 @@ def test_forward_bit_exact(case, dtype, lateral_cl, top_cl, bias):
     # Same operations in the same precision and order ((l + b) + t, float32 for half types,
     # one rounding): bit-equal, and laid out like lateral.
     assert torch.equal(out, expected)
-    assert out.stride() == expected.stride()
+    if out.numel():  # an empty tensor's strides hold no data
+        assert out.stride() == expected.stride()
     assert out.is_contiguous(memory_format=reference.memory_format_of(lateral))
 
 
