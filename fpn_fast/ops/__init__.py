@@ -10,7 +10,8 @@ CUDA tensors -> extension if built with CUDA, else triton if importable, else to
 CPU tensors -> extension if built, else torch. The pool level is a strided copy that only the
 Triton backend has a kernel for; the other backends do it with the ATen strided copy.
 
-Choose with ``set_backend(name)``, ``with use_backend(name):`` or the FPN_FAST_BACKEND
+What can run is probed once, when fpn_fast.ops is imported (so TRITON_INTERPRET must be set
+before that). Choose with ``set_backend(name)``, ``with use_backend(name):`` or the FPN_FAST_BACKEND
 environment variable (read once, at import). Naming a backend that cannot run raises
 BackendUnavailableError saying why; it never silently falls back.
 """

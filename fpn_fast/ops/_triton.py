@@ -32,6 +32,8 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if triton is None:
         return "triton is not installed (pip install triton)"
     if device_type == "cuda":
+        if _INTERPRET:
+            return "TRITON_INTERPRET=1 is set: the kernels would run in the interpreter, not on the GPU"
         return None if torch.cuda.is_available() else "no CUDA GPU"
     if device_type == "cpu":
         return None if _INTERPRET else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
