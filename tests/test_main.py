@@ -1,0 +1,88 @@
+"""`python -m fpn_fast` end to end, in a subprocess, at a small size."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+LEVELS = {"0": (32, 40), "1": (16, 20), "2": (8, 10), "3": (4, 5), "pool": (2, 3)}  # for 128x160
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def run_main(*args, timeout=300):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it; the job must see a plain environment
+    env.pop("FPN_FAST_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "fpn_fast", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("main")
+    args = ["--size", "128x160", "--batch", "1", "--repeats", "2", "--warmup", "1",
+            "--device", "cpu", "--json", str(tmp / "out.json")]
+    if HAS_MATPLOTLIB:
+        args += ["--plot", str(tmp / "out.png")]
+    proc = run_main(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp / "out.json") as f:
+        return proc, json.load(f), tmp
+
+
+def test_prints_backends_pyramid_diffs_and_table(small_run):
+    proc, _, _ = small_run
+    out = proc.stdout
+    for heading in ("Backends", "Pyramid", "Largest difference", "Timings", "runtime"):
+        assert heading in out
+    assert "1 x 256 x 32 x 40" in out and "1 x 256 x 2 x 3" in out
+    assert "triton     unavailable:" in out  # never timed through the CPU interpreter
+    for row in ("neck      fpn_fast torch", "backbone  fpn_fast torch"):
+        assert row in out
+    assert "[fpn-fast]" in proc.stderr and "[fpn-fast]" not in out  # progress goes to stderr
+
+
+def test_json_structure(small_run):
+    _, result, _ = small_run
+    assert set(result) >= {"machine", "config", "backends", "pyramid", "diffs", "timings", "speedups", "runtime_s"}
+    assert result["machine"]["versions"]["torch"]
+    assert result["backends"]["torch"]["available"] is True
+    assert result["backends"]["triton"]["available"] is False and result["backends"]["triton"]["reason"]
+    assert list(result["pyramid"]) == list(LEVELS)
+    for level, (h, w) in LEVELS.items():
+        assert result["pyramid"][level] == [1, 256, h, w]
+    available = [name for name in ("torch", "extension") if result["backends"][name]["available"]]
+    assert list(result["diffs"]) == available
+    for name, diff in result["diffs"].items():
+        comparisons = [diff["vs_reference"]] + ([diff["vs_torchvision"]] if result["torchvision"] else [])
+        for d in comparisons:
+            assert 0 <= d["rel"] < 1e-4 and 0 <= d["abs"] < 1e-4, (name, d)
+    for part in ("neck", "backbone"):
+        rows = result["timings"][part]
+        assert [f"fpn_fast {name}" for name in available] == [k for k in rows if k.startswith("fpn_fast")]
+        for t in rows.values():
+            assert 0 < t["min"] <= t["median"] <= t["max"] and t["runs"] == 2
+        assert all(s > 0 for s in result["speedups"][part].values())
+        assert result["speedups"][part][result["speedup_baseline"]] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plot_writes_png(small_run):
+    _, _, tmp = small_run
+    with open(tmp / "out.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args", [["--size", "banana"], ["--dtype", "float64"], ["--bogus"]])
+def test_bad_flag_is_a_clean_usage_error(args):
+    proc = run_main(*args, timeout=120)
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unavailable_backend_is_a_clean_error():
+    proc = run_main("--device", "cpu", "--backend", "triton", "--size", "64x64", timeout=120)
+    assert proc.returncode == 1
+    assert "triton" in proc.stderr and "cannot run" in proc.stderr and "Traceback" not in proc.stderr
