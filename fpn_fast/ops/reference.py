@@ -34,16 +34,17 @@ def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.
     """(lateral + bias[c]) + nearest_upsample(top); low precision computed in float32, rounded once."""
     up = _upsampled(top, lateral.shape[-2:])
     fmt = memory_format_of(lateral)
-    if lateral.dtype in (torch.float16, torch.bfloat16):
-        acc = lateral.float()
-        if bias is not None:
-            acc = acc + bias.float().view(1, -1, 1, 1)
-        return (acc + up.float()).to(lateral.dtype).contiguous(memory_format=fmt)
-    out = torch.empty_like(lateral, memory_format=fmt)
+    low_precision = lateral.dtype in (torch.float16, torch.bfloat16)
+    acc = lateral.float() if low_precision else lateral
     if bias is not None:
-        torch.add(lateral, bias.view(1, -1, 1, 1), out=out)
-        return out.add_(up)
-    return torch.add(lateral, up, out=out)
+        acc = acc + (bias.float() if low_precision else bias).view(1, -1, 1, 1)
+    needs_grad = torch.is_grad_enabled() and (
+        lateral.requires_grad or top.requires_grad or (bias is not None and bias.requires_grad))
+    if bias is not None and not needs_grad and not low_precision:
+        out = acc.add_(up)  # acc is our own temporary: finish in place, one allocation
+    else:
+        out = acc + (up.float() if low_precision else up)
+    return out.to(lateral.dtype).contiguous(memory_format=fmt)
 
 
 def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
