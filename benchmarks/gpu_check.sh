@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One prepared check for a GPU machine (H100/H200; torch, triton, torchvision, ninja, pytest and
+# pytest-benchmark preinstalled; no network). Run from the repository root:
+#     bash benchmarks/gpu_check.sh          # logs and JSON go to $OUT (default: ./gpu_check_out)
+# Order: build the extension for this GPU, correctness (cuda-marked tests), CUDA benchmarks, the
+# main job on cuda, then a short table. Sized to finish in well under 6 minutes on an H100.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+START=$SECONDS
+step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, torch.cuda.get_device_name())'
+"$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton: not importable"
+
+step "build the extension for this GPU only (sm_90)"
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" FPN_FAST_CUDA=1 \
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee "$OUT/build.log"
+"$PY" -c 'import fpn_fast.ops as o; print({k: v["cuda"] or "available" for k, v in o.available_backends().items()})'
+
+step "correctness first: cuda-marked tests"
+"$PY" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/tests_cuda.log"
+
+step "CUDA benchmarks"
+# Op level everywhere; module level float32 and bf16; memory. Rounds are set in the files for cuda.
+"$PY" -m pytest -q -p no:cacheprovider benchmarks -k cuda \
+    --benchmark-json "$OUT/bench.json" --benchmark-columns=median,iqr,min,max,rounds --benchmark-sort=name \
+    2>&1 | tee "$OUT/bench.log"
+
+step "main job on cuda (default size)"
+"$PY" -m fpn_fast --device cuda --json "$OUT/main.json" 2>"$OUT/main.progress.log" | tee "$OUT/main.txt"
+"$PY" -m fpn_fast --device cuda --dtype bfloat16 --channels-last --json "$OUT/main_bf16_cl.json" \
+    2>>"$OUT/main.progress.log" | tee "$OUT/main_bf16_cl.txt"
+
+step "summary"
+"$PY" benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.txt"
+echo
+echo "done in $((SECONDS - START)) s; files in $OUT"

@@ -1,0 +1,51 @@
+"""Short table from a pytest-benchmark JSON: group, name, median, ratio against the group's eager
+baseline (torchvision eager / eager / eager max_pool2d; >1 means faster), % of copy bandwidth.
+Peak-memory groups show the peak instead, and their ratio is the fraction of the baseline's peak.
+
+Usage: python benchmarks/summarize.py bench.json
+"""
+import json
+import sys
+
+BASELINES = ("torchvision eager", "eager max_pool2d", "eager")
+
+
+def _label(bench) -> str:
+    return bench["params"]["variant"] if bench.get("params") and "variant" in bench["params"] else bench["name"]
+
+
+def summarize(path: str) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    groups = {}
+    for bench in data["benchmarks"]:
+        groups.setdefault(bench["group"], []).append(bench)
+    info = data.get("machine_info", {})
+    print(f"{info.get('cpu', {}).get('brand_raw', '')}  {data.get('datetime', '')}")
+    print(f"{'group / variant':<64} {'median/call':>11} {'vs eager':>9} {'% copy bw':>10}")
+    for group in sorted(groups, key=str):
+        rows = groups[group]
+        by_label = {_label(b): b for b in rows}
+        base = next((by_label[name] for name in BASELINES if name in by_label), None)
+        print(group)
+        for label in sorted(by_label):
+            b = by_label[label]
+            median = b["stats"]["median"] / b.get("extra_info", {}).get("calls_per_round", 1)
+            extra = b.get("extra_info", {})
+            pct, memory = extra.get("pct_copy_bandwidth"), extra.get("peak_mib")
+            if base is None:
+                ratio = ""
+            elif memory is not None:
+                ratio = f"{memory / base['extra_info']['peak_mib']:.2f} mem"
+            else:
+                ratio = f"{base['stats']['median'] / b['stats']['median']:.2f}x"
+            tail = f"{pct:.0f}%" if pct is not None else (f"{memory:.0f} MiB" if memory is not None else "")
+            print(f"  {label:<62} {_fmt(median):>11} {ratio:>9} {tail:>10}")
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
+
+
+if __name__ == "__main__":
+    summarize(sys.argv[1])
