@@ -49,7 +49,7 @@ def _variant_fn(variant: str, ours, theirs, device: str):
     return call
 
 
-_FPNS, _COMPILED = {}, {}
+_FPNS, _FEATURES, _COMPILED = {}, {}, {}
 
 
 def _fpns(device, fmt):
@@ -62,8 +62,8 @@ def _compiled_fpn(theirs, features, device, dtype, fmt):
     """torch.compile(torchvision FPN), compiled and warmed up here, once per configuration."""
     key = (device, dtype, fmt)
     if key not in _COMPILED:
-        torch._dynamo.reset()
-        compiled = torch.compile(theirs)
+        # dynamic=False: one static graph per configuration, never a shape-generic recompile.
+        compiled = torch.compile(theirs, dynamic=False)
         start = time.perf_counter()
         with torch.inference_mode(), _context(device, dtype):
             compiled(features)
@@ -84,7 +84,10 @@ def _compiled_fpn(theirs, features, device, dtype, fmt):
 def test_fpn_neck(benchmark, device, dtype, fmt, variant):
     _check_config(device, dtype)
     ours, theirs = _fpns(device, fmt)
-    features = neck_features(device, dtype, FORMATS[fmt])
+    if (device, dtype, fmt) not in _FEATURES:
+        _FEATURES.clear()  # one configuration at a time: the inputs are large
+        _FEATURES[device, dtype, fmt] = neck_features(device, dtype, FORMATS[fmt])
+    features = _FEATURES[device, dtype, fmt]
     if variant == "torchvision compiled":
         module, compile_s = _compiled_fpn(theirs, features, device, dtype, fmt)
         benchmark.extra_info["compile_s"] = compile_s
