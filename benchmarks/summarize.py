@@ -1,5 +1,6 @@
 """Short table from a pytest-benchmark JSON: group, name, median, ratio against the group's eager
-baseline (torchvision eager / eager / eager max_pool2d; >1 means faster), % of copy bandwidth.
+baseline (torchvision eager / eager / eager max_pool2d; >1 means faster, from the medians), the
+minimum (the least disturbed run on a shared machine) and % of copy bandwidth.
 Peak-memory groups show the peak instead, and their ratio is the fraction of the baseline's peak.
 
 Usage: python benchmarks/summarize.py bench.json
@@ -22,7 +23,7 @@ def summarize(path: str) -> None:
         groups.setdefault(bench["group"], []).append(bench)
     info = data.get("machine_info", {})
     print(f"{info.get('cpu', {}).get('brand_raw', '')}  {data.get('datetime', '')}")
-    print(f"{'group / variant':<64} {'median/call':>11} {'vs eager':>9} {'% copy bw':>10}")
+    print(f"{'group / variant':<64} {'median/call':>11} {'min/call':>11} {'vs eager':>9} {'% copy bw':>10}")
     for group in sorted(groups, key=str):
         rows = groups[group]
         by_label = {_label(b): b for b in rows}
@@ -30,8 +31,8 @@ def summarize(path: str) -> None:
         print(group)
         for label in sorted(by_label):
             b = by_label[label]
-            median = b["stats"]["median"] / b.get("extra_info", {}).get("calls_per_round", 1)
             extra = b.get("extra_info", {})
+            median, fastest = (b["stats"][k] / extra.get("calls_per_round", 1) for k in ("median", "min"))
             pct, memory = extra.get("pct_copy_bandwidth"), extra.get("peak_mib")
             if base is None:
                 ratio = ""
@@ -40,7 +41,7 @@ def summarize(path: str) -> None:
             else:
                 ratio = f"{base['stats']['median'] / b['stats']['median']:.2f}x"
             tail = f"{pct:.0f}%" if pct is not None else (f"{memory:.0f} MiB" if memory is not None else "")
-            print(f"  {label:<62} {_fmt(median):>11} {ratio:>9} {tail:>10}")
+            print(f"  {label:<62} {_fmt(median):>11} {_fmt(fastest):>11} {ratio:>9} {tail:>10}")
 
 
 def _fmt(seconds: float) -> str:
