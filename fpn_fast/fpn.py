@@ -13,7 +13,6 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -132,7 +131,7 @@ class FeaturePyramidNetwork(nn.Module):
         """
         if len(block) == 1:
             conv = block[0]
-            return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), conv.bias
+            return ops.conv1x1(x, conv.weight), conv.bias
         return block(x), None
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -3,6 +3,7 @@
 ``upsample_add(lateral, top, bias)``  -> (lateral + bias[c]) + nearest_upsample(top, lateral's H x W)
 ``upsample_add_(lateral, top, bias)`` -> the same, written into ``lateral`` (inference: no autograd)
 ``stride2_pool(x)``                   -> F.max_pool2d(x, 1, 2, 0), i.e. x[:, :, ::2, ::2]
+``conv1x1(x, weight)``                 -> F.conv2d(x, weight) for a 1x1 kernel (the lateral conv)
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1), "torch" (pure PyTorch, always there), and "auto" (the default):
@@ -20,13 +21,14 @@ import os
 from typing import Dict, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks, _extension, _triton
 from . import reference as _torch_impl
 from .reference import memory_format_of, nearest_source_index
 
 __all__ = [
-    "upsample_add", "upsample_add_", "stride2_pool", "set_backend", "get_backend", "use_backend",
+    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "set_backend", "get_backend", "use_backend",
     "available_backends", "BackendUnavailableError", "BACKENDS", "nearest_source_index",
 ]
 
@@ -132,6 +134,25 @@ def stride2_pool(x: torch.Tensor) -> torch.Tensor:
     """F.max_pool2d(x, 1, 2, 0) as a strided copy: output ceil(H/2) x ceil(W/2), x's memory format."""
     _checks.check_stride2_pool(x)
     return _pool_impl(x.device.type).stride2_pool(x)
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Bias-free 1x1 convolution (stride 1, no groups), the FPN's lateral conv.
+
+    A contiguous float CPU map goes through a batched matmul, weight (O, C) @ x (N, C, H*W),
+    which reads and writes NCHW as is: oneDNN's NCHW convolution reorders both maps to a
+    blocked layout and back, about 2x slower at FPN sizes (benchmarks/RESULTS.md). The sums
+    are ordered differently from the convolution's, so results agree to float rounding, not
+    bit for bit. Only without autograd: training keeps the convolution (and its gradient
+    summation) exactly as torchvision runs it. Everything else (CUDA, channels_last, half
+    types) is F.conv2d.
+    """
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.is_contiguous() and weight.shape[2:] == (1, 1)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        n, c, h, w = x.shape
+        return torch.matmul(weight.reshape(weight.shape[0], c), x.view(n, c, h * w)).view(n, weight.shape[0], h, w)
+    return F.conv2d(x, weight)
 
 
 def _backend_from_env() -> None:
