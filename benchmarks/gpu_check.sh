@@ -24,27 +24,34 @@ TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" F
 "$PY" -c 'import fpn_fast.ops as o; print({k: v["cuda"] or "available" for k, v in o.available_backends().items()})'
 
 step "correctness first: cuda-marked tests"
-# A failure is reported (and fails the script at the end) but the timings are still taken:
-# a GPU slot is short, and the log says which numbers to distrust.
-TESTS_OK=1
-"$PY" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/tests_cuda.log" || TESTS_OK=0
+# From here a failing step is recorded (and fails the script at the end) but the later steps
+# still run: a GPU slot is short, and the logs say which numbers to distrust.
+FAILED=()
+"$PY" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/tests_cuda.log" || FAILED+=("cuda tests")
 
 step "CUDA benchmarks"
 # Op level everywhere; module level float32 and bf16; memory. Rounds are set in the files for cuda.
 "$PY" -m pytest -q -p no:cacheprovider benchmarks -k cuda \
     --benchmark-json "$OUT/bench.json" --benchmark-columns=median,iqr,min,max,rounds --benchmark-sort=name \
-    2>&1 | tee "$OUT/bench.log"
+    2>&1 | tee "$OUT/bench.log" || FAILED+=("benchmarks")
 
 step "main job on cuda (default size)"
-"$PY" -m fpn_fast --device cuda --json "$OUT/main.json" 2>"$OUT/main.progress.log" | tee "$OUT/main.txt"
+"$PY" -m fpn_fast --device cuda --json "$OUT/main.json" 2>"$OUT/main.err" | tee "$OUT/main.txt" \
+    || { FAILED+=("main job float32"); tail -20 "$OUT/main.err"; }
 "$PY" -m fpn_fast --device cuda --dtype bfloat16 --channels-last --json "$OUT/main_bf16_cl.json" \
-    2>>"$OUT/main.progress.log" | tee "$OUT/main_bf16_cl.txt"
+    2>"$OUT/main_bf16_cl.err" | tee "$OUT/main_bf16_cl.txt" \
+    || { FAILED+=("main job bfloat16 channels_last"); tail -20 "$OUT/main_bf16_cl.err"; }
 
 step "summary"
-"$PY" benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.txt"
+if [ -s "$OUT/bench.json" ]; then
+    "$PY" benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.txt" || FAILED+=("summary")
+else
+    echo "no $OUT/bench.json"
+fi
 echo
 echo "done in $((SECONDS - START)) s; files in $OUT"
-if [ "$TESTS_OK" != 1 ]; then
-    echo "CUDA TESTS FAILED: see $OUT/tests_cuda.log before trusting the numbers above" >&2
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    printf 'FAILED: %s\n' "${FAILED[@]}" >&2
+    echo "logs in $OUT" >&2
     exit 1
 fi

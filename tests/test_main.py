@@ -56,9 +56,9 @@ def test_json_structure(small_run):
     available = [name for name in ("torch", "extension") if result["backends"][name]["available"]]
     assert list(result["diffs"]) == available
     for name, diff in result["diffs"].items():
-        comparisons = [diff["vs_reference"]] + ([diff["vs_torchvision"]] if result["torchvision"] else [])
-        for d in comparisons:
-            assert 0 <= d["rel"] < 1e-4 and 0 <= d["abs"] < 1e-4, (name, d)
+        assert 0 <= diff["vs_reference"]["abs"] < 1e-4, (name, diff)
+        if result["torchvision"]:  # float32 rounding only: relative to the output's scale
+            assert 0 <= diff["vs_torchvision"]["rel"] < 1e-4, (name, diff)
     for part in ("neck", "backbone"):
         rows = result["timings"][part]
         assert [f"fpn_fast {name}" for name in available] == [k for k in rows if k.startswith("fpn_fast")]
