@@ -86,3 +86,34 @@ def test_stride2_pool(benchmark, copy_gbps, device, fmt, variant):
               for _ in range(rotation_count(4 * n * c * h * w, device))]
     run_benchmark(benchmark, lambda: [op(x) for x in inputs], device, rounds(50, 200, device),
                   calls_per_round=len(inputs), bytes_per_call=bytes_per_call, copy_gbps=copy_gbps)
+
+
+# The FPN's lateral 1x1 convs (bias-free) on C2..C5 of an 800x1216 image: F.conv2d (what
+# torchvision runs, oneDNN on CPU) against ops.conv1x1 (a matmul on contiguous CPU maps) and a
+# batched matmul with an expanded weight, which needs no transposed copies.
+LATERALS = [(256, 200, 304), (512, 100, 152), (1024, 50, 76), (2048, 25, 38)]
+CONV1X1_VARIANTS = {
+    "eager": lambda x, w: F.conv2d(x, w),
+    "ops.conv1x1": ops.conv1x1,
+    "bmm expanded weight": lambda x, w: torch.bmm(w.reshape(w.shape[0], -1).expand(x.shape[0], -1, -1),
+                                                  x.flatten(2)).view(x.shape[0], -1, *x.shape[2:]),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONV1X1_VARIANTS))
+@pytest.mark.parametrize("shape", LATERALS, ids=[f"{c}x{h}x{w}" for c, h, w in LATERALS])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_lateral_conv1x1(benchmark, device, fmt, shape, variant):
+    c, h, w = shape
+    if variant == "bmm expanded weight" and fmt == "channels_last":
+        pytest.skip("the flattened view needs a contiguous map")
+    benchmark.group = f"lateral conv1x1 {device} {fmt} {c}x{h}x{w}->256"
+    x = torch.randn(BATCH, c, h, w, device=device).contiguous(memory_format=FORMATS[fmt])
+    weight = torch.randn(CHANNELS, c, 1, 1, device=device)
+    op = CONV1X1_VARIANTS[variant]
+
+    def forward():
+        with torch.inference_mode():
+            op(x, weight)
+    run_benchmark(benchmark, forward, device, rounds(10, 50, device))
