@@ -215,15 +215,20 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                                             with_backend(name, lambda: ours.fpn(features)))
 
         _progress("checking outputs")
-        outputs = {label: whole() for label, (whole, _) in variants.items()}
-        reference = outputs[f"fpn_fast {REFERENCE}"]
-        diffs = OrderedDict()
-        for name in backends:
-            out = outputs[f"fpn_fast {name}"]
-            diffs[name] = {"vs_reference": max_diff(out, reference),
-                           "vs_torchvision": max_diff(out, outputs[TORCHVISION]) if theirs is not None else None}
-        pyramid = OrderedDict((level, list(t.shape)) for level, t in reference.items())
-        del outputs, reference
+        outputs, failures = {}, {}
+        for label, (whole, _) in list(variants.items()):
+            try:
+                outputs[label] = whole()
+            except Exception as err:  # reported, and the job exits 1, but the other variants still run
+                failures[label] = f"{type(err).__name__}: {err}"
+                del variants[label]
+        reference, tv_out = outputs.get(f"fpn_fast {REFERENCE}"), outputs.get(TORCHVISION)
+        diffs = OrderedDict(
+            (name, {"vs_reference": max_diff(outputs[f"fpn_fast {name}"], reference) if reference else None,
+                    "vs_torchvision": max_diff(outputs[f"fpn_fast {name}"], tv_out) if tv_out else None})
+            for name in backends if f"fpn_fast {name}" in outputs)
+        pyramid = OrderedDict((level, list(t.shape)) for level, t in next(iter(outputs.values()), {}).items())
+        del outputs, reference, tv_out
 
         timings = OrderedDict()
         for part, index in (("neck", 1), ("backbone", 0)):
@@ -232,9 +237,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 for label, fns in variants.items())
     _progress(f"done in {time.perf_counter() - started:.0f} s", last=True)
 
-    baseline = TORCHVISION if theirs is not None else f"fpn_fast {REFERENCE}"
-    speedups = {part: {label: rows[baseline]["median"] / row["median"] for label, row in rows.items()}
-                for part, rows in timings.items()}
+    baseline = next((label for label in (TORCHVISION, f"fpn_fast {REFERENCE}") if label in variants), None)
+    speedups = {part: {label: rows[baseline]["median"] / row["median"] if baseline else None
+                       for label, row in rows.items()} for part, rows in timings.items()}
     return {
         "machine": machine_info(device),
         "config": {"batch": args.batch, "size": list(args.size), "dtype": args.dtype,
@@ -244,6 +249,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         "torchvision": torchvision is not None,
         "pyramid": pyramid,
         "diffs": diffs,
+        "failures": failures,
         "timings": timings,
         "speedup_baseline": baseline,
         "speedups": speedups,
@@ -281,6 +287,8 @@ def print_report(result: Dict[str, object], out=sys.stdout) -> None:
         say(f"  {name:<10} {cells[0]:>24} {cells[1]:>24}")
     if not result["torchvision"]:
         say("  torchvision is not installed: no comparison with it, and no torchvision timings")
+    for label, error in result["failures"].items():
+        say(f"  FAILED {label}: {error}")
 
     say(f"\nTimings, ms: median [min - max] of {c['repeats']} runs after {c['warmup']} warm-up; "
         f"speed-up = {result['speedup_baseline']} median / median")
@@ -288,8 +296,9 @@ def print_report(result: Dict[str, object], out=sys.stdout) -> None:
     for part, rows in result["timings"].items():
         for label, t in rows.items():
             spread = f"{t['min'] * 1e3:.1f} - {t['max'] * 1e3:.1f}"
+            speedup = result["speedups"][part][label]
             say(f"  {part:<9} {label:<20} {t['median'] * 1e3:>10.1f} {spread:>21} "
-                f"{result['speedups'][part][label]:>8.2f}x")
+                f"{f'{speedup:.2f}x' if speedup else 'n/a':>9}")
     say(f"\nruntime {result['runtime_s']:.1f} s")
 
 
@@ -328,7 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and result["speedup_baseline"]:
         write_plot(result, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    elif args.plot:
+        print("no plot written: no baseline variant ran", file=sys.stderr)
+    return 1 if result["failures"] else 0
