@@ -131,7 +131,12 @@ class FeaturePyramidNetwork(nn.Module):
         """
         if len(block) == 1:
             conv = block[0]
-            return ops.conv1x1(x, conv.weight), conv.bias
+            lateral = ops.conv1x1(x, conv.weight)
+            bias = conv.bias
+            if bias is not None and bias.dtype != lateral.dtype:
+                # Under autocast the conv ran in low precision; so would its bias inside it.
+                bias = bias.to(lateral.dtype)
+            return lateral, bias
         return block(x), None
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -1,4 +1,5 @@
 """Module-level parity of fpn_fast's ResNet-FPN backbone with torchvision's."""
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -183,6 +184,24 @@ def test_fpn_parity_degenerate_and_top_larger(sizes, backend):
     x = random_features(sizes=sizes, batch=1)
     with torch.no_grad():
         assert_levels_close(ours(x), tv(x))
+
+
+@pytest.mark.parametrize("grad_mode", [False, True])
+def test_fpn_under_autocast_as_accurate_as_torchvision(grad_mode, backend):
+    # Under autocast the lateral conv runs in bfloat16 while conv.bias stays float32. Judge the
+    # low-precision result as DESIGN.md says: its error against a float64 run must be no worse
+    # than torchvision's own error under the same autocast (with 2x headroom for rounding luck).
+    tv, ours = tv_and_ours_fpn()
+    x = random_features()
+    truth = copy.deepcopy(tv).double()(OrderedDict((k, v.double()) for k, v in x.items()))
+    with torch.set_grad_enabled(grad_mode), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tv(OrderedDict(x))
+        actual = ours(OrderedDict(x))
+    for name in truth:
+        assert actual[name].dtype == expected[name].dtype, name
+        ours_err = (actual[name].double() - truth[name]).abs().max().item()
+        tv_err = (expected[name].double() - truth[name]).abs().max().item()
+        assert ours_err <= 2 * tv_err + 1e-6, (name, ours_err, tv_err)
 
 
 def test_fpn_with_norm_layer_parity(backend):

@@ -139,7 +139,7 @@ def stride2_pool(x: torch.Tensor) -> torch.Tensor:
 def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Bias-free 1x1 convolution (stride 1, no groups), the FPN's lateral conv.
 
-    A contiguous float CPU map goes through a batched matmul, weight (O, C) @ x (N, C, H*W),
+    A contiguous float CPU map goes through a batched matmul, weight (O, C) @ x[n] (C, H*W),
     which reads and writes NCHW as is: oneDNN's NCHW convolution reorders both maps to a
     blocked layout and back, about 2x slower at FPN sizes (benchmarks/RESULTS.md). The sums
     are ordered differently from the convolution's, so results agree to float rounding, not
@@ -151,7 +151,9 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and x.is_contiguous() and weight.shape[2:] == (1, 1)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         n, c, h, w = x.shape
-        return torch.matmul(weight.reshape(weight.shape[0], c), x.view(n, c, h * w)).view(n, weight.shape[0], h, w)
+        # bmm, not matmul: matmul folds (O, C) @ (N, C, HW) through transposed copies of x and out.
+        w2d = weight.reshape(weight.shape[0], c)
+        return torch.bmm(w2d.expand(n, -1, -1), x.view(n, c, h * w)).view(n, weight.shape[0], h, w)
     return F.conv2d(x, weight)
 
 
