@@ -161,6 +161,7 @@ TORCH_LIBRARY(fpn_fast, m) {
   m.def("upsample_add(Tensor lateral, Tensor top, Tensor? bias) -> Tensor");
   m.def("upsample_add_(Tensor(a!) lateral, Tensor top, Tensor? bias) -> ()");
   m.def("upsample_add_backward_top(Tensor grad, SymInt top_h, SymInt top_w) -> Tensor");
+  m.def("nhwc_to_nchw(Tensor x) -> Tensor");
   m.def("_upsample_add_index_probe", &fpn_fast::upsample_add_index_probe);
   m.def("_nearest_window_starts", &fpn_fast::nearest_window_starts);
 }

@@ -7,7 +7,8 @@ layout loads too), same OrderedDict-in / OrderedDict-out contract and extra-bloc
 The difference is the top-down step. torchvision computes ``conv1x1(C_i) + bias`` then
 ``+ interpolate(inner_{i+1})`` in separate passes; here the lateral conv runs without its bias
 and ``ops.upsample_add`` applies bias and upsampled top in one pass. Under no_grad the sum is
-written into the fresh lateral conv output (``ops.upsample_add_``), saving a full-size buffer.
+written into the fresh lateral conv output (``ops.upsample_add_``), saving a full-size buffer,
+and on CPU the convolutions run in channels_last when ``ops.prefer_channels_last`` says it pays.
 """
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
@@ -123,15 +124,15 @@ class FeaturePyramidNetwork(nn.Module):
                                  f"{feature.shape[1]} channels, in_channels_list expects {channels}")
 
     @staticmethod
-    def _lateral(block: nn.Module, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """The lateral 1x1 conv output and the bias still to be added to it.
+    def _lateral(block: nn.Module, x: Tensor, channels_last: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """The lateral 1x1 conv output (channels_last when asked) and the bias still to add.
 
         Without a norm the conv runs bias-free and its bias is returned for the fused add; with a
         norm the block runs whole (its conv has no bias) and nothing is left to add.
         """
         if len(block) == 1:
             conv = block[0]
-            lateral = ops.conv1x1(x, conv.weight)
+            lateral = ops.conv1x1(x, conv.weight, channels_last)
             bias = conv.bias
             if bias is not None and bias.dtype != lateral.dtype:
                 # Under autocast the conv ran in low precision; so would its bias inside it.
@@ -143,9 +144,12 @@ class FeaturePyramidNetwork(nn.Module):
         names = list(x.keys())
         features = list(x.values())
         self._check_inputs(names, features)
+        # Inference on CPU NCHW maps: convolutions in channels_last (faster in oneDNN), outputs
+        # converted back below so callers and extra blocks see the layout they passed in.
+        channels_last = ops.prefer_channels_last(features) and not _grad_needed(*self.parameters())
 
         last = len(features) - 1
-        lateral, bias = self._lateral(self.inner_blocks[last], features[last])
+        lateral, bias = self._lateral(self.inner_blocks[last], features[last], channels_last)
         if bias is None:
             inner = lateral
         elif _grad_needed(lateral, bias):
@@ -155,13 +159,15 @@ class FeaturePyramidNetwork(nn.Module):
         results = [self.layer_blocks[last](inner)]
 
         for idx in range(last - 1, -1, -1):
-            lateral, bias = self._lateral(self.inner_blocks[idx], features[idx])
+            lateral, bias = self._lateral(self.inner_blocks[idx], features[idx], channels_last)
             if _grad_needed(lateral, inner, bias):
                 inner = ops.upsample_add(lateral, inner, bias)
             else:
                 inner = ops.upsample_add_(lateral, inner, bias)
             results.insert(0, self.layer_blocks[idx](inner))
 
+        if channels_last:
+            results = [ops.to_nchw(r) for r in results]
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         return OrderedDict(zip(names, results))

@@ -56,8 +56,10 @@ def test_json_structure(small_run):
     available = [name for name in ("torch", "extension") if result["backends"][name]["available"]]
     assert list(result["diffs"]) == available
     for name, diff in result["diffs"].items():
-        assert 0 <= diff["vs_reference"]["abs"] < 1e-4, (name, diff)
-        if result["torchvision"]:  # float32 rounding only: relative to the output's scale
+        # float32 rounding only (the extension path runs its convolutions in channels_last and
+        # the lateral conv as a matmul): judged relative to the output's scale
+        assert 0 <= diff["vs_reference"]["rel"] < 1e-5, (name, diff)
+        if result["torchvision"]:
             assert 0 <= diff["vs_torchvision"]["rel"] < 1e-4, (name, diff)
     for part in ("neck", "backbone"):
         rows = result["timings"][part]

@@ -132,3 +132,48 @@ def test_conv1x1_keeps_the_convolution_under_autograd():
     out = ops.conv1x1(x, weight)
     assert torch.equal(out, F.conv2d(x, weight))
     assert "Convolution" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 9, 13), (1, 3, 1, 1), (0, 4, 3, 3), (1, 70, 33, 65)])
+def test_conv1x1_writes_channels_last_directly(shape):
+    x = torch.randn(shape)
+    weight = torch.randn(6, shape[1], 1, 1)
+    with torch.no_grad():
+        out = ops.conv1x1(x, weight, channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, F.conv2d(x, weight), rtol=1e-5, atol=1e-5 * shape[1])
+
+
+def test_prefer_channels_last_only_for_cpu_float_nchw_inference_with_extension():
+    feats = [torch.randn(1, 4, 6, 6), torch.randn(1, 8, 3, 3)]
+    has_extension = ops.available_backends()["extension"]["cpu"] is None
+    assert ops.prefer_channels_last(feats) == has_extension
+    with ops.use_backend("torch"):
+        assert not ops.prefer_channels_last(feats)
+    assert not ops.prefer_channels_last([f.half() for f in feats])
+    assert not ops.prefer_channels_last([f.contiguous(memory_format=torch.channels_last) for f in feats])
+    assert not ops.prefer_channels_last([feats[0].requires_grad_(), feats[1]])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 5, 9, 13), (1, 70, 33, 65), (0, 3, 4, 4), (2, 3, 1, 1), (1, 1, 7, 5)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_to_nchw_is_a_bit_exact_contiguous_copy(backend, shape, dtype):
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    with ops.use_backend(backend):
+        out = ops.to_nchw(x)
+    assert out.is_contiguous() and torch.equal(out, x)
+    plain = torch.randn(shape).to(dtype)
+    assert ops.to_nchw(plain) is plain
+
+
+def test_extension_transpose_op_opcheck_and_odd_views():
+    if ops.available_backends()["extension"]["cpu"] is not None:
+        pytest.fail("the extension is not built")
+    op = torch.ops.fpn_fast.nhwc_to_nchw.default
+    for shape in [(2, 5, 9, 13), (1, 70, 33, 65), (0, 3, 4, 4)]:
+        torch.library.opcheck(op, (torch.randn(shape).contiguous(memory_format=torch.channels_last),))
+    view = torch.randn(2, 8, 9, 14)[:, ::2, :, ::2]  # neither layout: a plain contiguous copy
+    assert torch.equal(op(view), view) and op(view).is_contiguous()
+    with pytest.raises(ValueError, match="4-D"):
+        op(torch.randn(3, 4, 5))

@@ -20,11 +20,14 @@ constexpr int64_t kGrainElements = 1 << 15;
 int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(inner, 1)); }
 
 
-// One NCHW output row: out[w] = (lateral[w] + b) + top[src(w)], evaluated in acc_t.
-template <typename scalar_t, typename acc_t, bool kBias>
-inline void forward_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ lateral,
+// One NCHW output row: out[w] = (lateral[w] + b) + top[src(w)], evaluated in acc_t. In place
+// (kInPlace) the lateral row is read through `out` itself, so the restrict promise holds and
+// the compiler vectorises without a run-time overlap check.
+template <typename scalar_t, typename acc_t, bool kBias, bool kInPlace>
+inline void forward_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ lateral_row,
                         const scalar_t* __restrict__ top, const int64_t* __restrict__ src_w, acc_t b, int64_t W,
                         int64_t top_w) {
+  const scalar_t* lateral = kInPlace ? out : lateral_row;
   auto sum = [b](scalar_t l, scalar_t t) -> scalar_t {
     acc_t v = static_cast<acc_t>(l);
     if (kBias) v = v + b;
@@ -43,7 +46,7 @@ inline void forward_row(scalar_t* __restrict__ out, const scalar_t* __restrict__
   }
 }
 
-template <typename scalar_t, bool kBias>
+template <typename scalar_t, bool kBias, bool kInPlace>
 void forward_nchw(const UpsampleAddArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   auto* out = static_cast<scalar_t*>(a.out);
@@ -62,13 +65,13 @@ void forward_nchw(const UpsampleAddArgs& a) {
       const int64_t top_row = dense_offset<int64_t>(nc / a.C, c, nearest_source<int64_t>(axis_h, h), 0, a.C, a.top_h,
                                                     a.top_w, false);
       const acc_t b = kBias ? static_cast<acc_t>(bias[c]) : acc_t(0);
-      forward_row<scalar_t, acc_t, kBias>(out + row * a.W, lateral + row * a.W, top + top_row, src_w.data(), b, a.W,
-                                          a.top_w);
+      forward_row<scalar_t, acc_t, kBias, kInPlace>(out + row * a.W, lateral + row * a.W, top + top_row,
+                                                     src_w.data(), b, a.W, a.top_w);
     }
   });
 }
 
-template <typename scalar_t, bool kBias>
+template <typename scalar_t, bool kBias, bool kInPlace>
 void forward_nhwc(const UpsampleAddArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   auto* out = static_cast<scalar_t*>(a.out);
@@ -88,8 +91,8 @@ void forward_nhwc(const UpsampleAddArgs& a) {
       const scalar_t* __restrict__ t =
           top + dense_offset<int64_t>(nh / a.H, 0, nearest_source<int64_t>(axis_h, h),
                                       nearest_source<int64_t>(axis_w, w), C, a.top_h, a.top_w, true);
-      const scalar_t* __restrict__ l = lateral + pixel * C;
       scalar_t* __restrict__ o = out + pixel * C;
+      const scalar_t* l = kInPlace ? o : lateral + pixel * C;  // in place: read through o itself
       for (int64_t c = 0; c < C; ++c) {
         acc_t v = static_cast<acc_t>(l[c]);
         if (kBias) v = v + b[c];
@@ -161,15 +164,26 @@ void backward_top_nhwc(const UpsampleBackwardArgs& a) {
   });
 }
 
+template <typename scalar_t, bool kBias, bool kInPlace>
+void forward_layout(const UpsampleAddArgs& a) {
+  a.channels_last ? forward_nhwc<scalar_t, kBias, kInPlace>(a) : forward_nchw<scalar_t, kBias, kInPlace>(a);
+}
+
+template <typename scalar_t>
+void dispatch_forward(const UpsampleAddArgs& a) {
+  const bool in_place = a.out == a.lateral;
+  if (a.bias) {
+    in_place ? forward_layout<scalar_t, true, true>(a) : forward_layout<scalar_t, true, false>(a);
+  } else {
+    in_place ? forward_layout<scalar_t, false, true>(a) : forward_layout<scalar_t, false, false>(a);
+  }
+}
+
 }  // namespace
 
 void upsample_add_cpu_kernel(const UpsampleAddArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "fpn_fast::upsample_add (cpu)", [&] {
-    if (args.channels_last) {
-      args.bias ? forward_nhwc<scalar_t, true>(args) : forward_nhwc<scalar_t, false>(args);
-    } else {
-      args.bias ? forward_nchw<scalar_t, true>(args) : forward_nchw<scalar_t, false>(args);
-    }
+    dispatch_forward<scalar_t>(args);
   });
 }
 

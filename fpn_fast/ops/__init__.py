@@ -4,6 +4,7 @@
 ``upsample_add_(lateral, top, bias)`` -> the same, written into ``lateral`` (inference: no autograd)
 ``stride2_pool(x)``                   -> F.max_pool2d(x, 1, 2, 0), i.e. x[:, :, ::2, ::2]
 ``conv1x1(x, weight)``                 -> F.conv2d(x, weight) for a 1x1 kernel (the lateral conv)
+``prefer_channels_last(features)``, ``to_nchw(x)``: the FPN's inference layout choice
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1), "torch" (pure PyTorch, always there), and "auto" (the default):
@@ -28,7 +29,7 @@ from . import reference as _torch_impl
 from .reference import memory_format_of, nearest_source_index
 
 __all__ = [
-    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "set_backend", "get_backend", "use_backend",
+    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "prefer_channels_last", "to_nchw", "set_backend", "get_backend", "use_backend",
     "available_backends", "BackendUnavailableError", "BACKENDS", "nearest_source_index",
 ]
 
@@ -136,25 +137,59 @@ def stride2_pool(x: torch.Tensor) -> torch.Tensor:
     return _pool_impl(x.device.type).stride2_pool(x)
 
 
-def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Bias-free 1x1 convolution (stride 1, no groups), the FPN's lateral conv.
+def _plain_cpu_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """x is a contiguous NCHW float32/float64 CPU map and no autograd runs through x or params."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))))
 
-    A contiguous float CPU map goes through a batched matmul, weight (O, C) @ x[n] (C, H*W),
-    which reads and writes NCHW as is: oneDNN's NCHW convolution reorders both maps to a
-    blocked layout and back, about 2x slower at FPN sizes (benchmarks/RESULTS.md). The sums
-    are ordered differently from the convolution's, so results agree to float rounding, not
-    bit for bit. Only without autograd: training keeps the convolution (and its gradient
-    summation) exactly as torchvision runs it. Everything else (CUDA, channels_last, half
-    types) is F.conv2d.
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """Bias-free 1x1 convolution (stride 1, no groups), the FPN's lateral conv; the output is
+    channels_last when asked, else in x's layout.
+
+    A contiguous float CPU map in inference goes through a batched matmul that reads x as it
+    is and writes either layout directly: weight (O, C) @ x[n] (C, H*W) for NCHW, x[n]^T @
+    weight^T for NHWC. oneDNN's NCHW convolution reorders both maps to a blocked layout and back,
+    about 1.7x slower at FPN sizes (benchmarks/RESULTS.md). The sums are ordered differently
+    from the convolution's, so results agree to float rounding, not bit for bit. Under autograd
+    the convolution runs as torchvision runs it; so do CUDA, channels_last input and half types.
     """
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
-            and x.is_contiguous() and weight.shape[2:] == (1, 1)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if _plain_cpu_inference(x, weight) and weight.shape[2:] == (1, 1):
         n, c, h, w = x.shape
+        out_channels = weight.shape[0]
         # bmm, not matmul: matmul folds (O, C) @ (N, C, HW) through transposed copies of x and out.
-        w2d = weight.reshape(weight.shape[0], c)
-        return torch.bmm(w2d.expand(n, -1, -1), x.view(n, c, h * w)).view(n, weight.shape[0], h, w)
-    return F.conv2d(x, weight)
+        w2d = weight.reshape(out_channels, c)
+        x3d = x.view(n, c, h * w)
+        if channels_last:
+            nhwc = torch.bmm(x3d.transpose(1, 2), w2d.t().expand(n, -1, -1))
+            return nhwc.view(n, h, w, out_channels).permute(0, 3, 1, 2)
+        return torch.bmm(w2d.expand(n, -1, -1), x3d).view(n, out_channels, h, w)
+    out = F.conv2d(x, weight)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def prefer_channels_last(features) -> bool:
+    """Whether the FPN should run its convolutions in channels_last for these NCHW inputs and
+    convert the outputs back with ``to_nchw``, in inference (the caller checks autograd).
+
+    On CPU oneDNN's NHWC 3x3 convolution is ~20% faster than its NCHW one at FPN sizes, which
+    pays for the conversion only with the extension's NHWC->NCHW copy (torch's own copy in that
+    direction costs more than the convolutions save; benchmarks/RESULTS.md). So: CPU float
+    contiguous inputs and the extension backend in charge of CPU ops.
+    """
+    return (_upsample_impl("cpu") is _extension
+            and all(_plain_cpu_inference(f) for f in features))
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous NCHW tensor (x itself when it already is); a channels_last CPU map
+    goes through the extension's blocked transpose when the extension backend is in charge."""
+    if x.is_contiguous():
+        return x
+    if x.device.type == "cpu" and _upsample_impl("cpu") is _extension:
+        return _extension.nhwc_to_nchw(x)
+    return x.contiguous()
 
 
 def _backend_from_env() -> None:

@@ -33,6 +33,11 @@ if _LOAD_ERROR is None:
     _forward = torch.ops.fpn_fast.upsample_add.default
     _forward_inplace = torch.ops.fpn_fast.upsample_add_.default
     _backward_top = torch.ops.fpn_fast.upsample_add_backward_top.default
+    _nhwc_to_nchw = torch.ops.fpn_fast.nhwc_to_nchw.default
+
+    @torch.library.register_fake("fpn_fast::nhwc_to_nchw")
+    def _nhwc_to_nchw_fake(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fpn_fast::upsample_add")
     def _upsample_add_fake(lateral, top, bias):
@@ -77,3 +82,8 @@ def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.
 def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _forward_inplace(lateral, top, bias)
     return lateral
+
+
+def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous NCHW copy of a CPU tensor (blocked transpose for channels_last input)."""
+    return _nhwc_to_nchw(x)

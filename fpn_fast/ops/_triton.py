@@ -114,6 +114,8 @@ if triton is not None:
             pid_r = pid_r.to(tl.int64)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = (pid % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        if INT64:  # c or w times another operand's stride can pass 2**31 too
+            cols = cols.to(tl.int64)
         if CHANNELS_LAST:
             w = (rows % W)[:, None]
             h = (rows // W % H)[:, None]
