@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "huge_pages.h"
+
 namespace fpn_fast {
 namespace {
 
@@ -41,6 +43,7 @@ at::Tensor nhwc_to_nchw_cpu(const at::Tensor& x) {
   }
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fpn_fast::nhwc_to_nchw", [&] {
     transpose_images<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0),
                                x.size(2) * x.size(3), x.size(1));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../upsample_add_ops.h"
+#include "huge_pages.h"
 #include "../upsample_index.h"
 
 namespace fpn_fast {
@@ -182,12 +183,16 @@ void dispatch_forward(const UpsampleAddArgs& a) {
 }  // namespace
 
 void upsample_add_cpu_kernel(const UpsampleAddArgs& args) {
+  if (args.out != args.lateral) {
+    advise_huge_pages(args.out, args.N * args.C * args.H * args.W * c10::elementSize(args.dtype));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "fpn_fast::upsample_add (cpu)", [&] {
     dispatch_forward<scalar_t>(args);
   });
 }
 
 void upsample_add_backward_top_cpu_kernel(const UpsampleBackwardArgs& args) {
+  advise_huge_pages(args.grad_top, args.N * args.C * args.top_h * args.top_w * c10::elementSize(args.dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "fpn_fast::upsample_add_backward_top (cpu)",
                                   [&] {
                                     if (args.channels_last) {
