@@ -11,12 +11,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-import fpn_fast
-from _bench import (DEVICES, DTYPES, FORMATS, HAS_CUDA, SUMMARY, build_fpns, kernel_backends, neck_features,
+from fpn_fast.demo import build_models
+from _bench import (DEVICES, DTYPES, FORMATS, SUMMARY, build_fpns, kernel_backends, neck_features,
                     rounds, run_benchmark)
 from fpn_fast import ops
 
-tv_detection = pytest.importorskip("torchvision.models.detection.backbone_utils")
+pytest.importorskip("torchvision")  # the comparisons need it
 
 BACKENDS = ("extension", "triton", "torch")
 NECK_VARIANTS = ["torchvision eager", "torchvision compiled"] + [f"fpn_fast {b}" for b in BACKENDS]
@@ -107,11 +107,7 @@ _BACKBONES = {}
 def _backbones(device, fmt):
     if (device, fmt) not in _BACKBONES:
         _BACKBONES.clear()  # one pair at a time: they are large
-        torch.manual_seed(0)
-        ours = fpn_fast.resnet50_fpn_backbone(weights=None)
-        theirs = tv_detection.resnet_fpn_backbone(backbone_name="resnet50", weights=None)
-        theirs.load_state_dict(ours.state_dict())
-        _BACKBONES[device, fmt] = [m.eval().to(device, memory_format=FORMATS[fmt]) for m in (ours, theirs)]
+        _BACKBONES[device, fmt] = build_models(0, torch.device(device), FORMATS[fmt])
     return _BACKBONES[device, fmt]
 
 

@@ -4,7 +4,6 @@ One group per (op, device, memory format, shape). On a GPU each round runs the o
 rotated input sets to exceed L2 twice, then synchronises; extra_info has the per-call time, GB/s
 (minimum bytes read + written) and % of the copy bandwidth measured in the same run.
 """
-import itertools
 
 import pytest
 import torch

@@ -21,11 +21,6 @@ def test_extension_is_built():
     assert _extension.unavailable_reason("cpu") is None, _extension.unavailable_reason("cpu")
 
 
-def _eager(lateral, top, bias):
-    """torchvision's FPN step in low precision's own rounding-free form: (l + b) + up(t) in acc precision."""
-    return reference.upsample_add(lateral, top, bias)
-
-
 @needs_ext
 @pytest.mark.parametrize("case", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -34,7 +29,7 @@ def _eager(lateral, top, bias):
 def test_forward_bit_exact(case, dtype, lateral_cl, top_cl, bias):
     lateral, top, b = make_inputs(case, dtype, lateral_cl, top_cl, bias)
     out = ops.upsample_add(lateral, top, b)
-    expected = _eager(lateral, top, b)
+    expected = reference.upsample_add(lateral, top, b)
     # Same operations in the same precision and order ((l + b) + t, float32 for half types,
     # one rounding): bit-equal, and laid out like lateral.
     assert torch.equal(out, expected)
@@ -60,7 +55,7 @@ def test_strided_views(dtype):
     lateral = base[:, ::2, 1:, ::2]  # neither contiguous nor channels_last
     top_view = torch.randn(2, 3, 14, 18).to(dtype)[:, :, ::2, ::2]
     bias = torch.randn(6).to(dtype)[::2]
-    assert torch.equal(ops.upsample_add(lateral, top_view, bias), _eager(lateral, top_view, bias))
+    assert torch.equal(ops.upsample_add(lateral, top_view, bias), reference.upsample_add(lateral, top_view, bias))
 
 
 @needs_ext

@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 
 import fpn_fast.ops as ops  # noqa: E402  (after importorskip)
 from fpn_fast.ops import _triton, reference  # noqa: E402
+from tests._cases import DTYPES  # noqa: E402
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
@@ -58,15 +58,6 @@ def _inputs(lat_hw, top_hw, dtype, device, n=2, c=3):
     top = torch.randn(n, c, *top_hw, dtype=dtype, device=device)
     bias = torch.randn(c, dtype=dtype, device=device)
     return lateral, top, bias
-
-
-def _reference_autograd(lateral, top, bias):
-    """upsample_add in plain differentiable torch (reference.upsample_add writes into an out=
-    tensor, which autograd refuses), in the same association: (lateral + bias) + up."""
-    up = F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
-    if lateral.dtype in LOW_PRECISION:
-        return ((lateral.float() + bias.float().view(1, -1, 1, 1)) + up.float()).to(lateral.dtype)
-    return (lateral + bias.view(1, -1, 1, 1)) + up
 
 
 def _assert_same_format(out, like):
@@ -127,9 +118,9 @@ def test_upsample_add_backward(lat_hw, top_hw, dtype, device):
         assert torch.equal(lateral_grad, grad)
 
         ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-        _reference_autograd(*ref_leaves).backward(grad)
+        reference.upsample_add(*ref_leaves).backward(grad)
         exact = [t.detach().double().requires_grad_() for t in leaves]
-        _reference_autograd(*exact).backward(grad.double())
+        reference.upsample_add(*exact).backward(grad.double())
 
         if dtype == torch.float64:
             # Each window is summed in destination order from zero, as ATen does: same bits.
@@ -184,7 +175,7 @@ def test_many_small_tiles(device, int64, monkeypatch):
         grad = torch.randn_like(out)
         out.backward(grad)
         ref_top = top.detach().clone().requires_grad_()
-        _reference_autograd(lateral, ref_top, bias).backward(grad)
+        reference.upsample_add(lateral, ref_top, bias).backward(grad)
         torch.testing.assert_close(top.grad, ref_top.grad, rtol=1e-5, atol=1e-6)
         x = lateral.clone().requires_grad_()
         pooled = _triton.stride2_pool(x)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _checks, _extension, _triton
 from . import reference as _torch_impl
-from .reference import memory_format_of, nearest_source_index
+from .reference import nearest_source_index
 
 __all__ = [
     "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "prefer_channels_last", "to_nchw", "set_backend", "get_backend", "use_backend",
