@@ -3,11 +3,12 @@ from . import ops
 from .backbone import BackboneWithFPN, IntermediateLayerGetter, resnet50_fpn_backbone, resnet_fpn_backbone
 from .convert import convert
 from .fpn import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
+from .inference import optimize_for_inference
 from .resnet import FrozenBatchNorm2d, ResNet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "BackboneWithFPN", "IntermediateLayerGetter", "resnet_fpn_backbone", "resnet50_fpn_backbone",
-    "convert", "ExtraFPNBlock", "FeaturePyramidNetwork", "LastLevelMaxPool", "FrozenBatchNorm2d", "ResNet",
+    "convert", "optimize_for_inference", "ExtraFPNBlock", "FeaturePyramidNetwork", "LastLevelMaxPool", "FrozenBatchNorm2d", "ResNet",
 ]

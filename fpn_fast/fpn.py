@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["ExtraFPNBlock", "LastLevelMaxPool", "FeaturePyramidNetwork"]
+__all__ = ["ExtraFPNBlock", "LastLevelMaxPool", "FeaturePyramidNetwork", "check_fpn_inputs"]
 
 
 class ExtraFPNBlock(nn.Module):
@@ -50,6 +50,26 @@ def _conv_block(in_channels: int, out_channels: int, kernel_size: int,
     if norm_layer is not None:
         layers.append(norm_layer(out_channels))
     return nn.Sequential(*layers)
+
+
+def check_fpn_inputs(names: List[str], features: List[Tensor], in_channels_list: List[int]) -> None:
+    """ValueError naming the level unless there is one 4-D map per level with the right channels.
+
+    Plain Python on shapes: cheap, and torch.compile folds it into guards.
+    """
+    if len(features) != len(in_channels_list):
+        raise ValueError(f"FeaturePyramidNetwork expects {len(in_channels_list)} feature maps (one per entry "
+                         f"of in_channels_list), got {len(features)}: {names}")
+    for i, (name, feature, channels) in enumerate(zip(names, features, in_channels_list)):
+        if not isinstance(feature, Tensor):
+            raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) is a "
+                             f"{type(feature).__name__}, not a tensor")
+        if feature.dim() != 4:
+            raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) must be 4-D "
+                             f"(N, C, H, W), got shape {tuple(feature.shape)}")
+        if feature.shape[1] != channels:
+            raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) has "
+                             f"{feature.shape[1]} channels, in_channels_list expects {channels}")
 
 
 def _grad_needed(*tensors: Optional[Tensor]) -> bool:
@@ -105,24 +125,6 @@ class FeaturePyramidNetwork(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def _check_inputs(self, names: List[str], features: List[Tensor]) -> None:
-        # Plain Python on shapes: cheap, and torch.compile folds it into guards.
-        expected = len(self.inner_blocks)
-        if len(features) != expected:
-            raise ValueError(f"FeaturePyramidNetwork expects {expected} feature maps (one per entry of "
-                             f"in_channels_list), got {len(features)}: {names}")
-        for i, (name, feature) in enumerate(zip(names, features)):
-            if not isinstance(feature, Tensor):
-                raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) is a "
-                                 f"{type(feature).__name__}, not a tensor")
-            if feature.dim() != 4:
-                raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) must be 4-D "
-                                 f"(N, C, H, W), got shape {tuple(feature.shape)}")
-            channels = self.inner_blocks[i][0].in_channels
-            if feature.shape[1] != channels:
-                raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) has "
-                                 f"{feature.shape[1]} channels, in_channels_list expects {channels}")
-
     @staticmethod
     def _lateral(block: nn.Module, x: Tensor, channels_last: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The lateral 1x1 conv output (channels_last when asked) and the bias still to add.
@@ -143,7 +145,7 @@ class FeaturePyramidNetwork(nn.Module):
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         names = list(x.keys())
         features = list(x.values())
-        self._check_inputs(names, features)
+        check_fpn_inputs(names, features, self.in_channels_list)
         # Inference on CPU NCHW maps: convolutions in channels_last (faster in oneDNN), outputs
         # converted back below so callers and extra blocks see the layout they passed in.
         channels_last = ops.prefer_channels_last(features) and not _grad_needed(*self.parameters())

@@ -6,6 +6,11 @@
 ``conv1x1(x, weight)``                 -> F.conv2d(x, weight) for a 1x1 kernel (the lateral conv)
 ``prefer_channels_last(features)``, ``to_nchw(x)``: the FPN's inference layout choice
 
+Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
+``conv2d_act(x, weight, bias, ..., relu, residual)`` -> relu?(conv2d(x, weight, bias) + residual)
+``lateral_upsample_add(x, weight, bias, top)``      -> upsample_add(conv1x1(x, weight), top, bias),
+    on CUDA one Triton GEMM whose epilogue does the top-down step (the lateral map is never stored)
+
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1), "torch" (pure PyTorch, always there), and "auto" (the default):
 CUDA tensors -> extension if built with CUDA, else triton if importable, else torch;
@@ -24,12 +29,13 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _extension, _triton
+from . import _checks, _extension, _onednn, _triton, _triton_lateral
 from . import reference as _torch_impl
 from .reference import nearest_source_index
 
 __all__ = [
-    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "prefer_channels_last", "to_nchw", "set_backend", "get_backend", "use_backend",
+    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "prefer_channels_last", "to_nchw",
+    "conv2d_act", "lateral_upsample_add", "set_backend", "get_backend", "use_backend",
     "available_backends", "BackendUnavailableError", "BACKENDS", "nearest_source_index",
 ]
 
@@ -190,6 +196,84 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and _upsample_impl("cpu") is _extension:
         return _extension.nhwc_to_nchw(x)
     return x.contiguous()
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for device_type, or None. Our inference ops are not autocast
+    ops, so they cast their inputs themselves, as autocast would cast a convolution's."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _inference_only(name: str, *tensors: Optional[torch.Tensor]) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"fpn_fast.ops.{name} is for inference only and has no gradient; run it under "
+                           "torch.no_grad() or torch.inference_mode(), or use the differentiable ops")
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
+               relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), for
+    inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
+
+    float32 CPU maps without autocast go through oneDNN's fused convolution (bias, residual add
+    and ReLU as post-ops of one call) unless the backend is "torch"; everything else through
+    F.conv2d, then the add and the ReLU in place on its fresh output; so does torch.compile,
+    which fuses them itself (the oneDNN ops have no fake kernels). Same values either way: the
+    post-ops add in the order the separate ops do.
+    """
+    _inference_only("conv2d_act", x, weight, bias, residual)
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and _backend != "torch" and _onednn.UNAVAILABLE_REASON is None
+            and _autocast_dtype("cpu") is None and not torch.compiler.is_compiling()
+            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))):
+        return _onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, relu, residual)
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        out += residual
+    return out.relu_() if relu else out
+
+
+def _fused_lateral_impl(device_type: str) -> bool:
+    """Whether lateral_upsample_add runs the Triton GEMM: CUDA tensors under "auto" when Triton
+    can run there, and any tensors Triton can run on (incl. CPU under the interpreter) when the
+    backend is named "triton"."""
+    if _backend == "triton":
+        _named_impl(device_type)  # raises BackendUnavailableError saying why not
+        return True
+    return _backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
+
+
+def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         top: Optional[torch.Tensor] = None, *, fuse: bool = True) -> torch.Tensor:
+    """The FPN's whole top-down step from a body feature map, for inference:
+    (conv1x1(x, weight) + bias) + nearest_upsample(top, x's H x W); no top at the coarsest level.
+
+    With ``fuse`` and Triton in charge (see _fused_lateral_impl) one GEMM kernel computes the
+    1x1 convolution and adds bias and upsampled top in its epilogue, in x's memory format.
+    Otherwise the convolution (``conv1x1`` for NCHW CPU maps, else F.conv2d) writes the lateral
+    map and ``upsample_add_`` adds bias and top into it. Under autocast every input is cast to
+    the autocast dtype first, as the convolution it replaces would be.
+    """
+    _inference_only("lateral_upsample_add", x, weight, bias, top)
+    low = _autocast_dtype(x.device.type)
+    if low is not None:
+        x, weight = x.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        top = None if top is None else top.to(low)
+    if fuse and _fused_lateral_impl(x.device.type):
+        return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(f"lateral_upsample_add: weight must be (O, C, 1, 1), got {tuple(weight.shape)}")
+    if x.is_contiguous():
+        lateral = conv1x1(x, weight)
+    else:
+        lateral = conv2d_act(x, weight)
+    if top is None:
+        return lateral if bias is None else lateral.add_(bias.view(1, -1, 1, 1))
+    return upsample_add_(lateral, top, bias)
 
 
 def _backend_from_env() -> None:

@@ -1,0 +1,290 @@
+"""fpn_fast.optimize_for_inference: parity with the original model, the untouched original,
+the inference-only guards, torchvision detection models, and the inference ops it runs on.
+
+Parity bound (float32): 1e-4 of each output level's largest magnitude. Folding rounds the
+folded weights once and the folded model sums in another order; over a ResNet the observed
+difference is ~3e-6 of the level's scale, so 1e-4 leaves room without hiding a wrong fold
+(a norm applied twice or skipped moves outputs by tens of percent).
+"""
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fpn_fast
+from fpn_fast import ops
+from fpn_fast.inference import (Conv2dAct, FoldedResidualBlock, InferenceBackboneWithFPN, InferenceFPN,
+                                fold_conv_norm, fold_norms)
+from tests.test_modules import randomise_
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models import detection  # noqa: E402
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as tv_resnet_fpn_backbone  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBatchNorm2d  # noqa: E402
+
+FROZEN_NORMS = (fpn_fast.FrozenBatchNorm2d, TvFrozenBatchNorm2d)
+REL_TOL = 1e-4
+
+
+def _backbone(name="resnet18", **kwargs):
+    return randomise_(fpn_fast.resnet_fpn_backbone(backbone_name=name, **kwargs)).eval()
+
+
+def _assert_outputs_close(actual, expected, rel=REL_TOL):
+    assert list(actual.keys()) == list(expected.keys())
+    for name, e in expected.items():
+        a = actual[name]
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        scale = e.abs().max().item()
+        assert scale > 0, name
+        err = (a.float() - e.float()).abs().max().item()
+        assert err <= rel * scale, f"level {name}: max error {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("channels_last,fold_norm,fuse_lateral",
+                         [(True, True, True), (False, True, True), (True, False, True), (True, True, False),
+                          (False, False, False)])
+def test_parity_with_original_backbone(name, channels_last, fold_norm, fuse_lateral):
+    model = _backbone(name)
+    optimized = fpn_fast.optimize_for_inference(model, channels_last=channels_last, fold_norm=fold_norm,
+                                                fuse_lateral=fuse_lateral)
+    assert isinstance(optimized, InferenceBackboneWithFPN) and not optimized.training
+    remaining = sum(isinstance(m, FROZEN_NORMS) for m in optimized.modules())
+    assert (remaining == 0) if fold_norm else (remaining == sum(isinstance(m, FROZEN_NORMS) for m in model.modules()))
+    x = torch.randn(2, 3, 131, 203)  # odd sizes: every level's top-down ratio is non-2x somewhere
+    with torch.no_grad():
+        expected = model(x)
+        actual = optimized(x)
+    _assert_outputs_close(actual, expected)
+    assert all(t.is_contiguous() for t in actual.values())
+
+
+def test_channels_last_outputs_on_request():
+    model = _backbone()
+    optimized = fpn_fast.optimize_for_inference(model, output_memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        expected, actual = model(x), optimized(x)
+    _assert_outputs_close(actual, expected)
+    for t in actual.values():
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def test_original_model_is_untouched():
+    model = _backbone("resnet50", trainable_layers=3)
+    before = _state(model)
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    types = [type(m) for m in model.modules()]
+    model.train()
+    optimized = fpn_fast.optimize_for_inference(model)
+    assert model.training and not optimized.training
+    assert [type(m) for m in model.modules()] == types
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+    assert not any(p.data_ptr() == q.data_ptr() for p in model.parameters() for q in optimized.parameters())
+    assert not any(p.requires_grad for p in optimized.parameters())
+
+
+def test_refuses_training_mode_and_autograd():
+    optimized = fpn_fast.optimize_for_inference(_backbone())
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        optimized(x)
+    optimized.train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"eval\(\)"):
+        optimized(x)
+    optimized.eval()
+    with torch.no_grad():
+        assert len(optimized(x)) == 5
+    # Every folded piece guards itself, also when used on its own.
+    block = next(m for m in optimized.modules() if isinstance(m, FoldedResidualBlock))
+    with pytest.raises(RuntimeError, match="no_grad"):
+        block(torch.randn(1, block.convs[0].weight.shape[1], 8, 8))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fpn_fast.optimize_for_inference(lambda x: x)
+    with pytest.raises(ValueError, match="output_memory_format"):
+        fpn_fast.optimize_for_inference(_backbone(), output_memory_format=torch.preserve_format)
+    with pytest.raises(ValueError, match="no ResNet-FPN backbone"):
+        fpn_fast.optimize_for_inference(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    optimized = fpn_fast.optimize_for_inference(_backbone())
+    with torch.no_grad(), pytest.raises(ValueError, match="channels"):
+        optimized.fpn({"0": torch.randn(1, 3, 8, 8), "1": torch.randn(1, 128, 4, 4),
+                       "2": torch.randn(1, 256, 2, 2), "3": torch.randn(1, 512, 1, 1)})
+
+
+def test_bare_fpn_with_batchnorm_is_folded():
+    fpn = randomise_(fpn_fast.FeaturePyramidNetwork([8, 16, 24], 16, extra_blocks=fpn_fast.LastLevelMaxPool(),
+                                                    norm_layer=nn.BatchNorm2d)).eval()
+    optimized = fpn_fast.optimize_for_inference(fpn)
+    assert isinstance(optimized, InferenceFPN)
+    assert all(isinstance(b, Conv2dAct) for b in (*optimized.inner_blocks, *optimized.layer_blocks))
+    unfolded = fpn_fast.optimize_for_inference(fpn, fold_norm=False)
+    assert all(isinstance(b, nn.Sequential) for b in unfolded.inner_blocks)
+    feats = {str(i): torch.randn(2, c, h, w) for i, (c, (h, w)) in enumerate(zip([8, 16, 24], [(25, 38), (13, 19), (7, 11)]))}
+    with torch.no_grad():
+        expected = fpn(feats)
+        _assert_outputs_close(optimized(feats), expected)
+        _assert_outputs_close(unfolded(feats), expected)
+
+
+@pytest.mark.parametrize("norm", ["frozen", "frozen_tv", "batchnorm", "batchnorm_no_affine"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fold_conv_norm_matches_conv_then_norm(norm, with_bias):
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=with_bias).double()
+    bn = {"frozen": lambda: fpn_fast.FrozenBatchNorm2d(5), "frozen_tv": lambda: TvFrozenBatchNorm2d(5),
+          "batchnorm": lambda: nn.BatchNorm2d(5), "batchnorm_no_affine": lambda: nn.BatchNorm2d(5, affine=False)}[norm]()
+    randomise_(conv)
+    randomise_(bn.double()).eval()
+    folded = fold_conv_norm(conv, bn, relu=True)
+    assert folded.weight.dtype == torch.float64 and not folded.weight.requires_grad
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(conv(x)).relu(), rtol=1e-12, atol=1e-12)
+
+
+def test_fold_norms_counts_and_leaves_unfoldable_blocks():
+    body = fpn_fast.ResNet(fpn_fast.resnet.Bottleneck, [1, 1, 1, 1], norm_layer=fpn_fast.FrozenBatchNorm2d)
+    # 1 stem + 4 blocks x (3 convs + downsample) norms
+    assert fold_norms(copy.deepcopy(body)) == 1 + 4 * 4
+    grouped = fpn_fast.ResNet(fpn_fast.resnet.Bottleneck, [1, 1, 1, 1], norm_layer=lambda c: nn.GroupNorm(4, c))
+    assert fold_norms(grouped) == 0
+    assert not any(isinstance(m, (Conv2dAct, FoldedResidualBlock)) for m in grouped.modules())
+
+
+def test_torchvision_detection_models():
+    """Faster R-CNN (FrozenBN body, plain FPN), with and without fpn_fast.convert first; v2 (BatchNorm2d
+    in body and FPN); RetinaNet (P6P7 extra block fed from C5): backbone features within 1e-4 and the
+    full model runs, with the heads left as they were."""
+    small = dict(weights=None, weights_backbone=None, min_size=160, max_size=224)
+    images = [torch.rand(3, 150, 200), torch.rand(3, 170, 190)]
+    for build in (detection.fasterrcnn_resnet50_fpn, detection.fasterrcnn_resnet50_fpn_v2,
+                  detection.retinanet_resnet50_fpn):
+        model = randomise_(build(num_classes=5, **small)).eval()
+        for convert_first in (False, True):
+            source = fpn_fast.convert(copy.deepcopy(model)) if convert_first else model
+            optimized = fpn_fast.optimize_for_inference(source)
+            assert isinstance(optimized.backbone, InferenceBackboneWithFPN)
+            assert not any(isinstance(m, (nn.BatchNorm2d, *FROZEN_NORMS)) for m in optimized.backbone.modules())
+            assert type(optimized.rpn if hasattr(optimized, "rpn") else optimized.head) is type(
+                model.rpn if hasattr(model, "rpn") else model.head)
+            with torch.no_grad():
+                batch, _ = model.transform(images)
+                _assert_outputs_close(optimized.backbone(batch.tensors), model.backbone(batch.tensors))
+                detections = optimized(images)
+            assert len(detections) == 2 and all({"boxes", "scores", "labels"} <= d.keys() for d in detections)
+
+
+def test_autocast_bfloat16_within_bfloat16_error():
+    """Under CPU bf16 autocast the optimized model's error against the float32 original is of the
+    same size as the original model's own autocast error (bf16 has 8 bits of mantissa)."""
+    model = _backbone()
+    optimized = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        exact = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            original = model(x)
+            fast = optimized(x)
+    for name, e in exact.items():
+        scale = e.abs().max().item()
+        err_original = (original[name].float() - e).abs().max().item() / scale
+        err_fast = (fast[name].float() - e).abs().max().item() / scale
+        assert fast[name].dtype == original[name].dtype
+        assert 0 < err_fast <= 2 * err_original + 2 ** -8, (name, err_fast, err_original)
+
+
+# --- the ops underneath ------------------------------------------------------------------------
+
+CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
+    (5, 7, 3, 1, 1, 13, 11), (6, 4, 3, 2, 1, 9, 14), (8, 16, 1, 1, 0, 7, 5), (8, 4, 1, 2, 0, 9, 9),
+    (3, 8, 7, 2, 3, 21, 19),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("relu,residual,bias,channels_last",
+                         list(itertools.product([False, True], [False, True], [False, True], [False, True])))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend):
+    cin, cout, k, stride, pad, h, w = case
+    x = torch.randn(2, cin, h, w)
+    weight = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5
+    b = torch.randn(cout) if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), stride, pad)
+    res = torch.randn(expected.shape) if residual else None
+    if res is not None:
+        expected = expected + res.double()
+    if relu:
+        expected = expected.relu()
+    with ops.use_backend(backend), torch.no_grad():
+        got = ops.conv2d_act(x, weight, b, (stride, stride), (pad, pad), relu=relu, residual=res)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # float32 sums of cin*k*k unit-variance terms: 1e-5 of the scale covers their rounding.
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_conv2d_act_float64_and_refuses_autograd():
+    x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.conv2d_act(x, weight, None, padding=(1, 1), relu=True),
+                                   F.conv2d(x, weight, padding=1).relu())
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.conv2d_act(x, weight.requires_grad_())
+
+
+LATERAL_CASES = [  # (N, C, H, W), (top H, W)
+    ((2, 24, 25, 38), (13, 19)), ((2, 24, 8, 10), (4, 5)), ((1, 16, 9, 13), (9, 13)), ((2, 8, 5, 7), (9, 13)),
+    ((0, 8, 5, 7), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("case", LATERAL_CASES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_top,with_bias", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_unfused_lateral_upsample_add_matches_reference(case, channels_last, with_top, with_bias, backend):
+    (n, c, h, w), (th, tw) = case
+    out_channels = 12
+    x = torch.randn(n, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, c, 1, 1) / c ** 0.5
+    bias = torch.randn(out_channels) if with_bias else None
+    top = torch.randn(n, out_channels, th, tw) if with_top else None
+    expected = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double())
+    if top is not None:
+        expected = expected + F.interpolate(top.double(), size=(h, w), mode="nearest")
+    with ops.use_backend(backend), torch.inference_mode():
+        got = ops.lateral_upsample_add(x, weight, bias, top, fuse=False)
+    assert got.shape == expected.shape
+    if channels_last and n > 0:  # the output follows x's layout
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    scale = expected.abs().amax().item() if expected.numel() else 1.0
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_compiled_optimized_backbone_matches_eager():
+    optimized = fpn_fast.optimize_for_inference(_backbone())
+    compiled = torch.compile(optimized, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = optimized(x)
+        # Compiled, the convolutions run unfused (and inductor reorders the glue): rounding differs.
+        _assert_outputs_close(compiled(x), eager)
