@@ -49,3 +49,39 @@ def check_stride2_pool(x: torch.Tensor) -> None:
         raise ValueError(f"stride2_pool: x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"stride2_pool: floating dtypes only, got {_describe(x)}")
+
+
+def check_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               top: Optional[torch.Tensor]) -> None:
+    """Raise TypeError/ValueError naming the offending shapes, dtypes or devices unless
+    (conv1x1(x, weight) + bias) + nearest_upsample(top) fits: weight (O, C, 1, 1) for x (N, C, H, W),
+    bias (O,) or None, top (N, O, th, tw) or None, all of x's dtype and device."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("lateral_upsample_add: x and weight must be tensors")
+    for name, t in (("bias", bias), ("top", top)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"lateral_upsample_add: {name} must be a tensor or None, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"lateral_upsample_add: x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"lateral_upsample_add: floating dtypes only, got x {_describe(x)}")
+    n, c, h, w = x.shape
+    if weight.dim() != 4 or weight.shape[1] != c or weight.shape[2:] != (1, 1):
+        raise ValueError(
+            f"lateral_upsample_add: weight must be (O, {c}, 1, 1) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    o = weight.shape[0]
+    for name, t in (("weight", weight), ("bias", bias), ("top", top)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(
+                f"lateral_upsample_add: {name} {_describe(t)} must match x {_describe(x)} in dtype and device")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != o):
+        raise ValueError(
+            f"lateral_upsample_add: bias must have shape ({o},) for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if top is not None:
+        if top.dim() != 4 or top.shape[0] != n or top.shape[1] != o:
+            raise ValueError(
+                f"lateral_upsample_add: top must be ({n}, {o}, th, tw) for x {tuple(x.shape)} and weight "
+                f"{tuple(weight.shape)}, got {tuple(top.shape)}")
+        if (top.shape[2] == 0 or top.shape[3] == 0) and h * w > 0:
+            raise ValueError(
+                f"lateral_upsample_add: top has an empty plane {tuple(top.shape)}, nothing to upsample to x {tuple(x.shape)}")

@@ -1,0 +1,342 @@
+"""The Triton lateral GEMM (fpn_fast.ops._triton_lateral) against plain torch:
+F.conv2d(x, weight) + bias + F.interpolate(top, mode="nearest").
+
+Without a GPU the kernel runs on CPU tensors through the Triton interpreter (conftest.py sets
+TRITON_INTERPRET=1), whose tl.dot is a numpy matmul: float32 there is IEEE whatever the TF32 flag
+says. With a GPU the same checks run compiled on CUDA tensors (the `cuda` marker), autotuned.
+
+Tolerances (the GEMM sums in another order than a convolution, so nothing is bit-exact):
+- float32: the result is fl(fl(fl(sum_k x_k w_k) + b) + up). Any summation order of K products
+  errs by at most gamma_K * sum |x_k w_k| ~ K u (u = eps/2), and the two adds by u each, so
+  |out - exact| <= (K + 2) * eps * (conv(|x|, |w|) + |b| + |up|): twice the first-order bound.
+  With TF32 (CUDA, cudnn.allow_tf32) each operand is first cut to 10 mantissa bits: add
+  3 * 2**-10 * that magnitude.
+- float16/bfloat16: products of such inputs are exact in float32, so the float32 value y obeys
+  the bound above, and one rounding adds half an ulp: |out - exact| <= d + (eps/2) (|exact| + d)
+  (+ the smallest subnormal). And, flash-attention style: the max error against float64 is no
+  worse than the same torch reference run in that dtype (which rounds after the conv, the bias
+  and the add), with one ulp of the output's largest value as slack.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from fpn_fast.ops import _triton_lateral, reference  # noqa: E402  (after importorskip)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        _triton_lateral.unavailable_reason("cpu") is not None,
+        reason=str(_triton_lateral.unavailable_reason("cpu")))),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+# (N, C, H, W), O, top (th, tw): odd sizes and a non-2x ratio, exact 2x, equal sizes, top larger
+# than x, 1x1 maps, batch 0, the float32-scale case. C and O are not multiples of 32 (the
+# interpreter's blocks) nor of the GPU configs' blocks.
+CASES = [
+    ((2, 24, 7, 11), 20, (4, 6)),
+    ((2, 40, 8, 10), 36, (4, 5)),
+    ((1, 16, 6, 9), 24, (6, 9)),
+    ((2, 24, 5, 7), 20, (9, 13)),
+    ((1, 8, 1, 1), 12, (1, 1)),
+    ((0, 24, 5, 7), 20, (3, 4)),
+    ((1, 24, 46, 69), 20, (14, 21)),  # float32 scale: floorf(dst * scale) != dst * in // out at 23, 46
+]
+# (x layout, top layout, weight transposed, with bias, with top): every layout of x and top, a
+# strided weight, and each optional operand left out.
+VARIANTS = [
+    ("contiguous", "contiguous", False, True, True),
+    ("channels_last", "channels_last", True, True, True),
+    ("sliced", "channels_last", False, False, True),
+    ("channels_last", "contiguous", False, True, False),
+    ("contiguous", None, True, False, False),
+]
+TF32_EPS = 2.0 ** -10
+
+
+def case_id(case):
+    (n, c, h, w), o, (th, tw) = case
+    return f"{n}x{c}x{h}x{w}->{o}<-{th}x{tw}"
+
+
+def _make(case, dtype, device):
+    (n, c, h, w), o, top_hw = case
+    x = torch.randn(n, c, h, w, device=device).to(dtype)
+    weight = (torch.randn(o, c, 1, 1, device=device) / c ** 0.5).to(dtype)  # outputs of order 1
+    bias = torch.randn(o, device=device).to(dtype)
+    top = torch.randn(n, o, *top_hw, device=device).to(dtype)
+    return x, weight, bias, top
+
+
+def _laid_out(t, layout):
+    """The same values as t, contiguous, channels_last, or sliced: a view into a larger tensor,
+    neither. (Not imported from test_triton, which needs the repo root on sys.path.)"""
+    if layout == "sliced":
+        n, c, h, w = t.shape
+        return torch.randn(n, c, h + 3, w + 5, dtype=t.dtype, device=t.device)[:, :, 1:1 + h, 2:2 + w].copy_(t)
+    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def _transposed(weight):
+    """The same (O, C, 1, 1) values with the C dim contiguous across O: strides (1, O, ., .)."""
+    o, c = weight.shape[:2]
+    return weight.reshape(o, c).t().contiguous().t().reshape(o, c, 1, 1)
+
+
+def _variant(x, weight, bias, top, variant):
+    x_layout, top_layout, transposed, with_bias, with_top = variant
+    return (_laid_out(x, x_layout), _transposed(weight) if transposed else weight,
+            bias if with_bias else None, _laid_out(top, top_layout) if with_top else None)
+
+
+def _reference(x, weight, bias, top):
+    out = F.conv2d(x, weight)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    if top is not None:
+        out = out + F.interpolate(top, size=x.shape[-2:], mode="nearest")
+    return out
+
+
+def _assert_accurate(out, x, weight, bias, top):
+    """The bounds of the module docstring, against a float64 computation on the same inputs."""
+    args = [None if t is None else t.double() for t in (x, weight, bias, top)]
+    exact = _reference(*args)
+    magnitude = _reference(*[None if t is None else t.abs() for t in args])
+    k = x.shape[1]
+    gemm_bound = (k + 2) * torch.finfo(torch.float32).eps * magnitude
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+        gemm_bound = gemm_bound + 3 * TF32_EPS * magnitude
+    err = (out.double() - exact).abs()
+    if x.dtype == torch.float32:
+        assert (err <= gemm_bound).all(), (err - gemm_bound).max()
+        return
+    finfo = torch.finfo(x.dtype)
+    bound = gemm_bound + finfo.eps / 2 * (exact.abs() + gemm_bound) + finfo.smallest_normal * finfo.eps
+    assert (err <= bound).all(), (err - bound).max()
+    if exact.numel():
+        aten = (_reference(x, weight, bias, top).double() - exact).abs().max()
+        assert err.max() <= aten + finfo.eps * exact.abs().max(), (err.max(), aten)
+
+
+def _assert_same_format(out, like):
+    fmt = reference.memory_format_of(like)
+    assert out.is_contiguous(memory_format=fmt), (out.stride(), fmt)
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(case, dtype, device):
+    inputs = _make(case, dtype, device)
+    for variant in VARIANTS:
+        args = _variant(*inputs, variant)
+        out = _triton_lateral.lateral_upsample_add(*args)
+        (n, _, h, w), o, _ = case
+        assert out.shape == (n, o, h, w) and out.dtype == dtype, variant
+        _assert_same_format(out, args[0])
+        _assert_accurate(out, *args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_format_follows_x(device):
+    """out takes x's memory format, whatever top's is (O != C: out is a new shape, not x's)."""
+    x, weight, bias, top = _make(CASES[0], torch.float32, device)
+    for x_fmt, top_fmt in ((torch.contiguous_format, torch.channels_last),
+                           (torch.channels_last, torch.contiguous_format)):
+        out = _triton_lateral.lateral_upsample_add(
+            x.contiguous(memory_format=x_fmt), weight, bias, top.contiguous(memory_format=top_fmt))
+        assert out.is_contiguous(memory_format=x_fmt) and not out.is_contiguous(memory_format=top_fmt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_plane(device):
+    """An x with no pixels: an empty output of the right shape, nothing launched."""
+    x, weight, bias, top = _make(((2, 24, 0, 5), 20, (3, 4)), torch.float32, device)
+    out = _triton_lateral.lateral_upsample_add(x, weight, bias, top)
+    assert out.shape == (2, 20, 0, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+def test_many_small_tiles(device, int64, monkeypatch):
+    """Blocks much smaller than the operands: several row, column and K blocks, each ragged (on
+    the interpreter; a GPU picks its autotuned config), and (forced) the int64 offset path that
+    only >= 2**31-element tensors take otherwise."""
+    monkeypatch.setitem(_triton_lateral._INTERPRETER_BLOCKS, "BLOCK_M", 16)
+    monkeypatch.setitem(_triton_lateral._INTERPRETER_BLOCKS, "BLOCK_N", 16)
+    monkeypatch.setitem(_triton_lateral._INTERPRETER_BLOCKS, "BLOCK_K", 16)
+    if int64:
+        monkeypatch.setattr(_triton_lateral, "_needs_int64", lambda *tensors: True)
+    x, weight, bias, top = _make(((2, 40, 7, 11), 36, (4, 6)), torch.float32, device)
+    for layout in ("contiguous", "channels_last"):
+        args = (_laid_out(x, layout), weight, bias, _laid_out(top, layout))
+        _assert_accurate(_triton_lateral.lateral_upsample_add(*args), *args)
+
+
+def test_dot_precision_follows_cudnn_tf32_flag(monkeypatch):
+    """float32 uses TF32 exactly when cuDNN's convolutions may; other dtypes never ask for it.
+    (The interpreter ignores the choice; test_float32_ieee_fpn_sized_cuda checks it on a GPU.)"""
+    for allowed in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
+        assert _triton_lateral._dot_precision(torch.float32) == ("tf32" if allowed else "ieee")
+        assert _triton_lateral._dot_precision(torch.float16) == "ieee"
+        assert _triton_lateral._dot_precision(torch.bfloat16) == "ieee"
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _bad_inputs(device):
+    x, weight, bias, top = _make(CASES[0], torch.float32, device)  # x (2, 24, 7, 11), O = 20
+    return [
+        ((x[0], weight, bias, top), ValueError, r"x must be 4-D .*\(24, 7, 11\)"),
+        ((x.long(), weight.long(), None, None), ValueError, "floating dtypes only.*int64"),
+        ((x, weight[:, :, 0, 0], bias, top), ValueError, r"weight must be \(O, 24, 1, 1\).*\(20, 24\)"),
+        ((x, weight.expand(20, 24, 3, 3), bias, top), ValueError, r"weight must be .*\(20, 24, 3, 3\)"),
+        ((x, weight[:, :23], bias, top), ValueError, r"weight must be \(O, 24, 1, 1\).*\(20, 23, 1, 1\)"),
+        ((x, weight.half(), bias, top), ValueError, "weight .*float16.* must match x .*float32"),
+        ((x, weight.to("meta"), bias, top), ValueError, "weight .*meta.* must match x .*" + device),
+        ((x, weight, bias[:19], top), ValueError, r"bias must have shape \(20,\).*\(19,\)"),
+        ((x, weight, bias.double(), top), ValueError, "bias .*float64.* must match x"),
+        ((x, weight, bias, top[:1]), ValueError, r"top must be \(2, 20, th, tw\).*\(1, 20, 4, 6\)"),
+        ((x, weight, bias, top[:, :19]), ValueError, r"top must be \(2, 20, th, tw\).*\(2, 19, 4, 6\)"),
+        ((x, weight, bias, top[0]), ValueError, r"top must be \(2, 20, th, tw\).*\(20, 4, 6\)"),
+        ((x, weight, bias, top[:, :, :0]), ValueError, "top has an empty plane"),
+        ((x, weight, bias, top.half()), ValueError, "top .*float16.* must match x"),
+        ((x, weight, bias, "top"), TypeError, "top must be a tensor or None"),
+        ((x.double(), weight.double(), None, None), TypeError, "torch.float64 is not supported"),
+        ((x.clone().requires_grad_(), weight, bias, top), RuntimeError, "inference only"),
+        ((x, torch.nn.Parameter(weight), bias, top), RuntimeError, "inference only"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_before_launch(device, monkeypatch):
+    """Each bad input raises its documented error; the kernel is swapped for one that fails the
+    test if launched, so no bad input can reach (or crash in) the real kernel."""
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the kernel was launched")
+
+    monkeypatch.setattr(_triton_lateral, "_KERNEL", NotLaunched())
+    for args, error, match in _bad_inputs(device):
+        with pytest.raises(error, match=match):
+            _triton_lateral.lateral_upsample_add(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_with_parameters(device):
+    """Module weights require grad; under no_grad/inference_mode the op runs on them."""
+    x, weight, bias, top = _make(CASES[0], torch.float32, device)
+    expected = _triton_lateral.lateral_upsample_add(x, weight, bias, top)
+    params = [torch.nn.Parameter(t.clone()) for t in (weight, bias)]
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(_triton_lateral.lateral_upsample_add(x, params[0], params[1], top), expected)
+
+
+# ----------------------------------------------------------------------------- registration
+
+def _opcheck_samples(device):
+    x, weight, bias, top = _make(CASES[0], torch.float32, device)
+    x16, weight16, bias16, top16 = _make(CASES[1], torch.float16, device)
+    return [
+        (x, weight, bias, top),
+        (x.contiguous(memory_format=torch.channels_last), weight, None, None),
+        (x, weight, None, top.contiguous(memory_format=torch.channels_last)),
+        (x16.contiguous(memory_format=torch.channels_last), weight16, bias16, top16),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    # No sample requires grad (the op has no autograd, by design), so test_autograd_registration
+    # and the backward half of test_aot_dispatch_dynamic have nothing to check; the forward
+    # checks (schema, fake tensor, AOT dispatch of the forward) all apply.
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.fpn_fast_triton.lateral_upsample_add.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    def lateral_step(x, weight, bias, top):
+        return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
+
+    compiled = torch.compile(lateral_step, fullgraph=True, backend="aot_eager")
+    args = _make(CASES[0], torch.float32, device)
+    assert torch.equal(compiled(*args), lateral_step(*args))
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op")
+                    or _triton_lateral.unavailable_reason("cpu") is not None,
+                    reason="needs torch.library.triton_op and the interpreter")
+def test_triton_op_registration_eager():
+    """The GPU registration (triton_op + wrap_triton) runs eagerly under the interpreter too, so
+    its launch code is exercised here; compiling it needs a GPU (test_compile_inductor_cuda)."""
+    op = _triton_lateral._define_op("fpn_fast_triton_lateral_test", as_triton_op=True)
+    for args in _opcheck_samples("cpu"):
+        assert torch.equal(op(*args), torch.ops.fpn_fast_triton.lateral_upsample_add(*args))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+# The FPN's laterals at batch 2, 800x1216 (C2..C5 -> 256 channels), with a smaller odd-sized one.
+FPN_CASES = [
+    ((2, 256, 200, 304), 256, (100, 152)),
+    ((2, 512, 100, 152), 256, (50, 76)),
+    ((2, 1024, 50, 76), 256, (25, 38)),
+    ((2, 2048, 25, 38), 256, None),
+    ((2, 512, 97, 151), 256, (49, 76)),
+]
+
+
+def _make_fpn(case, dtype):
+    (n, c, h, w), o, top_hw = case
+    x, weight, bias, top = _make(((n, c, h, w), o, top_hw or (1, 1)), dtype, "cuda")
+    return x, weight, bias, None if top_hw is None else top
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FPN_CASES, ids=lambda c: case_id((c[0], c[1], c[2] or (0, 0))))
+def test_fpn_sized_cuda(case, dtype):
+    x, weight, bias, top = _make_fpn(case, dtype)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        args = (x.contiguous(memory_format=fmt), weight, bias,
+                None if top is None else top.contiguous(memory_format=fmt))
+        out = _triton_lateral.lateral_upsample_add(*args)
+        _assert_same_format(out, args[0])
+        _assert_accurate(out, *args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", FPN_CASES[:2], ids=lambda c: case_id((c[0], c[1], c[2] or (0, 0))))
+def test_float32_ieee_fpn_sized_cuda(case, monkeypatch):
+    """With cuDNN's TF32 off the dot is full float32: within 1e-4 of each output's largest value,
+    and within the IEEE bound of the module docstring, which TF32 (2**-10) would break."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x, weight, bias, top = _make_fpn(case, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = _triton_lateral.lateral_upsample_add(x, weight, bias, top)
+    exact = _reference(x.double(), weight.double(), bias.double(), top.double())
+    assert (out.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+    _assert_accurate(out, x, weight, bias, top)
+
+
+@pytest.mark.cuda
+def test_compile_inductor_cuda():
+    """On a GPU the op is a triton_op around an autotuned kernel: inductor takes the kernel itself
+    (wrap_triton accepts triton.autotune with configs and key only) and must give the same result."""
+    def lateral_step(x, weight, bias, top):
+        return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
+
+    compiled = torch.compile(lateral_step, fullgraph=True)
+    x, weight, bias, top = _make(((2, 256, 50, 76), 256, (25, 38)), torch.float16, "cuda")
+    args = (x.contiguous(memory_format=torch.channels_last), weight, bias, top)
+    out = compiled(*args)
+    _assert_same_format(out, args[0])
+    _assert_accurate(out, *args)
