@@ -288,3 +288,87 @@ def test_compiled_optimized_backbone_matches_eager():
         eager = optimized(x)
         # Compiled, the convolutions run unfused (and inductor reorders the glue): rounding differs.
         _assert_outputs_close(compiled(x), eager)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse):
+    x = torch.randn(2, 8, 5, 7)
+    weight = torch.randn(12, 8, 1, 1)
+    top = torch.randn(2, 12, 3, 4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"weight must be \(O, 8, 1, 1\)"):
+            ops.lateral_upsample_add(x, torch.randn(12, 8, 3, 3), None, top, fuse=fuse)
+        with pytest.raises(ValueError, match="top must be"):
+            ops.lateral_upsample_add(x, weight, None, torch.randn(2, 11, 3, 4), fuse=fuse)
+        with pytest.raises(ValueError, match="dtype and device"):
+            ops.lateral_upsample_add(x, weight, torch.randn(12, dtype=torch.float64), top, fuse=fuse)
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.lateral_upsample_add(x.requires_grad_(), weight, None, top, fuse=fuse)
+
+
+@pytest.mark.skipif(ops.available_backends()["triton"]["cpu"] is not None,
+                    reason=str(ops.available_backends()["triton"]["cpu"]))
+def test_fused_lateral_kernel_in_the_optimized_model_under_the_interpreter(monkeypatch):
+    """The whole optimized backbone with the Triton backend named on CPU tensors: every FPN level
+    runs the fused GEMM kernel (interpreted), small image to keep the interpreter quick."""
+    from fpn_fast.ops import _triton_lateral
+
+    calls = []
+    kernel = _triton_lateral.lateral_upsample_add
+    monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", lambda *args: calls.append(1) or kernel(*args))
+    model = _backbone("resnet18")
+    optimized = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(x)
+        with ops.use_backend("triton"):
+            actual = optimized(x)
+    assert len(calls) == 4  # one fused call per FPN level
+    _assert_outputs_close(actual, expected)
+    calls.clear()
+    with torch.no_grad():
+        fpn_fast.optimize_for_inference(model, fuse_lateral=False)(x)
+    assert not calls
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cuda_parity_float32(no_tf32, channels_last):
+    """On the GPU in float32 without TF32 (the 1e-4 bound is a float32 one): the fused Triton
+    lateral kernel (auto picks it for CUDA tensors) and cuDNN's folded convolutions."""
+    model = _backbone("resnet50").cuda()
+    optimized = fpn_fast.optimize_for_inference(model, channels_last=channels_last)
+    x = torch.randn(2, 3, 259, 389, device="cuda")
+    with torch.inference_mode():
+        expected = model(x)
+        actual = optimized(x)
+    _assert_outputs_close(actual, expected)
+    assert all(t.is_contiguous() for t in actual.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_within_low_precision_error(dtype):
+    model = _backbone("resnet50").cuda()
+    optimized = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(2, 3, 256, 384, device="cuda")
+    with torch.inference_mode():
+        exact = model(x)
+        with torch.autocast("cuda", dtype=dtype):
+            original = model(x)
+            fast = optimized(x)
+    eps = torch.finfo(dtype).eps
+    for name, e in exact.items():
+        scale = e.abs().max().item()
+        err_original = (original[name].float() - e).abs().max().item() / scale
+        err_fast = (fast[name].float() - e).abs().max().item() / scale
+        assert fast[name].dtype == original[name].dtype
+        assert err_fast <= 2 * err_original + eps, (name, err_fast, err_original)

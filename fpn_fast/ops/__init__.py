@@ -263,10 +263,9 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         x, weight = x.to(low), weight.to(low)
         bias = None if bias is None else bias.to(low)
         top = None if top is None else top.to(low)
+    _checks.check_lateral_upsample_add(x, weight, bias, top)
     if fuse and _fused_lateral_impl(x.device.type):
         return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
-    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
-        raise ValueError(f"lateral_upsample_add: weight must be (O, C, 1, 1), got {tuple(weight.shape)}")
     if x.is_contiguous():
         lateral = conv1x1(x, weight)
     else:
