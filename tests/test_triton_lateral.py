@@ -179,13 +179,13 @@ def test_many_small_tiles(device, int64, monkeypatch):
 
 
 def test_dot_precision_follows_cudnn_tf32_flag(monkeypatch):
-    """float32 uses TF32 exactly when cuDNN's convolutions may; other dtypes never ask for it.
+    """float32 uses TF32 exactly when cuDNN's convolutions may; other dtypes get tl.dot's default.
     (The interpreter ignores the choice; test_float32_ieee_fpn_sized_cuda checks it on a GPU.)"""
     for allowed in (True, False):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
         assert _triton_lateral._dot_precision(torch.float32) == ("tf32" if allowed else "ieee")
-        assert _triton_lateral._dot_precision(torch.float16) == "ieee"
-        assert _triton_lateral._dot_precision(torch.bfloat16) == "ieee"
+        assert _triton_lateral._dot_precision(torch.float16) == "tf32"  # tl.dot's default
+        assert _triton_lateral._dot_precision(torch.bfloat16) == "tf32"
 
 
 # ----------------------------------------------------------------------------- bad inputs

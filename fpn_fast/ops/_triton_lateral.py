@@ -57,8 +57,9 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """This op replaces a cuDNN convolution, so float32 uses TF32 exactly when cuDNN may
-    (torch.backends.cudnn.allow_tf32); float16/bfloat16 ignore the setting."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    (torch.backends.cudnn.allow_tf32). float16/bfloat16 get tl.dot's default, "tf32", which
+    only concerns float32 operands: they always run on the tensor cores."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
