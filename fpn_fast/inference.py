@@ -82,7 +82,7 @@ class Conv2dAct(nn.Module):
     def extra_repr(self) -> str:
         out_channels, in_per_group, kh, kw = self.weight.shape
         return (f"{in_per_group * self.groups}, {out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}, "
-                f"padding={self.padding}, relu={self.relu}")
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, relu={self.relu}")
 
 
 def _is_foldable_norm(norm: nn.Module, channels: int) -> bool:
@@ -106,7 +106,7 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module], relu: bool) -> Co
     norm(y) = y * scale + shift per channel with scale = gamma / sqrt(var + eps) and
     shift = beta - mean * scale, so conv-then-norm is a convolution with weight * scale and
     bias * scale + shift. Rounding the folded values once to the weight's dtype changes the
-    results by float rounding only (relative 1e-6 in float32 over a ResNet50).
+    results by float rounding only (a few 1e-6 of each level's scale in float32 over a ResNet50).
     """
     weight = conv.weight.detach().double()
     bias = (conv.bias.detach().double() if conv.bias is not None
@@ -145,6 +145,8 @@ def _fold_block(block: nn.Module) -> Optional[FoldedResidualBlock]:
     """The folded version of a torchvision-style ResNet block, or None when some part of it
     does not fold (a norm of another kind, an unusual downsample)."""
     depth = 3 if hasattr(block, "conv3") else 2
+    if type(block.relu) is not nn.ReLU:
+        return None
     pairs = [(getattr(block, f"conv{k}"), getattr(block, f"bn{k}")) for k in range(1, depth + 1)]
     if not all(_is_plain_conv(conv) and _is_foldable_norm(norm, conv.out_channels) for conv, norm in pairs):
         return None
@@ -174,7 +176,10 @@ def fold_norms(module: nn.Module) -> int:
     [, Identity]). Returns how many norms were folded."""
     blocks = (Bottleneck, BasicBlock, *_torchvision_classes()["blocks"])
     folded = 0
-    for name, child in list(module.named_children()):
+    # _modules, not named_children(): a module registered twice (one ReLU used at two places)
+    # must keep both of its places, or the pairs around it would look adjacent.
+    children = [(name, child) for name, child in module._modules.items() if child is not None]
+    for name, child in children:
         new = _fold_block(child) if type(child) in blocks else None
         if new is not None:
             setattr(module, name, new)
@@ -183,12 +188,16 @@ def fold_norms(module: nn.Module) -> int:
         else:
             folded += fold_norms(child)
     if _runs_children_in_order(module):
-        children = list(module.named_children())
+        children = [(name, child) for name, child in module._modules.items() if child is not None]
+        # A layer getter's returned children must keep their own outputs.
+        returned = set(getattr(module, "return_layers", {}))
         for i, (name, child) in enumerate(children[:-1]):
             norm_name, norm = children[i + 1]
-            if not (_is_plain_conv(child) and _is_foldable_norm(norm, child.out_channels)):
+            if not (_is_plain_conv(child) and _is_foldable_norm(norm, child.out_channels)) or \
+                    {name, norm_name} & returned:
                 continue
-            relu = i + 2 < len(children) and type(children[i + 2][1]) is nn.ReLU
+            relu = (i + 2 < len(children) and type(children[i + 2][1]) is nn.ReLU
+                    and children[i + 2][0] not in returned)
             setattr(module, name, fold_conv_norm(child, norm, relu=relu))
             setattr(module, norm_name, nn.Identity())
             if relu:
@@ -226,7 +235,7 @@ class InferenceFPN(nn.Module):
     def _convert_block(block: nn.Sequential, fold_norm: bool) -> nn.Module:
         conv = block[0]
         norm = block[1] if len(block) > 1 else None
-        if not _is_plain_conv(conv):
+        if not _is_plain_conv(conv) or len(block) > 2:
             return block
         if norm is None or (fold_norm and _is_foldable_norm(norm, conv.out_channels)):
             return fold_conv_norm(conv, norm, relu=False)
@@ -277,14 +286,15 @@ def _optimize(module: nn.Module, options: dict) -> Tuple[nn.Module, int]:
     """(replacement of module, number of FPNs optimized in it); children replaced in place."""
     fpn_options = dict(fold_norm=options["fold_norm"], fuse_lateral=options["fuse_lateral"],
                        output_memory_format=options["output_memory_format"])
+    # Exact types: a subclass may have changed what the module does.
     if (type(module) in (BackboneWithFPN, *_torchvision_classes()["backbones"])
-            and isinstance(module.fpn, FeaturePyramidNetwork)):
+            and type(module.fpn) is FeaturePyramidNetwork):
         body = module.body
         if options["fold_norm"]:
             fold_norms(body)
         optimized = InferenceBackboneWithFPN(body, InferenceFPN(module.fpn, **fpn_options), module.out_channels,
                                              options["channels_last"])
-    elif isinstance(module, FeaturePyramidNetwork):
+    elif type(module) is FeaturePyramidNetwork:
         optimized = InferenceFPN(module, **fpn_options)
     else:
         count = 0
@@ -326,7 +336,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
     Returns a new module in eval mode. Run it under ``torch.no_grad()`` or
     ``torch.inference_mode()``; its backbone raises in training mode or with grad enabled.
     Folding and the reordered sums change rounding, not the math: float32 outputs agree with
-    the original model's to about 1e-6 of each level's largest value (tests hold them to 1e-4).
+    the original model's to a few 1e-6 of each level's largest value (tests hold them to 1e-4).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")

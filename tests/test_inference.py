@@ -155,6 +155,63 @@ def test_fold_conv_norm_matches_conv_then_norm(norm, with_bias):
         torch.testing.assert_close(folded(x), bn(conv(x)).relu(), rtol=1e-12, atol=1e-12)
 
 
+def test_fold_conv_norm_float32_and_unfoldable_norms():
+    conv = randomise_(nn.Conv2d(16, 8, 3, padding=1, bias=False))
+    bn = randomise_(fpn_fast.FrozenBatchNorm2d(8))
+    x = torch.randn(2, 16, 9, 10)
+    with torch.no_grad():
+        expected = bn(conv(x.double().float()))
+        got = fold_conv_norm(conv, bn, relu=False)(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    batch_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    assert fold_norms(batch_stats) == 0  # eval still normalises with the batch's statistics
+
+
+def test_fold_norms_keeps_shared_and_returned_modules():
+    act = nn.ReLU()
+    seq = randomise_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act, nn.Conv2d(4, 4, 3), act,
+                                   nn.BatchNorm2d(4))).eval()
+    folded = copy.deepcopy(seq)
+    assert fold_norms(folded) == 1  # conv2 is not followed by bn2: the shared ReLU runs between them
+    assert isinstance(folded[5], nn.BatchNorm2d)
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), seq(x), rtol=1e-5, atol=1e-6)
+    body = fpn_fast.ResNet(fpn_fast.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=fpn_fast.FrozenBatchNorm2d)
+    getter = randomise_(fpn_fast.IntermediateLayerGetter(body, {"bn1": "stem", "layer1": "c2"})).eval()
+    folded = copy.deepcopy(getter)
+    assert fold_norms(folded) == 2 + 0  # layer1's block (2 norms); the returned bn1 stays
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        expected, got = getter(x), folded(x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5 * expected[name].abs().max().item())
+
+
+def test_subclassed_fpn_is_not_replaced():
+    class Doubled(fpn_fast.FeaturePyramidNetwork):
+        def forward(self, x):
+            return {k: 2 * v for k, v in super().forward(x).items()}
+
+    with pytest.raises(ValueError, match="no ResNet-FPN backbone"):
+        fpn_fast.optimize_for_inference(Doubled([8, 16], 8))
+
+
+def test_p6p7_extra_block_fed_from_c5():
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    model = randomise_(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18",
+                                                    extra_blocks=LastLevelP6P7(512, 256))).eval()
+    optimized = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        expected, actual = model(x), optimized(x)
+    assert list(actual) == ["0", "1", "2", "3", "p6", "p7"]
+    _assert_outputs_close(actual, expected)
+    assert all(t.is_contiguous() for t in actual.values())
+
+
 def test_fold_norms_counts_and_leaves_unfoldable_blocks():
     body = fpn_fast.ResNet(fpn_fast.resnet.Bottleneck, [1, 1, 1, 1], norm_layer=fpn_fast.FrozenBatchNorm2d)
     # 1 stem + 4 blocks x (3 convs + downsample) norms
@@ -166,8 +223,8 @@ def test_fold_norms_counts_and_leaves_unfoldable_blocks():
 
 def test_torchvision_detection_models():
     """Faster R-CNN (FrozenBN body, plain FPN), with and without fpn_fast.convert first; v2 (BatchNorm2d
-    in body and FPN); RetinaNet (P6P7 extra block fed from C5): backbone features within 1e-4 and the
-    full model runs, with the heads left as they were."""
+    in body and FPN); RetinaNet (torchvision's P6P7 extra block, fed from P5): backbone features
+    within 1e-4 and the full model runs, with the heads left as they were."""
     small = dict(weights=None, weights_backbone=None, min_size=160, max_size=224)
     images = [torch.rand(3, 150, 200), torch.rand(3, 170, 190)]
     for build in (detection.fasterrcnn_resnet50_fpn, detection.fasterrcnn_resnet50_fpn_v2,
@@ -291,7 +348,16 @@ def test_compiled_optimized_backbone_matches_eager():
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse):
+def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse, monkeypatch):
+    from fpn_fast.ops import _triton_lateral
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad inputs")
+    for name in ("conv1x1", "conv2d_act", "upsample_add_"):
+        monkeypatch.setattr(ops, name, launched)
+    monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", launched)
+    if fuse and ops.available_backends()["triton"]["cpu"] is None:
+        ops.set_backend("triton")  # the fused path on CPU tensors (interpreter); conftest restores it
     x = torch.randn(2, 8, 5, 7)
     weight = torch.randn(12, 8, 1, 1)
     top = torch.randn(2, 12, 3, 4)
@@ -326,7 +392,7 @@ def test_fused_lateral_kernel_in_the_optimized_model_under_the_interpreter(monke
     assert len(calls) == 4  # one fused call per FPN level
     _assert_outputs_close(actual, expected)
     calls.clear()
-    with torch.no_grad():
+    with torch.no_grad(), ops.use_backend("triton"):
         fpn_fast.optimize_for_inference(model, fuse_lateral=False)(x)
     assert not calls
 
@@ -341,17 +407,33 @@ def no_tf32():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_cuda_parity_float32(no_tf32, channels_last):
+def test_cuda_parity_float32(no_tf32, channels_last, monkeypatch):
     """On the GPU in float32 without TF32 (the 1e-4 bound is a float32 one): the fused Triton
     lateral kernel (auto picks it for CUDA tensors) and cuDNN's folded convolutions."""
+    from fpn_fast.ops import _triton_lateral
+
+    calls = []
+    kernel = _triton_lateral.lateral_upsample_add
+    monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", lambda *args: calls.append(1) or kernel(*args))
     model = _backbone("resnet50").cuda()
     optimized = fpn_fast.optimize_for_inference(model, channels_last=channels_last)
     x = torch.randn(2, 3, 259, 389, device="cuda")
     with torch.inference_mode():
         expected = model(x)
         actual = optimized(x)
+    assert len(calls) == 4
     _assert_outputs_close(actual, expected)
     assert all(t.is_contiguous() for t in actual.values())
+
+
+@pytest.mark.cuda
+def test_cuda_float64_model_runs_unfused():
+    """The Triton GEMM has no float64: auto takes the conv + fused-step path for it."""
+    model = _backbone().double().cuda()
+    optimized = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(1, 3, 96, 128, device="cuda", dtype=torch.float64)
+    with torch.inference_mode():
+        _assert_outputs_close(optimized(x), model(x), rel=1e-10)
 
 
 @pytest.mark.cuda

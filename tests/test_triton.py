@@ -89,6 +89,16 @@ def test_upsample_add_matches_reference(lat_hw, top_hw, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_upsample_add_strided_bias(device):
+    """A bias that is a strided view (every other element) is read through its stride."""
+    lateral, top, _ = _inputs((7, 11), (4, 6), torch.float32, device)
+    bias = torch.randn(2 * lateral.shape[1], device=device)[::2]
+    expected = reference.upsample_add(lateral, top, bias)
+    assert torch.equal(_triton.upsample_add(lateral, top, bias), expected)
+    assert torch.equal(_triton.upsample_add_(lateral.clone(), top, bias), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_upsample_add_empty(dtype, device):
     lateral, top, bias = _inputs((5, 7), (3, 4), dtype, device, n=0)

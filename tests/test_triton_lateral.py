@@ -17,6 +17,11 @@ Tolerances (the GEMM sums in another order than a convolution, so nothing is bit
   worse than the same torch reference run in that dtype (which rounds after the conv, the bias
   and the add), with one ulp of the output's largest value as slack.
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,6 +191,34 @@ def test_dot_precision_follows_cudnn_tf32_flag(monkeypatch):
         assert _triton_lateral._dot_precision(torch.float32) == ("tf32" if allowed else "ieee")
         assert _triton_lateral._dot_precision(torch.float16) == "tf32"  # tl.dot's default
         assert _triton_lateral._dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_dot_precision_reads_the_newer_precision_flags():
+    """After torch's per-op fp32_precision flags are set, reading the legacy allow_tf32 raises;
+    the choice must then come from the new flags (a child process: the flags are global)."""
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this torch has no per-op fp32_precision flags")
+    code = textwrap.dedent("""
+        import torch
+        from fpn_fast.ops import _triton_lateral
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        assert _triton_lateral._dot_precision(torch.float32) == "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        assert _triton_lateral._dot_precision(torch.float32) == "tf32"
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_bias(device):
+    """A bias that is a strided view (every other element) is read through its stride."""
+    x, weight, _, top = _make(CASES[0], torch.float32, device)
+    bias = torch.randn(2 * weight.shape[0], device=device)[::2]
+    assert not bias.is_contiguous()
+    _assert_accurate(_triton_lateral.lateral_upsample_add(x, weight, bias, top), x, weight, bias, top)
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -226,7 +226,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     _inference_only("conv2d_act", x, weight, bias, residual)
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and _backend != "torch" and _onednn.UNAVAILABLE_REASON is None
+            and _backend != "torch" and _onednn.UNAVAILABLE_REASON is None and torch.backends.mkldnn.enabled
             and _autocast_dtype("cpu") is None and not torch.compiler.is_compiling()
             and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))):
         return _onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, relu, residual)
@@ -236,14 +236,15 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out.relu_() if relu else out
 
 
-def _fused_lateral_impl(device_type: str) -> bool:
+def _fused_lateral_impl(device_type: str, dtype: torch.dtype) -> bool:
     """Whether lateral_upsample_add runs the Triton GEMM: CUDA tensors under "auto" when Triton
     can run there, and any tensors Triton can run on (incl. CPU under the interpreter) when the
-    backend is named "triton"."""
+    backend is named "triton" (float64 then raises: the kernel has no float64 GEMM)."""
     if _backend == "triton":
         _named_impl(device_type)  # raises BackendUnavailableError saying why not
         return True
-    return _backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
+    return (_backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
+            and dtype in _triton_lateral.SUPPORTED_DTYPES)
 
 
 def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -259,12 +260,11 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """
     _inference_only("lateral_upsample_add", x, weight, bias, top)
     low = _autocast_dtype(x.device.type)
-    if low is not None:
-        x, weight = x.to(low), weight.to(low)
-        bias = None if bias is None else bias.to(low)
-        top = None if top is None else top.to(low)
+    if low is not None:  # as autocast casts a convolution's operands: float32 ones only
+        x, weight, bias, top = (t.to(low) if t is not None and t.dtype == torch.float32 else t
+                                for t in (x, weight, bias, top))
     _checks.check_lateral_upsample_add(x, weight, bias, top)
-    if fuse and _fused_lateral_impl(x.device.type):
+    if fuse and _fused_lateral_impl(x.device.type, x.dtype):
         return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
     if x.is_contiguous():
         lateral = conv1x1(x, weight)

@@ -10,6 +10,7 @@ are ``torch.library.triton_op``s, so torch.compile sees the kernels; under TRITO
 tensors) they are opaque ``custom_op``s, because compiling a triton_op traces into the launch and
 the interpreter then touches fake tensors' data.
 """
+import contextlib
 import os
 import struct
 import types
@@ -316,7 +317,7 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
             return
         grid, meta = _grid_and_meta(n, c, h, w, _is_channels_last(out))
         launch(_upsample_add_kernel)[grid](
-            lateral, top, lateral if bias is None else bias, out,
+            lateral, top, lateral if bias is None else bias.contiguous(), out,  # kernel reads bias[c]
             n, c, h, w, th, tw, _float32_scale(th, h), _float32_scale(tw, w),
             *lateral.stride(), *top.stride(), *out.stride(),
             HAS_BIAS=bias is not None, **_precision(lateral.dtype),
@@ -435,14 +436,25 @@ if triton is not None:
     _ops = _define_ops("fpn_fast_triton", _AS_TRITON_OP)
 
 
+def on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (a model on cuda:1 while the
+    current device is cuda:0). Under torch.compile inductor places the launches itself."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return torch.ops.fpn_fast_triton.upsample_add(lateral, top, bias)
+    with on_device_of(lateral):
+        return torch.ops.fpn_fast_triton.upsample_add(lateral, top, bias)
 
 
 def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    torch.ops.fpn_fast_triton.upsample_add_(lateral, top, bias)
+    with on_device_of(lateral):
+        torch.ops.fpn_fast_triton.upsample_add_(lateral, top, bias)
     return lateral
 
 
 def stride2_pool(x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.fpn_fast_triton.stride2_pool(x)
+    with on_device_of(x):
+        return torch.ops.fpn_fast_triton.stride2_pool(x)

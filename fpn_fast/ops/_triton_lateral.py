@@ -19,7 +19,7 @@ import torch
 from ._checks import check_lateral_upsample_add
 from ._triton import (
     _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2, _precision,
-    _resize_mode, triton)
+    _resize_mode, on_device_of, triton)
 from ._triton import unavailable_reason as _unavailable_reason
 
 if triton is not None:
@@ -48,6 +48,7 @@ _GPU_CONFIGS = (
     (64, 128, 64, 4, 3),
     (64, 64, 64, 4, 4),
     (32, 64, 128, 4, 3),
+    (64, 64, 32, 4, 2),  # 32 KB of float32 stages: fits GPUs with ~100 KB of shared memory
 )
 
 
@@ -59,7 +60,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     """This op replaces a cuDNN convolution, so float32 uses TF32 exactly when cuDNN may
     (torch.backends.cudnn.allow_tf32). float16/bfloat16 get tl.dot's default, "tf32", which
     only concerns float32 operands: they always run on the tensor cores."""
-    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
+    return "ieee" if dtype == torch.float32 and not cudnn_conv_allows_tf32() else "tf32"
+
+
+def cudnn_conv_allows_tf32() -> bool:
+    """torch.backends.cudnn.allow_tf32, also when the caller set the newer per-op precision
+    flags (torch >= 2.9), after which reading the legacy flag raises: the most specific of
+    cudnn.conv, cudnn, then the global fp32_precision that is not "none" decides."""
+    try:
+        return torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        pass
+    for precision in (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return True  # torch's default for cuDNN convolutions
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -176,7 +192,7 @@ def _define_op(namespace: str, as_triton_op: bool):
         no_top = (0, 0, 0, 0)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"]),)  # noqa: E731
         launch(_KERNEL)[grid](
-            x, weight, x if bias is None else bias, x if top is None else top, out,
+            x, weight, x if bias is None else bias.contiguous(), x if top is None else top, out,
             m, o, k, h, w, th, tw, _float32_scale(th, h), _float32_scale(tw, w), _next_pow2(m),
             *x.stride(), weight.stride(0), weight.stride(1),
             *(no_top if top is None else top.stride()), *out.stride(),
@@ -210,4 +226,5 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         raise RuntimeError(
             "lateral_upsample_add (triton) is inference only (no autograd): run it under "
             "torch.no_grad() / torch.inference_mode(), or use conv1x1 + upsample_add for training")
-    return torch.ops.fpn_fast_triton.lateral_upsample_add(x, weight, bias, top)
+    with on_device_of(x):
+        return torch.ops.fpn_fast_triton.lateral_upsample_add(x, weight, bias, top)
