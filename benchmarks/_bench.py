@@ -4,6 +4,7 @@ Compare rows only within a pytest-benchmark group: a group holds one shape, devi
 memory format, measured side by side in the same run.
 """
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ SUMMARY = []
 def kernel_backends(device: str):
     """fpn_fast backends that can run on ``device`` ('torch' is the pure-PyTorch reference)."""
     return [name for name, reason in backend_reasons(device).items() if reason is None]
+
+
+def autocast_context(device: str, dtype: torch.dtype):
+    """Low precision runs under autocast (the model keeps its float32 weights), float32 as is."""
+    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def skip_low_precision_on_cpu(device: str, dtype: torch.dtype) -> None:
+    if dtype != torch.float32 and device != "cuda":
+        pytest.skip("low precision is benchmarked on the GPU only")
 
 
 def rounds(cpu: int, cuda: int, device: str) -> int:

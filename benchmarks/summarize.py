@@ -1,6 +1,8 @@
 """Short table from a pytest-benchmark JSON: group, name, median, ratio against the group's eager
 baseline (torchvision eager / eager / eager max_pool2d; >1 means faster, from the medians), the
 minimum (the least disturbed run on a shared machine) and % of copy bandwidth.
+Groups that hold a second reference get a second ratio against it, named after the group: the
+compiled torchvision (max-autotune, else default mode), or the unfused op a fused kernel replaces.
 Peak-memory groups show the peak instead, and their ratio is the fraction of the baseline's peak.
 
 Usage: python benchmarks/summarize.py bench.json
@@ -9,6 +11,7 @@ import json
 import sys
 
 BASELINES = ("torchvision eager", "eager max_pool2d", "eager")
+SECOND_REFERENCES = ("torchvision max-autotune", "torchvision compiled", "extension unfused")
 
 
 def _label(bench) -> str:
@@ -23,12 +26,14 @@ def summarize(path: str) -> None:
         groups.setdefault(bench["group"], []).append(bench)
     info = data.get("machine_info", {})
     print(f"{info.get('cpu', {}).get('brand_raw', '')}  {data.get('datetime', '')}")
-    print(f"{'group / variant':<64} {'median/call':>11} {'min/call':>11} {'vs eager':>9} {'% copy bw':>10}")
+    print(f"{'group / variant':<64} {'median/call':>11} {'min/call':>11} {'vs eager':>9} {'vs 2nd':>7} "
+          f"{'% copy bw':>10}")
     for group in sorted(groups, key=str):
         rows = groups[group]
         by_label = {_label(b): b for b in rows}
         base = next((by_label[name] for name in BASELINES if name in by_label), None)
-        print(group)
+        second = next((name for name in SECOND_REFERENCES if name in by_label), None)
+        print(group + (f"  (vs 2nd = vs {second})" if second else ""))
         for label in sorted(by_label):
             b = by_label[label]
             extra = b.get("extra_info", {})
@@ -40,8 +45,9 @@ def summarize(path: str) -> None:
                 ratio = f"{memory / base['extra_info']['peak_mib']:.2f} mem"
             else:
                 ratio = f"{base['stats']['median'] / b['stats']['median']:.2f}x"
+            ratio2 = f"{by_label[second]['stats']['median'] / b['stats']['median']:.2f}x" if second else ""
             tail = f"{pct:.0f}%" if pct is not None else (f"{memory:.0f} MiB" if memory is not None else "")
-            print(f"  {label:<62} {_fmt(median):>11} {_fmt(fastest):>11} {ratio:>9} {tail:>10}")
+            print(f"  {label:<62} {_fmt(median):>11} {_fmt(fastest):>11} {ratio:>9} {ratio2:>7} {tail:>10}")
 
 
 def _fmt(seconds: float) -> str:

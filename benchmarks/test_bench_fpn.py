@@ -6,14 +6,13 @@ compile and its warm-up happen in a fixture, outside the timing; the compile tim
 extra_info["compile_s"] and to the notes printed after the tables.
 """
 import time
-from contextlib import nullcontext
 
 import pytest
 import torch
 
 from fpn_fast.demo import build_models
-from _bench import (DEVICES, DTYPES, FORMATS, SUMMARY, build_fpns, kernel_backends, neck_features,
-                    rounds, run_benchmark)
+from _bench import (DEVICES, DTYPES, FORMATS, SUMMARY, autocast_context, build_fpns, kernel_backends,
+                    neck_features, rounds, run_benchmark, skip_low_precision_on_cpu)
 from fpn_fast import ops
 
 pytest.importorskip("torchvision")  # the comparisons need it
@@ -24,15 +23,6 @@ BACKBONE_VARIANTS = ["torchvision eager"] + [f"fpn_fast {b}" for b in BACKENDS]
 # The whole backbone at detection size (batch 2, 800x1216) takes several seconds per run on the
 # 2-core build machine, so CPU uses batch 1 at 512x640; GPUs run the full size.
 BACKBONE_INPUT = {"cpu": (1, 3, 512, 640), "cuda": (2, 3, 800, 1216)}
-
-
-def _context(device: str, dtype: torch.dtype):
-    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
-def _check_config(device: str, dtype: torch.dtype):
-    if dtype != torch.float32 and device != "cuda":
-        pytest.skip("low precision is benchmarked on the GPU only")
 
 
 def _variant_fn(variant: str, ours, theirs, device: str):
@@ -65,7 +55,7 @@ def _compiled_fpn(theirs, features, device, dtype, fmt):
         # dynamic=False: one static graph per configuration, never a shape-generic recompile.
         compiled = torch.compile(theirs, dynamic=False)
         start = time.perf_counter()
-        with torch.inference_mode(), _context(device, dtype):
+        with torch.inference_mode(), autocast_context(device, dtype):
             compiled(features)
             compiled(features)
         if device == "cuda":
@@ -82,7 +72,7 @@ def _compiled_fpn(theirs, features, device, dtype, fmt):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_fpn_neck(benchmark, device, dtype, fmt, variant):
-    _check_config(device, dtype)
+    skip_low_precision_on_cpu(device, dtype)
     ours, theirs = _fpns(device, fmt)
     if (device, dtype, fmt) not in _FEATURES:
         _FEATURES.clear()  # one configuration at a time: the inputs are large
@@ -96,7 +86,7 @@ def test_fpn_neck(benchmark, device, dtype, fmt, variant):
     benchmark.group = f"fpn neck {device} {str(dtype)[6:]} {fmt} batch 2 800x1216"
 
     def forward():
-        with torch.inference_mode(), _context(device, dtype):
+        with torch.inference_mode(), autocast_context(device, dtype):
             module(features)
     run_benchmark(benchmark, forward, device, rounds(3, 20, device))
 
@@ -116,7 +106,7 @@ def _backbones(device, fmt):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_backbone(benchmark, device, dtype, fmt, variant):
-    _check_config(device, dtype)
+    skip_low_precision_on_cpu(device, dtype)
     ours, theirs = _backbones(device, fmt)
     module = _variant_fn(variant, ours, theirs, device)
     shape = BACKBONE_INPUT[device]
@@ -124,6 +114,6 @@ def test_backbone(benchmark, device, dtype, fmt, variant):
     benchmark.group = f"backbone {device} {str(dtype)[6:]} {fmt} batch {shape[0]} {shape[2]}x{shape[3]}"
 
     def forward():
-        with torch.inference_mode(), _context(device, dtype):
+        with torch.inference_mode(), autocast_context(device, dtype):
             module(images)
     run_benchmark(benchmark, forward, device, rounds(3, 10, device))

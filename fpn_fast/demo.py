@@ -1,5 +1,7 @@
 """The ``python -m fpn_fast`` job: build the ResNet50-FPN backbone, check every backend against the
 pure-PyTorch reference and torchvision, and time the FPN neck and the whole backbone.
+``--optimize`` adds ``fpn_fast.optimize_for_inference``'s model, ``--compile`` torchvision's
+compiled with ``torch.compile(mode="max-autotune")``.
 
 Everything runs in eval() under torch.inference_mode() on one generated image batch (random
 weights, seeded; nothing is downloaded). Progress goes to stderr, the report to stdout.
@@ -29,6 +31,11 @@ except ImportError:  # optional: its rows are skipped and the report says so
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TORCHVISION = "torchvision eager"
 REFERENCE = "torch"  # the fpn_fast backend every other one is compared with
+OPTIMIZED = "fpn_fast optimized"  # fpn_fast.optimize_for_inference(backbone), --optimize
+COMPILED = "torchvision max-autotune"  # torch.compile(torchvision backbone, mode="max-autotune"), --compile
+# The optimized model's float32 parity bound (tests/test_inference.py): every output level within
+# 1e-4 of that level's largest magnitude. It does not hold for TF32 or low-precision runs.
+PARITY_BOUND = 1e-4
 
 
 def _size(text: str):
@@ -68,6 +75,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="fpn_fast backend(s) to check and time (default: all available)")
     p.add_argument("--repeats", type=_positive, default=None, help="timed runs per variant (default: cpu 3, cuda 20)")
     p.add_argument("--warmup", type=_non_negative, default=None, help="untimed runs first (default: cpu 1, cuda 5)")
+    p.add_argument("--optimize", action="store_true",
+                   help="also check and time fpn_fast.optimize_for_inference(backbone): norms folded, "
+                        "channels_last, fused lateral convs (auto backend)")
+    p.add_argument("--compile", action="store_true",
+                   help='also time torch.compile(torchvision backbone and neck, mode="max-autotune"), '
+                        "compiled before the timings (minutes on CPU; needs torchvision)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and images (default 0)")
     p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
@@ -80,6 +93,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--device must be cpu or cuda, not {args.device}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")
+    if args.compile and torchvision is None:
+        p.error("--compile compiles torchvision's backbone: torchvision is not installed")
     on_gpu = args.device.type == "cuda"
     # On CPU the default-size backbone takes ~10 s a run on 2 cores: 3 runs keep the job to minutes.
     args.repeats = args.repeats or (20 if on_gpu else 3)
@@ -157,11 +172,24 @@ def time_runs(fn: Callable[[], object], warmup: int, repeats: int, device: torch
 
 
 def max_diff(outputs: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """Largest |a - b| over all levels, and that divided by the largest |b| (a scale-aware
-    relative error that stays finite where the reference is near zero)."""
-    abs_diff = max((outputs[k].float() - reference[k].float()).abs().max().item() for k in reference)
-    scale = max(reference[k].float().abs().max().item() for k in reference)
-    return {"abs": abs_diff, "rel": abs_diff / scale if scale > 0 else abs_diff}
+    """Largest |a - b| over all levels ("abs"), that divided by the largest |b| of all levels
+    ("rel", a scale-aware relative error that stays finite where the reference is near zero), and
+    the worst level's largest |a - b| divided by that level's largest |b| ("level_rel", what the
+    parity bound is stated in: the coarse levels have a smaller scale than the fine ones)."""
+    per_level = {k: ((outputs[k].float() - ref.float()).abs().max().item(), ref.float().abs().max().item())
+                 for k, ref in reference.items()}
+    abs_diff = max(diff for diff, _ in per_level.values())
+    scale = max(level_scale for _, level_scale in per_level.values())
+    level_rel = max(diff / level_scale if level_scale > 0 else diff for diff, level_scale in per_level.values())
+    return {"abs": abs_diff, "rel": abs_diff / scale if scale > 0 else abs_diff, "level_rel": level_rel}
+
+
+def parity_applies(dtype: torch.dtype, device: torch.device) -> bool:
+    """The 1e-4 bound is one of IEEE float32: not of autocast runs, nor of CUDA float32 runs whose
+    convolutions use TF32 (cudnn.allow_tf32, torch's default), where each product keeps 10 bits."""
+    if dtype != torch.float32:
+        return False
+    return device.type != "cuda" or not torch.backends.cudnn.allow_tf32
 
 
 def _progress(message: str, last: bool = False) -> None:
@@ -186,6 +214,11 @@ def build_models(seed: int, device: torch.device, memory_format: torch.memory_fo
     return [m.eval().to(device, memory_format=memory_format) if m is not None else None for m in (ours, theirs)]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(args: argparse.Namespace) -> Dict[str, object]:
     started = time.perf_counter()
     device = args.device
@@ -197,6 +230,16 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     images = torch.randn(args.batch, 3, *args.size, generator=generator).to(device, memory_format=memory_format)
     dtype = DTYPES[args.dtype]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    failures = {}
+
+    def attempt(label: str, fn: Callable[[], object]):
+        """fn(), or None when it raises: the error is reported and the job exits 1, but the other
+        variants still run."""
+        try:
+            return fn()
+        except Exception as err:
+            failures[label] = f"{type(err).__name__}: {err}"
+            return None
 
     def with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
         def call():
@@ -204,31 +247,76 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 return fn()
         return call
 
+    optimized = attempt(OPTIMIZED, lambda: fpn_fast.optimize_for_inference(ours)) if args.optimize else None
+    compile_s, optimized_first_call_s = None, None
     # variant label -> (whole backbone, FPN neck) callables
     with torch.inference_mode(), autocast:
         features = ours.body(images)
         variants = OrderedDict()
         if theirs is not None:
             variants[TORCHVISION] = (lambda: theirs(images), lambda: theirs.fpn(features))
+        if args.compile:
+            # mode="max-autotune": autotuned kernel templates and, on CUDA, CUDA graphs; dynamic=False:
+            # one static graph for this size. Compiled by a first call each, here, outside the
+            # timings; CUDA graph recording falls in the timing warm-up.
+            compiled = OrderedDict((("backbone", (torch.compile(theirs, mode="max-autotune", dynamic=False), images)),
+                                    ("neck", (torch.compile(theirs.fpn, mode="max-autotune", dynamic=False),
+                                              features))))
+            compile_s = OrderedDict()
+            for part, (module, inputs) in compiled.items():
+                _progress(f"compiling the torchvision {part} (max-autotune)")
+                start = time.perf_counter()
+                if attempt(COMPILED, lambda: module(inputs)) is None:
+                    break
+                _sync(device)
+                compile_s[part] = time.perf_counter() - start
+            else:
+                backbone_c, neck_c = compiled["backbone"][0], compiled["neck"][0]
+                variants[COMPILED] = (lambda: backbone_c(images), lambda: neck_c(features))
         for name in backends:
             variants[f"fpn_fast {name}"] = (with_backend(name, lambda: ours(images)),
                                             with_backend(name, lambda: ours.fpn(features)))
+        if optimized is not None:
+            # Its FPN takes the channels_last maps of its own (norm-folded) body.
+            optimized_features = attempt(OPTIMIZED, with_backend(
+                "auto", lambda: optimized.body(images.contiguous(memory_format=torch.channels_last))))
+            if optimized_features is not None:
+                variants[OPTIMIZED] = (with_backend("auto", lambda: optimized(images)),
+                                       with_backend("auto", lambda: optimized.fpn(optimized_features)))
 
         _progress("checking outputs")
-        outputs, failures = {}, {}
+        outputs = {}
         for label, (whole, _) in list(variants.items()):
-            try:
-                outputs[label] = whole()
-            except Exception as err:  # reported, and the job exits 1, but the other variants still run
-                failures[label] = f"{type(err).__name__}: {err}"
+            start = time.perf_counter()
+            out = attempt(label, whole)
+            if out is None:
                 del variants[label]
+                continue
+            _sync(device)
+            if label == OPTIMIZED:  # on CUDA: the Triton lateral kernel's compile and autotuning
+                optimized_first_call_s = time.perf_counter() - start
+            # Copies: the next call of a CUDA-graphed (max-autotune) model overwrites its outputs.
+            outputs[label] = OrderedDict((k, v.clone()) for k, v in out.items())
         reference, tv_out = outputs.get(f"fpn_fast {REFERENCE}"), outputs.get(TORCHVISION)
+        # report row -> variant label
+        diff_rows = OrderedDict((name, f"fpn_fast {name}") for name in backends)
+        diff_rows.update((("optimized", OPTIMIZED), ("max-autotune", COMPILED)))
         diffs = OrderedDict(
-            (name, {"vs_reference": max_diff(outputs[f"fpn_fast {name}"], reference) if reference else None,
-                    "vs_torchvision": max_diff(outputs[f"fpn_fast {name}"], tv_out) if tv_out else None})
-            for name in backends if f"fpn_fast {name}" in outputs)
+            (row, {"vs_reference": max_diff(outputs[label], reference) if reference else None,
+                   "vs_torchvision": max_diff(outputs[label], tv_out) if tv_out else None})
+            for row, label in diff_rows.items() if label in outputs)
         pyramid = OrderedDict((level, list(t.shape)) for level, t in next(iter(outputs.values()), {}).items())
         del outputs, reference, tv_out
+
+        parity = None
+        if "optimized" in diffs:
+            applies = parity_applies(dtype, device)
+            within = OrderedDict((against, d["level_rel"] <= PARITY_BOUND)
+                                 for against, d in diffs["optimized"].items() if d is not None)
+            parity = {"bound": PARITY_BOUND, "applies": applies, "within": within}
+            if applies and not all(within.values()):
+                failures[OPTIMIZED] = (f"outside the float32 parity bound ({PARITY_BOUND:g} of each level's largest "
+                                       f"value): {dict(within)}")
 
         timings = OrderedDict()
         for part, index in (("neck", 1), ("backbone", 0)):
@@ -237,22 +325,29 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 for label, fns in variants.items())
     _progress(f"done in {time.perf_counter() - started:.0f} s", last=True)
 
-    baseline = next((label for label in (TORCHVISION, f"fpn_fast {REFERENCE}") if label in variants), None)
-    speedups = {part: {label: rows[baseline]["median"] / row["median"] if baseline else None
+    def ratios(against: Optional[str]):
+        return {part: {label: rows[against]["median"] / row["median"] if against else None
                        for label, row in rows.items()} for part, rows in timings.items()}
+
+    baseline = next((label for label in (TORCHVISION, f"fpn_fast {REFERENCE}") if label in variants), None)
     return {
         "machine": machine_info(device),
         "config": {"batch": args.batch, "size": list(args.size), "dtype": args.dtype,
                    "channels_last": args.channels_last, "backend": args.backend,
+                   "optimize": args.optimize, "compile": args.compile,
                    "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed},
         "backends": {name: {"available": reason is None, "reason": reason} for name, reason in reasons.items()},
         "torchvision": torchvision is not None,
         "pyramid": pyramid,
         "diffs": diffs,
+        "parity": parity,
         "failures": failures,
+        "compile_s": compile_s,
+        "optimized_first_call_s": optimized_first_call_s,
         "timings": timings,
         "speedup_baseline": baseline,
-        "speedups": speedups,
+        "speedups": ratios(baseline),
+        "speedups_vs_compiled": ratios(COMPILED) if COMPILED in variants else None,
         "runtime_s": time.perf_counter() - started,
     }
 
@@ -260,9 +355,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 # ---------------------------------------------------------------------------------------------
 # Reporting
 
-def print_report(result: Dict[str, object], out=sys.stdout) -> None:
+def print_report(result: Dict[str, object], out=None) -> None:
     def say(line: str = "") -> None:
-        print(line, file=out)
+        print(line, file=out or sys.stdout)  # looked up per call: sys.stdout may be replaced after import
 
     m, c = result["machine"], result["config"]
     v = m["versions"]
@@ -280,25 +375,49 @@ def print_report(result: Dict[str, object], out=sys.stdout) -> None:
         say(f"  {level:<5} {' x '.join(map(str, shape))}")
 
     say("\nLargest difference of the backbone output (abs, and abs / max|reference|)")
-    say(f"  {'backend':<10} {'vs torch reference':>24} {'vs torchvision':>24}")
+    say(f"  {'variant':<12} {'vs torch reference':>24} {'vs torchvision':>24}")
     for name, d in result["diffs"].items():
         cells = [f"{x['abs']:.2e} ({x['rel']:.1e} rel)" if x else "n/a"
                  for x in (d["vs_reference"], d["vs_torchvision"])]
-        say(f"  {name:<10} {cells[0]:>24} {cells[1]:>24}")
+        say(f"  {name:<12} {cells[0]:>24} {cells[1]:>24}")
+    parity = result["parity"]
+    if parity:
+        checks = ", ".join(f"{against.replace('_', ' ')} {'yes' if ok else 'NO'} "
+                           f"({result['diffs']['optimized'][against]['level_rel']:.1e})"
+                           for against, ok in parity["within"].items())
+        say(f"  optimized within {parity['bound']:g} of each level's largest value (worst level): {checks}")
+        if not parity["applies"]:
+            say("    (that bound is one of IEEE float32; this run has low precision or TF32 convolutions)")
     if not result["torchvision"]:
         say("  torchvision is not installed: no comparison with it, and no torchvision timings")
     for label, error in result["failures"].items():
         say(f"  FAILED {label}: {error}")
 
+    setup = []
+    if result["compile_s"]:
+        setup.append(f"{COMPILED}: compile (first call) " + ", ".join(
+            f"{part} {seconds:.1f} s" for part, seconds in result["compile_s"].items()) + ", outside the timings")
+    if result["optimized_first_call_s"] is not None:
+        on_gpu = m["device"].startswith("cuda")
+        setup.append(f"{OPTIMIZED}: first call {result['optimized_first_call_s']:.2f} s, nothing compiled ahead"
+                     + (" (it compiles and autotunes the Triton lateral kernel)" if on_gpu else ""))
+    if setup:
+        say()
+        for line in setup:
+            say(line)
+
+    vs_compiled = result["speedups_vs_compiled"]
     say(f"\nTimings, ms: median [min - max] of {c['repeats']} runs after {c['warmup']} warm-up; "
         f"speed-up = {result['speedup_baseline']} median / median")
-    say(f"  {'part':<9} {'variant':<20} {'median':>10} {'min - max':>21} {'speed-up':>9}")
+    header = f"  {'part':<9} {'variant':<24} {'median':>10} {'min - max':>21} {'speed-up':>9}"
+    say(header + (f" {'vs max-autotune':>15}" if vs_compiled else ""))
     for part, rows in result["timings"].items():
         for label, t in rows.items():
             spread = f"{t['min'] * 1e3:.1f} - {t['max'] * 1e3:.1f}"
             speedup = result["speedups"][part][label]
-            say(f"  {part:<9} {label:<20} {t['median'] * 1e3:>10.1f} {spread:>21} "
-                f"{f'{speedup:.2f}x' if speedup else 'n/a':>9}")
+            line = (f"  {part:<9} {label:<24} {t['median'] * 1e3:>10.1f} {spread:>21} "
+                    f"{f'{speedup:.2f}x' if speedup else 'n/a':>9}")
+            say(line + (f" {vs_compiled[part][label]:>14.2f}x" if vs_compiled else ""))
     say(f"\nruntime {result['runtime_s']:.1f} s")
 
 

@@ -88,3 +88,88 @@ def test_unavailable_backend_is_a_clean_error():
     proc = run_main("--device", "cpu", "--backend", "triton", "--size", "64x64", timeout=120)
     assert proc.returncode == 1
     assert "triton" in proc.stderr and "cannot run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+SMALL = ["--size", "64x96", "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def optimized_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("optimize") / "out.json"
+    proc = run_main(*SMALL, "--optimize", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(path) as f:
+        return proc, json.load(f)
+
+
+def test_optimize_adds_a_checked_and_timed_variant(optimized_run):
+    proc, result = optimized_run
+    assert result["config"]["optimize"] is True and result["config"]["compile"] is False
+    diff = result["diffs"]["optimized"]
+    for against in ("vs_reference", "vs_torchvision"):
+        # norms folded in float64 and summed in another order: float32 rounding, per level
+        assert 0 < diff[against]["level_rel"] < 1e-4, diff
+        assert diff[against]["rel"] <= diff[against]["level_rel"]
+    assert result["parity"] == {"bound": 1e-4, "applies": True,
+                                "within": {"vs_reference": True, "vs_torchvision": True}}
+    for part in ("neck", "backbone"):
+        assert "fpn_fast optimized" in result["timings"][part]
+        assert result["speedups"][part]["fpn_fast optimized"] > 0
+        assert f"{part:<9} fpn_fast optimized" in proc.stdout
+    assert result["optimized_first_call_s"] > 0
+    assert result["compile_s"] is None and result["speedups_vs_compiled"] is None
+    assert "optimized within 0.0001 of each level's largest value" in proc.stdout
+    assert "vs reference yes" in proc.stdout and "vs torchvision yes" in proc.stdout
+
+
+def test_optimize_outside_the_parity_bound_fails_the_job(monkeypatch, capsys):
+    """A wrong fold must not pass as a timing: shift one output conv's bias of the optimized copy."""
+    import fpn_fast
+    from fpn_fast import demo
+
+    real = fpn_fast.optimize_for_inference
+
+    def broken(model):
+        optimized = real(model)
+        optimized.fpn.layer_blocks[0].bias.data += 1.0
+        return optimized
+    monkeypatch.setattr(fpn_fast, "optimize_for_inference", broken)
+    assert demo.main(SMALL + ["--backend", "torch", "--optimize"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED fpn_fast optimized: outside the float32 parity bound" in out
+    assert "vs reference NO" in out
+    assert "backbone  fpn_fast optimized" in out  # still timed: the report says which numbers to distrust
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile recording its arguments and tracing with dynamo's eager backend: the wiring of
+    --compile without an inductor max-autotune compile (about a minute per model on this CPU)."""
+    import torch
+
+    calls, real = [], torch.compile
+
+    def fake(model, **kwargs):
+        calls.append((type(model).__name__, kwargs))
+        return real(model, backend="eager", dynamic=kwargs["dynamic"])
+    monkeypatch.setattr(torch, "compile", fake)
+    yield calls
+    torch._dynamo.reset()
+
+
+def test_compile_adds_torchvision_max_autotune(eager_compile, capsys, tmp_path):
+    from fpn_fast import demo
+
+    assert demo.main(SMALL + ["--backend", "torch", "--compile", "--json", str(tmp_path / "out.json")]) == 0
+    assert eager_compile == [("BackboneWithFPN", {"mode": "max-autotune", "dynamic": False}),
+                             ("FeaturePyramidNetwork", {"mode": "max-autotune", "dynamic": False})]
+    with open(tmp_path / "out.json") as f:
+        result = json.load(f)
+    assert list(result["compile_s"]) == ["backbone", "neck"] and all(s > 0 for s in result["compile_s"].values())
+    assert result["diffs"]["max-autotune"]["vs_torchvision"]["rel"] < 1e-6  # the same ops, traced
+    for part in ("neck", "backbone"):
+        assert list(result["timings"][part]) == ["torchvision eager", "torchvision max-autotune", "fpn_fast torch"]
+        assert result["speedups_vs_compiled"][part]["torchvision max-autotune"] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert "torchvision max-autotune: compile (first call) backbone" in out
+    assert "vs max-autotune" in out and "backbone  torchvision max-autotune" in out
