@@ -21,6 +21,7 @@ import torch
 
 import fpn_fast
 from fpn_fast import ops
+from fpn_fast.ops._triton_lateral import cudnn_conv_allows_tf32
 
 try:
     import torchvision
@@ -186,10 +187,11 @@ def max_diff(outputs: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor
 
 def parity_applies(dtype: torch.dtype, device: torch.device) -> bool:
     """The 1e-4 bound is one of IEEE float32: not of autocast runs, nor of CUDA float32 runs whose
-    convolutions use TF32 (cudnn.allow_tf32, torch's default), where each product keeps 10 bits."""
+    convolutions use TF32 (cudnn.allow_tf32, torch's default; the fused lateral kernel follows
+    the same flags), where each product keeps 10 bits."""
     if dtype != torch.float32:
         return False
-    return device.type != "cuda" or not torch.backends.cudnn.allow_tf32
+    return device.type != "cuda" or not cudnn_conv_allows_tf32()
 
 
 def _progress(message: str, last: bool = False) -> None:

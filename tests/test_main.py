@@ -141,6 +141,19 @@ def test_optimize_outside_the_parity_bound_fails_the_job(monkeypatch, capsys):
     assert "backbone  fpn_fast optimized" in out  # still timed: the report says which numbers to distrust
 
 
+def test_parity_bound_applies_to_ieee_float32_only(monkeypatch):
+    import torch
+    from fpn_fast.demo import parity_applies
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert parity_applies(torch.float32, cpu)
+    assert not parity_applies(torch.bfloat16, cpu) and not parity_applies(torch.float16, cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default: TF32 convolutions
+    assert not parity_applies(torch.float32, cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert parity_applies(torch.float32, cuda)
+
+
 @pytest.fixture
 def eager_compile(monkeypatch):
     """torch.compile recording its arguments and tracing with dynamo's eager backend: the wiring of
