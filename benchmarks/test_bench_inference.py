@@ -7,7 +7,9 @@ passes it; bfloat16 autocast on the GPU only. Variants: torchvision eager; torch
 with ``torch.compile(mode="max-autotune")``, compiled and warmed up outside the timing (compile
 time in extra_info["compile_s"] and the notes); fpn_fast under the auto backend; and
 ``optimize_for_inference`` of it (its first call, which on CUDA compiles and autotunes the Triton
-lateral kernel, in extra_info["first_call_s"] and the notes: it has no other set-up).
+lateral kernel, in extra_info["first_call_s"] and the notes: it has no other set-up); on CUDA also
+the optimized model under the "extension" backend, i.e. without its Triton kernels (conv epilogue,
+fused lateral), to show what they add.
 
 "lateral fused" groups: one FPN level's lateral 1x1 conv (256 out channels) with bias plus the
 nearest-upsampled coarser FPN map, channels_last, float32, for the four levels of that image
@@ -30,7 +32,8 @@ from _bench import (DEVICES, DTYPES, SUMMARY, autocast_context, kernel_backends,
 pytest.importorskip("torchvision")  # the comparisons need it
 
 BACKBONE_SHAPE = (2, 3, 800, 1216)
-BACKBONE_VARIANTS = ["torchvision eager", "torchvision max-autotune", "fpn_fast auto", "fpn_fast optimized"]
+BACKBONE_VARIANTS = ["torchvision eager", "torchvision max-autotune", "fpn_fast auto", "fpn_fast optimized",
+                     "fpn_fast optimized no-triton"]
 
 
 def _ids(variants):
@@ -74,17 +77,23 @@ def _compiled(theirs, images, device: str, dtype: torch.dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_backbone_optimized(benchmark, device, dtype, variant):
     skip_low_precision_on_cpu(device, dtype)
+    if variant == "fpn_fast optimized no-triton" and device != "cuda":
+        pytest.skip("on CPU the optimized model runs no Triton kernel anyway")
     ours, theirs, optimized = _models(device)
     images = torch.randn(BACKBONE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
     n, _, h, w = BACKBONE_SHAPE
     benchmark.group = f"backbone optimized {device} {str(dtype)[6:]} batch {n} {h}x{w}"
-    module = {"torchvision eager": theirs, "fpn_fast auto": ours, "fpn_fast optimized": optimized}.get(variant)
+    module = {"torchvision eager": theirs, "fpn_fast auto": ours, "fpn_fast optimized": optimized,
+              "fpn_fast optimized no-triton": optimized}.get(variant)
+    # The A/B of the Triton kernels on CUDA: under "extension" the optimized model runs cuDNN
+    # convolutions with torch's bias/residual/ReLU passes and the unfused lateral step.
+    backend = "extension" if variant == "fpn_fast optimized no-triton" else "auto"
     if variant == "torchvision max-autotune":
         module, benchmark.extra_info["compile_s"] = _compiled(theirs, images, device, dtype)
 
     def forward():
         # "auto" whatever FPN_FAST_BACKEND says: these rows are what a user gets by default.
-        with torch.inference_mode(), autocast_context(device, dtype), ops.use_backend("auto"):
+        with torch.inference_mode(), autocast_context(device, dtype), ops.use_backend(backend):
             module(images)
     if variant == "fpn_fast optimized":
         if (device, dtype) not in _FIRST_CALL:

@@ -265,6 +265,63 @@ def test_autocast_bfloat16_within_bfloat16_error():
 
 # --- the ops underneath ------------------------------------------------------------------------
 
+_NEEDS_TRITON_CPU = pytest.mark.skipif(ops.available_backends()["triton"]["cpu"] is not None,
+                                       reason=str(ops.available_backends()["triton"]["cpu"]))
+EPILOGUE_DEVICES = [pytest.param("cpu", marks=_NEEDS_TRITON_CPU), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", EPILOGUE_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_cl,res_cl", [(False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("bias,residual,relu", [(True, True, True), (True, False, True), (False, True, False),
+                                                (True, False, False)])
+def test_triton_epilogue_matches_float64(device, dtype, out_cl, res_cl, bias, residual, relu):
+    """relu?((out + bias) + residual) in place, against float64. The two float32 adds round by
+    at most 2**-24 of the magnitudes summed each; float16/bfloat16 round once more, to half an
+    ulp of the result: |err| <= eps/2 |exact| + 2**-23 (|out| + |bias| + |residual|)."""
+    from fpn_fast.ops import _triton_epilogue
+
+    out = torch.randn(2, 24, 7, 11, device=device).to(dtype)
+    if out_cl:
+        out = out.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(24, device=device).to(dtype) if bias else None
+    r = torch.randn(2, 24, 7, 11, device=device).to(dtype) if residual else None
+    if r is not None and res_cl != out_cl:
+        r = r.contiguous(memory_format=torch.channels_last if res_cl else torch.contiguous_format)
+    exact, magnitude = out.double(), out.double().abs()
+    if b is not None:
+        exact = exact + b.double().view(1, -1, 1, 1)
+        magnitude = magnitude + b.double().abs().view(1, -1, 1, 1)
+    if r is not None:
+        exact = exact + r.double()
+        magnitude = magnitude + r.double().abs()
+    if relu:
+        exact = exact.relu()
+    with torch.inference_mode():
+        got = _triton_epilogue.bias_act_(out, b, r, relu)
+    assert got is out and got.dtype == dtype
+    low_precision_rounding = torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 0.0
+    bound = low_precision_rounding * exact.abs() + 2 ** -23 * magnitude
+    err = (got.double() - exact).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("device", EPILOGUE_DEVICES)
+def test_triton_epilogue_keeps_nan_and_refuses_bad_inputs(device):
+    from fpn_fast.ops import _triton_epilogue
+
+    out = torch.randn(1, 3, 4, 5, device=device)
+    out[0, 1, 2, 3] = float("nan")
+    with torch.inference_mode():
+        _triton_epilogue.bias_act_(out, None, None, True)
+        assert torch.isnan(out[0, 1, 2, 3]) and (out.nan_to_num() >= 0).all()
+        with pytest.raises(ValueError, match="bias must be"):
+            _triton_epilogue.bias_act_(out, torch.randn(4, device=device), None, True)
+        with pytest.raises(ValueError, match="residual must match"):
+            _triton_epilogue.bias_act_(out, None, torch.randn(1, 3, 4, 4, device=device), True)
+        with pytest.raises(TypeError, match="float64"):
+            _triton_epilogue.bias_act_(out.double(), None, None, True)
+
 CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
     (5, 7, 3, 1, 1, 13, 11), (6, 4, 3, 2, 1, 9, 14), (8, 16, 1, 1, 0, 7, 5), (8, 4, 1, 2, 0, 9, 9),
     (3, 8, 7, 2, 3, 21, 19),
@@ -274,7 +331,7 @@ CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("relu,residual,bias,channels_last",
                          list(itertools.product([False, True], [False, True], [False, True], [False, True])))
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=_NEEDS_TRITON_CPU)])
 def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend):
     cin, cout, k, stride, pad, h, w = case
     x = torch.randn(2, cin, h, w)
@@ -454,3 +511,16 @@ def test_cuda_autocast_within_low_precision_error(dtype):
         err_fast = (fast[name].float() - e).abs().max().item() / scale
         assert fast[name].dtype == original[name].dtype
         assert err_fast <= 2 * err_original + eps, (name, err_fast, err_original)
+
+
+@pytest.mark.parametrize("device", EPILOGUE_DEVICES)
+def test_triton_epilogue_opcheck(device):
+    """The registered mutating op: schema, fake kernel, and its declared mutation of out."""
+    from fpn_fast.ops import _triton_epilogue  # noqa: F401  (registers the op)
+
+    out = torch.randn(2, 5, 6, 7, device=device)
+    samples = [(out.clone(), torch.randn(5, device=device), torch.randn_like(out), True),
+               (out.clone().contiguous(memory_format=torch.channels_last), None, None, True),
+               (out.clone(), torch.randn(5, device=device), None, False)]
+    for args in samples:
+        torch.library.opcheck(torch.ops.fpn_fast_triton.bias_act_.default, args)

@@ -7,7 +7,8 @@
 ``prefer_channels_last(features)``, ``to_nchw(x)``: the FPN's inference layout choice
 
 Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
-``conv2d_act(x, weight, bias, ..., relu, residual)`` -> relu?(conv2d(x, weight, bias) + residual)
+``conv2d_act(x, weight, bias, ..., relu, residual)`` -> relu?(conv2d(x, weight, bias) + residual),
+    the tail fused: oneDNN post-ops on CPU, one Triton pass after cuDNN on CUDA
 ``lateral_upsample_add(x, weight, bias, top)``      -> upsample_add(conv1x1(x, weight), top, bias),
     on CUDA one Triton GEMM whose epilogue does the top-down step (the lateral map is never stored)
 
@@ -29,7 +30,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _extension, _onednn, _triton, _triton_lateral
+from . import _checks, _extension, _onednn, _triton, _triton_epilogue, _triton_lateral
 from . import reference as _torch_impl
 from .reference import nearest_source_index
 
@@ -219,21 +220,46 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
 
     float32 CPU maps without autocast go through oneDNN's fused convolution (bias, residual add
-    and ReLU as post-ops of one call) unless the backend is "torch"; everything else through
-    F.conv2d, then the add and the ReLU in place on its fresh output; so does torch.compile,
-    which fuses them itself (the oneDNN ops have no fake kernels). Same values either way: the
-    post-ops add in the order the separate ops do.
+    and ReLU as post-ops of one call) unless the backend is "torch". On CUDA, when Triton runs
+    there, the convolution runs without bias and one Triton pass adds bias and residual and
+    applies the ReLU in place (``_triton_epilogue``; eager PyTorch would make three passes);
+    with the backend named "triton" CPU tensors take that path too (interpreter). Everything
+    else, and torch.compile (which fuses the tail itself; the oneDNN ops have no fake kernels),
+    runs F.conv2d, then the add and the ReLU in place on its fresh output. The sums are done in
+    the same order on every path: (conv + bias) + residual.
     """
     _inference_only("conv2d_act", x, weight, bias, residual)
+    if _triton_epilogue_applies(x.device.type) and not torch.compiler.is_compiling():
+        out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        if out.dtype not in _triton_epilogue.SUPPORTED_DTYPES or (bias is None and residual is None and not relu):
+            return _torch_tail(out, bias, residual, relu)
+        # Under autocast the convolution ran in low precision; so would its bias inside it.
+        bias, residual = (None if t is None else t.to(out.dtype) for t in (bias, residual))
+        return _triton_epilogue.bias_act_(out, bias, residual, relu)
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and _backend != "torch" and _onednn.UNAVAILABLE_REASON is None and torch.backends.mkldnn.enabled
             and _autocast_dtype("cpu") is None and not torch.compiler.is_compiling()
             and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))):
         return _onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, relu, residual)
-    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _torch_tail(F.conv2d(x, weight, bias, stride, padding, dilation, groups), None, residual, relu)
+
+
+def _torch_tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                relu: bool) -> torch.Tensor:
+    """relu?((out + bias[c]) + residual) in place on the fresh conv output, one torch op each."""
+    if bias is not None:
+        out += bias.to(out.dtype).view(1, -1, 1, 1)
     if residual is not None:
         out += residual
     return out.relu_() if relu else out
+
+
+def _triton_epilogue_applies(device_type: str) -> bool:
+    """Whether conv2d_act finishes with the Triton epilogue: CUDA tensors under "auto" when
+    Triton runs there; any tensors Triton runs on when the backend is named "triton"."""
+    if _backend == "triton":
+        return _REASONS["triton"].get(device_type) is None
+    return _backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
 
 
 def _fused_lateral_impl(device_type: str, dtype: torch.dtype) -> bool:

@@ -1,0 +1,124 @@
+"""Triton backend: the pointwise tail of a folded convolution, in place, in one pass:
+
+    out = relu?((out + bias[c]) + residual)
+
+In eager PyTorch on CUDA a convolution with bias, a residual add and a ReLU are three passes
+over the output (cuDNN's convolution leaves the bias to a separate add). After norm folding
+that tail is all that remains of a ResNet block's pointwise work, so ``ops.conv2d_act`` runs
+the convolution without bias and then this kernel once. Inference only: no autograd.
+
+Same tiling as fpn_fast.ops._triton (columns along the output's contiguous dim); the residual
+is read through its own strides. float16/bfloat16 add in float32 and round once.
+"""
+from typing import Optional
+
+import torch
+
+from ._triton import (_INTERPRET, _grid_and_meta, _ints, _is_channels_last, _needs_int64, _precision,
+                      on_device_of, triton)
+from ._triton import unavailable_reason as _unavailable_reason
+
+if triton is not None:
+    import triton.language as tl
+
+    from ._triton import _round_to, _tile_indices
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    return _unavailable_reason(device_type)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bias_act_kernel(
+        out_ptr, bias_ptr, res_ptr, N, C, H, W,
+        out_sn, out_sc, out_sh, out_sw,
+        res_sn, res_sc, res_sh, res_sw,
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+        UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        n, c, h, w, mask = _tile_indices(N, C, H, W, CHANNELS_LAST, INT64, BLOCK_R, BLOCK_C)
+        ptrs = out_ptr + n * out_sn + c * out_sc + h * out_sh + w * out_sw
+        acc = tl.load(ptrs, mask=mask)
+        if UPCAST:
+            acc = acc.to(tl.float32)
+        if HAS_BIAS:  # added first, as the convolution's own bias would be
+            b = tl.load(bias_ptr + c, mask=c < C)
+            if UPCAST:
+                b = b.to(tl.float32)
+            acc = acc + b
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + n * res_sn + c * res_sc + h * res_sh + w * res_sw, mask=mask)
+            if UPCAST:
+                r = r.to(tl.float32)
+            acc = acc + r
+        if RELU:  # NaN < 0 is false: NaN passes through, as torch.relu lets it
+            acc = tl.where(acc < 0, 0.0, acc)
+        tl.store(ptrs, _round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+def _define_op(namespace: str, as_triton_op: bool):
+    """Register bias_act_ (mutates ``out``) as a triton_op on a GPU, or as an opaque custom_op
+    under the interpreter (see fpn_fast.ops._triton)."""
+    if as_triton_op:
+        register = torch.library.triton_op
+        launch = torch.library.wrap_triton
+    else:
+        register = torch.library.custom_op
+
+        def launch(kernel):
+            return kernel
+
+    @register(f"{namespace}::bias_act_", mutates_args=("out",))
+    def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                  relu: bool) -> None:
+        if out.numel() == 0:
+            return
+        n, c, h, w = _ints(out.shape)
+        grid, meta = _grid_and_meta(n, c, h, w, _is_channels_last(out))
+        no_residual = (0, 0, 0, 0)
+        launch(_bias_act_kernel)[grid](
+            out, out if bias is None else bias.contiguous(), out if residual is None else residual,
+            n, c, h, w, *out.stride(), *(no_residual if residual is None else residual.stride()),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+            **_precision(out.dtype),
+            INT64=_needs_int64(*(t for t in (out, residual) if t is not None)), num_warps=4, **meta)
+
+    if not as_triton_op:
+        @bias_act_.register_fake
+        def _(out, bias, residual, relu):
+            return None
+
+    return bias_act_
+
+
+_AS_TRITON_OP = not _INTERPRET and hasattr(torch.library, "triton_op")
+if triton is not None:
+    _op = _define_op("fpn_fast_triton", _AS_TRITON_OP)
+
+
+def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+              relu: bool = False) -> torch.Tensor:
+    """out = relu?((out + bias[c]) + residual), in place; returns out. Inference only."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        raise ValueError(f"bias_act_: out must be a 4-D tensor (N, C, H, W), got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"bias_act_ (triton): {out.dtype} is not supported, only float32, float16 and bfloat16")
+    if bias is not None and (bias.shape != (out.shape[1],) or bias.dtype != out.dtype or bias.device != out.device):
+        raise ValueError(f"bias_act_: bias must be ({out.shape[1]},) {out.dtype} on {out.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if residual is not None and (residual.shape != out.shape or residual.dtype != out.dtype
+                                 or residual.device != out.device):
+        raise ValueError(f"bias_act_: residual must match out {tuple(out.shape)} {out.dtype} on {out.device}, "
+                         f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, bias, residual)):
+        raise RuntimeError("bias_act_ (triton) is inference only (no autograd): run it under torch.no_grad() "
+                           "or torch.inference_mode()")
+    with on_device_of(out):
+        torch.ops.fpn_fast_triton.bias_act_(out, bias, residual, relu)
+    return out
