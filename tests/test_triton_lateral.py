@@ -193,6 +193,17 @@ def test_dot_precision_follows_cudnn_tf32_flag(monkeypatch):
         assert _triton_lateral._dot_precision(torch.bfloat16) == "tf32"
 
 
+def test_autotune_config_choice(monkeypatch):
+    monkeypatch.delenv("FPN_FAST_AUTOTUNE", raising=False)
+    assert _triton_lateral._autotune_configs() == _triton_lateral._GPU_CONFIGS
+    monkeypatch.setenv("FPN_FAST_AUTOTUNE", "quick")
+    quick = _triton_lateral._autotune_configs()
+    assert len(quick) == 2 and set(quick) <= set(_triton_lateral._GPU_CONFIGS)
+    monkeypatch.setenv("FPN_FAST_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="FPN_FAST_AUTOTUNE"):
+        _triton_lateral._autotune_configs()
+
+
 def test_dot_precision_reads_the_newer_precision_flags():
     """After torch's per-op fp32_precision flags are set, reading the legacy allow_tf32 raises;
     the choice must then come from the new flags (a child process: the flags are global)."""

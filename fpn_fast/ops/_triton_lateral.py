@@ -12,6 +12,7 @@ Inference only: the op has no autograd (its backward would need the lateral map 
 Registered like fpn_fast.ops._triton: a triton_op on a GPU, an opaque custom_op under
 TRITON_INTERPRET=1.
 """
+import os
 from typing import Optional
 
 import torch
@@ -50,6 +51,16 @@ _GPU_CONFIGS = (
     (32, 64, 128, 4, 3),
     (64, 64, 32, 4, 2),  # 32 KB of float32 stages: fits GPUs with ~100 KB of shared memory
 )
+
+
+def _autotune_configs():
+    """All of _GPU_CONFIGS, or with FPN_FAST_AUTOTUNE=quick only the widest and the smallest:
+    every autotuned shape compiles each config once per process, which a test run covering many
+    shapes and dtypes (the GPU check's time-limited step) cannot afford nine times over."""
+    choice = os.environ.get("FPN_FAST_AUTOTUNE", "all")
+    if choice not in ("all", "quick"):
+        raise ValueError(f"FPN_FAST_AUTOTUNE must be 'all' or 'quick', not {choice!r}")
+    return _GPU_CONFIGS if choice == "all" else (_GPU_CONFIGS[0], _GPU_CONFIGS[-1])
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -155,7 +166,7 @@ if triton is not None:
         # precision (IEEE float32 runs on the CUDA cores, TF32 on the tensor cores).
         _KERNEL = triton.autotune(
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=nw, num_stages=ns)
-                     for bm, bn, bk, nw, ns in _GPU_CONFIGS],
+                     for bm, bn, bk, nw, ns in _autotune_configs()],
             key=["M_BUCKET", "O", "K", "DOT_PRECISION"],
         )(_lateral_upsample_add_kernel)
 
