@@ -267,43 +267,60 @@ def test_autocast_bfloat16_within_bfloat16_error():
 
 _NEEDS_TRITON_CPU = pytest.mark.skipif(ops.available_backends()["triton"]["cpu"] is not None,
                                        reason=str(ops.available_backends()["triton"]["cpu"]))
-EPILOGUE_DEVICES = [pytest.param("cpu", marks=_NEEDS_TRITON_CPU), pytest.param("cuda", marks=pytest.mark.cuda)]
+EPILOGUE_DEVICES = [pytest.param("cpu", marks=_NEEDS_TRITON_CPU),
+                    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+                        ops.available_backends()["triton"]["cuda"] is not None and torch.cuda.is_available(),
+                        reason=str(ops.available_backends()["triton"]["cuda"]))])]
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view of a larger buffer whose margin holds NaN: a store past the view's
+    elements would show up there."""
+    n, c, h, w = t.shape
+    big = torch.full((n, c, h + 2, w + 3), float("nan"), dtype=t.dtype, device=t.device)  # 7x11 -> 9x14
+    view = big[:, :, 1:1 + h, 1:1 + w]
+    view.copy_(t)
+    return view
 
 
 @pytest.mark.parametrize("device", EPILOGUE_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("out_cl,res_cl", [(False, False), (True, True), (True, False)])
-@pytest.mark.parametrize("bias,residual,relu", [(True, True, True), (True, False, True), (False, True, False),
-                                                (True, False, False)])
-def test_triton_epilogue_matches_float64(device, dtype, out_cl, res_cl, bias, residual, relu):
-    """relu?((out + bias) + residual) in place, against float64. The two float32 adds round by
-    at most 2**-24 of the magnitudes summed each; float16/bfloat16 round once more, to half an
-    ulp of the result: |err| <= eps/2 |exact| + 2**-23 (|out| + |bias| + |residual|)."""
+@pytest.mark.parametrize("out_layout,res_layout", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                                   ("channels_last", "contiguous"), ("contiguous", "channels_last"),
+                                                   ("padded", "channels_last")])
+@pytest.mark.parametrize("bias,residual,relu", [(True, True, True), (True, False, True), (False, True, True),
+                                                (False, True, False), (True, False, False)])
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+def test_triton_epilogue_is_exact(device, dtype, out_layout, res_layout, bias, residual, relu, int64, monkeypatch):
+    """relu?((out + bias) + residual) in place equals the same adds done by torch in float32
+    and rounded once, bit for bit; a padded out's margin stays untouched. int64 forces the
+    offset path only tensors past 2**31 elements take otherwise."""
     from fpn_fast.ops import _triton_epilogue
 
-    out = torch.randn(2, 24, 7, 11, device=device).to(dtype)
-    if out_cl:
-        out = out.contiguous(memory_format=torch.channels_last)
+    if int64:
+        monkeypatch.setattr(_triton_epilogue, "_needs_int64", lambda *tensors: True)
+    layouts = {"contiguous": lambda t: t.contiguous(), "padded": _padded,
+               "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}
+    base = torch.randn(2, 24, 7, 11, device=device).to(dtype)
+    out = layouts[out_layout](base.clone())
     b = torch.randn(24, device=device).to(dtype) if bias else None
-    r = torch.randn(2, 24, 7, 11, device=device).to(dtype) if residual else None
-    if r is not None and res_cl != out_cl:
-        r = r.contiguous(memory_format=torch.channels_last if res_cl else torch.contiguous_format)
-    exact, magnitude = out.double(), out.double().abs()
+    r = layouts[res_layout](torch.randn(2, 24, 7, 11, device=device).to(dtype)) if residual else None
+    expected = base.float()
     if b is not None:
-        exact = exact + b.double().view(1, -1, 1, 1)
-        magnitude = magnitude + b.double().abs().view(1, -1, 1, 1)
+        expected = expected + b.float().view(1, -1, 1, 1)
     if r is not None:
-        exact = exact + r.double()
-        magnitude = magnitude + r.double().abs()
+        expected = expected + r.float()
     if relu:
-        exact = exact.relu()
+        expected = expected.relu()
     with torch.inference_mode():
         got = _triton_epilogue.bias_act_(out, b, r, relu)
-    assert got is out and got.dtype == dtype
-    low_precision_rounding = torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 0.0
-    bound = low_precision_rounding * exact.abs() + 2 ** -23 * magnitude
-    err = (got.double() - exact).abs()
-    assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
+    assert got is out
+    assert torch.equal(got, expected.to(dtype))
+    if out_layout == "padded":
+        margin = torch.ones(2, 24, 9, 14, dtype=torch.bool, device=device)
+        margin[:, :, 1:8, 1:12] = False
+        storage = torch.empty(0, dtype=dtype, device=device).set_(out.untyped_storage()).view(2, 24, 9, 14)
+        assert torch.isnan(storage[margin]).all()
 
 
 @pytest.mark.parametrize("device", EPILOGUE_DEVICES)
@@ -321,6 +338,8 @@ def test_triton_epilogue_keeps_nan_and_refuses_bad_inputs(device):
             _triton_epilogue.bias_act_(out, None, torch.randn(1, 3, 4, 4, device=device), True)
         with pytest.raises(TypeError, match="float64"):
             _triton_epilogue.bias_act_(out.double(), None, None, True)
+        with pytest.raises(ValueError, match="overlap"):
+            _triton_epilogue.bias_act_(torch.randn(1, 3, 4, 1, device=device).expand(1, 3, 4, 5), None, None, True)
 
 CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
     (5, 7, 3, 1, 1, 13, 11), (6, 4, 3, 2, 1, 9, 14), (8, 16, 1, 1, 0, 7, 5), (8, 4, 1, 2, 0, 9, 9),
@@ -332,7 +351,12 @@ CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
 @pytest.mark.parametrize("relu,residual,bias,channels_last",
                          list(itertools.product([False, True], [False, True], [False, True], [False, True])))
 @pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=_NEEDS_TRITON_CPU)])
-def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend):
+def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend, monkeypatch):
+    from fpn_fast.ops import _triton_epilogue
+
+    epilogue_calls = []
+    kernel = _triton_epilogue.bias_act_
+    monkeypatch.setattr(_triton_epilogue, "bias_act_", lambda *args: epilogue_calls.append(1) or kernel(*args))
     cin, cout, k, stride, pad, h, w = case
     x = torch.randn(2, cin, h, w)
     weight = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5
@@ -349,8 +373,24 @@ def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last,
     with ops.use_backend(backend), torch.no_grad():
         got = ops.conv2d_act(x, weight, b, (stride, stride), (pad, pad), relu=relu, residual=res)
     assert got.dtype == torch.float32 and got.shape == expected.shape
+    # The Triton backend finishes with its epilogue kernel whenever there is a tail to apply.
+    assert len(epilogue_calls) == (backend == "triton" and (relu or residual or bias))
     # float32 sums of cin*k*k unit-variance terms: 1e-5 of the scale covers their rounding.
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=_NEEDS_TRITON_CPU)])
+def test_conv2d_act_broadcast_residual_and_unbatched_input(backend):
+    """What F.conv2d + residual + relu accept, conv2d_act accepts on every path."""
+    weight = torch.randn(4, 3, 3, 3)
+    bias = torch.randn(4)
+    x = torch.randn(2, 3, 6, 7)
+    residual = torch.randn(1, 4, 1, 1)
+    with ops.use_backend(backend), torch.no_grad():
+        got = ops.conv2d_act(x, weight, bias, padding=(1, 1), relu=True, residual=residual)
+        torch.testing.assert_close(got, (F.conv2d(x, weight, bias, padding=1) + residual).relu())
+        got = ops.conv2d_act(x[0], weight, bias, padding=(1, 1), relu=True)
+        torch.testing.assert_close(got, F.conv2d(x[0], weight, bias, padding=1).relu())
 
 
 def test_conv2d_act_float64_and_refuses_autograd():
@@ -469,9 +509,13 @@ def test_cuda_parity_float32(no_tf32, channels_last, monkeypatch):
     lateral kernel (auto picks it for CUDA tensors) and cuDNN's folded convolutions."""
     from fpn_fast.ops import _triton_lateral
 
-    calls = []
+    from fpn_fast.ops import _triton_epilogue
+
+    calls, epilogue_calls = [], []
     kernel = _triton_lateral.lateral_upsample_add
     monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", lambda *args: calls.append(1) or kernel(*args))
+    epilogue = _triton_epilogue.bias_act_
+    monkeypatch.setattr(_triton_epilogue, "bias_act_", lambda *args: epilogue_calls.append(1) or epilogue(*args))
     model = _backbone("resnet50").cuda()
     optimized = fpn_fast.optimize_for_inference(model, channels_last=channels_last)
     x = torch.randn(2, 3, 259, 389, device="cuda")
@@ -479,6 +523,8 @@ def test_cuda_parity_float32(no_tf32, channels_last, monkeypatch):
         expected = model(x)
         actual = optimized(x)
     assert len(calls) == 4
+    # stem + 16 blocks x 3 convs + 4 downsamples, and the 4 FPN output convs (bias only)
+    assert len(epilogue_calls) == 1 + 16 * 3 + 4 + 4
     _assert_outputs_close(actual, expected)
     assert all(t.is_contiguous() for t in actual.values())
 

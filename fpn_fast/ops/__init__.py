@@ -231,24 +231,37 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _inference_only("conv2d_act", x, weight, bias, residual)
     if _triton_epilogue_applies(x.device.type) and not torch.compiler.is_compiling():
         out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        if out.dtype not in _triton_epilogue.SUPPORTED_DTYPES or (bias is None and residual is None and not relu):
-            return _torch_tail(out, bias, residual, relu)
-        # Under autocast the convolution ran in low precision; so would its bias inside it.
-        bias, residual = (None if t is None else t.to(out.dtype) for t in (bias, residual))
+        if _autocast_dtype(out.device.type) is not None:
+            # The convolution ran in low precision; so would its bias inside it, and autocast
+            # would cast a float32 residual before the add.
+            bias, residual = (t.to(out.dtype) if t is not None and t.dtype == torch.float32 else t
+                              for t in (bias, residual))
+        if (out.dim() != 4 or out.dtype not in _triton_epilogue.SUPPORTED_DTYPES
+                or (residual is not None and residual.shape != out.shape)
+                or (bias is None and residual is None and not relu)):
+            return _torch_tail(out, bias, residual, relu)  # unbatched, broadcast residual, float64
         return _triton_epilogue.bias_act_(out, bias, residual, relu)
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    if (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and _backend != "torch" and _onednn.UNAVAILABLE_REASON is None and torch.backends.mkldnn.enabled
             and _autocast_dtype("cpu") is None and not torch.compiler.is_compiling()
-            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))):
+            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"
+                                      and residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)))):
         return _onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, relu, residual)
     return _torch_tail(F.conv2d(x, weight, bias, stride, padding, dilation, groups), None, residual, relu)
+
+
+def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Size:
+    """The (N, O, H', W') F.conv2d makes of a 4-D x: the fused residual add takes that shape only."""
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return torch.Size([x.shape[0], weight.shape[0], *spatial])
 
 
 def _torch_tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                 relu: bool) -> torch.Tensor:
     """relu?((out + bias[c]) + residual) in place on the fresh conv output, one torch op each."""
-    if bias is not None:
-        out += bias.to(out.dtype).view(1, -1, 1, 1)
+    if bias is not None:  # per channel, batched (N, C, H, W) or not (C, H, W)
+        out += bias.view(-1, 1, 1)
     if residual is not None:
         out += residual
     return out.relu_() if relu else out
@@ -258,7 +271,7 @@ def _triton_epilogue_applies(device_type: str) -> bool:
     """Whether conv2d_act finishes with the Triton epilogue: CUDA tensors under "auto" when
     Triton runs there; any tensors Triton runs on when the backend is named "triton"."""
     if _backend == "triton":
-        return _REASONS["triton"].get(device_type) is None
+        return _REASONS["triton"].get(device_type, "unsupported device") is None
     return _backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
 
 

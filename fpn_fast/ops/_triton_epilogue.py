@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ._triton import (_INTERPRET, _grid_and_meta, _ints, _is_channels_last, _needs_int64, _precision,
-                      on_device_of, triton)
+from ._triton import (_INTERPRET, _NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
+                      _precision, on_device_of, triton)
 from ._triton import unavailable_reason as _unavailable_reason
 
 if triton is not None:
@@ -86,7 +86,7 @@ def _define_op(namespace: str, as_triton_op: bool):
             n, c, h, w, *out.stride(), *(no_residual if residual is None else residual.stride()),
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
             **_precision(out.dtype),
-            INT64=_needs_int64(*(t for t in (out, residual) if t is not None)), num_warps=4, **meta)
+            INT64=_needs_int64(*(t for t in (out, residual) if t is not None)), num_warps=_NUM_WARPS, **meta)
 
     if not as_triton_op:
         @bias_act_.register_fake
@@ -116,6 +116,9 @@ def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: 
                                  or residual.device != out.device):
         raise ValueError(f"bias_act_: residual must match out {tuple(out.shape)} {out.dtype} on {out.device}, "
                          f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
+        raise ValueError(f"bias_act_: out {tuple(out.shape)} with strides {out.stride()} has elements that "
+                         "overlap (an expanded view); it is written in place")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, bias, residual)):
         raise RuntimeError("bias_act_ (triton) is inference only (no autograd): run it under torch.no_grad() "
                            "or torch.inference_mode()")

@@ -54,10 +54,11 @@ _GPU_CONFIGS = (
 
 
 def _autotune_configs():
-    """All of _GPU_CONFIGS, or with FPN_FAST_AUTOTUNE=quick only the widest and the smallest:
-    every autotuned shape compiles each config once per process, which a test run covering many
-    shapes and dtypes (the GPU check's time-limited step) cannot afford nine times over."""
-    choice = os.environ.get("FPN_FAST_AUTOTUNE", "all")
+    """All of _GPU_CONFIGS, or with FPN_FAST_AUTOTUNE=quick (read at import) only two: the
+    widest tile and the one with the least shared memory. Every autotuned shape compiles each
+    config once per process, which a test run covering many shapes and dtypes (the GPU check's
+    time-limited step) cannot afford nine times over."""
+    choice = os.environ.get("FPN_FAST_AUTOTUNE") or "all"
     if choice not in ("all", "quick"):
         raise ValueError(f"FPN_FAST_AUTOTUNE must be 'all' or 'quick', not {choice!r}")
     return _GPU_CONFIGS if choice == "all" else (_GPU_CONFIGS[0], _GPU_CONFIGS[-1])
