@@ -15,6 +15,7 @@ they refuse to run in training mode or with autograd enabled instead of computin
 something else.
 """
 import copy
+import functools
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +34,7 @@ __all__ = ["optimize_for_inference", "Conv2dAct", "FoldedResidualBlock", "Infere
 _OUTPUT_FORMATS = (torch.contiguous_format, torch.channels_last)
 
 
+@functools.lru_cache(maxsize=None)
 def _torchvision_classes():
     """torchvision's counterparts of our block, norm and container classes (empty without it)."""
     try:

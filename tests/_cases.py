@@ -39,3 +39,19 @@ def make_inputs(case, dtype, lateral_cl=False, top_cl=False, bias=True, device="
         if b is not None:
             b.requires_grad_()
     return lateral, top, b
+
+
+def laid_out(t, layout):
+    """The same values as t, as a contiguous, channels_last, or sliced tensor: a view into a
+    larger one, neither layout (unless empty)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+    big = torch.randn(n, c, h + 3, w + 5, dtype=t.dtype, device=t.device)
+    view = big[:, :, 1:1 + h, 2:2 + w]
+    view.copy_(t)
+    assert view.numel() == 0 or (not view.is_contiguous()
+                                 and not view.is_contiguous(memory_format=torch.channels_last))
+    return view

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 import fpn_fast.ops as ops  # noqa: E402  (after importorskip)
 from fpn_fast.ops import _triton, reference  # noqa: E402
-from tests._cases import DTYPES  # noqa: E402
+from tests._cases import DTYPES, laid_out  # noqa: E402
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 DEVICES = [
@@ -37,20 +37,6 @@ UPSAMPLE_SIZES = [
     ((46, 69), (14, 21)),  # float32 scale: floorf(dst * scale) != dst * in // out at 23, 46
 ]
 POOL_SIZES = [(1, 1), (1, 7), (6, 1), (7, 11), (8, 10), (25, 38)]
-
-
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as t, as a contiguous, channels_last, or sliced (neither) tensor."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    n, c, h, w = t.shape
-    big = torch.randn(n, c, h + 3, w + 5, dtype=t.dtype, device=t.device)
-    view = big[:, :, 1:1 + h, 2:2 + w]
-    view.copy_(t)
-    assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
-    return view
 
 
 def _inputs(lat_hw, top_hw, dtype, device, n=2, c=3):
@@ -76,14 +62,14 @@ def test_upsample_add_matches_reference(lat_hw, top_hw, dtype, device):
     lateral0, top0, bias = _inputs(lat_hw, top_hw, dtype, device)
     for lat_layout in ("contiguous", "channels_last", "sliced"):
         for top_layout in ("contiguous", "channels_last"):
-            lateral, top = _laid_out(lateral0, lat_layout), _laid_out(top0, top_layout)
+            lateral, top = laid_out(lateral0, lat_layout), laid_out(top0, top_layout)
             for b in (bias, None):
                 expected = reference.upsample_add(lateral, top, b)
                 out = _triton.upsample_add(lateral, top, b)
                 assert torch.equal(out, expected), (lat_layout, top_layout, b is None)
                 _assert_same_format(out, lateral)
                 assert torch.equal(lateral, lateral0)  # the out-of-place op left lateral alone
-                target = _laid_out(lateral.clone(), lat_layout)
+                target = laid_out(lateral.clone(), lat_layout)
                 assert _triton.upsample_add_(target, top, b) is target
                 assert torch.equal(target, expected), ("in place", lat_layout, top_layout, b is None)
 
@@ -120,8 +106,8 @@ def test_upsample_add_empty(dtype, device):
 def test_upsample_add_backward(lat_hw, top_hw, dtype, device):
     lateral0, top0, bias0 = _inputs(lat_hw, top_hw, dtype, device)
     for top_layout, grad_layout in (("contiguous", "contiguous"), ("channels_last", "sliced")):
-        grad = _laid_out(torch.randn_like(lateral0), grad_layout)
-        leaves = [t.clone().requires_grad_() for t in (lateral0, _laid_out(top0, top_layout), bias0)]
+        grad = laid_out(torch.randn_like(lateral0), grad_layout)
+        leaves = [t.clone().requires_grad_() for t in (lateral0, laid_out(top0, top_layout), bias0)]
         _triton.upsample_add(*leaves).backward(grad)
         lateral_grad, top_grad, bias_grad = (t.grad for t in leaves)
         _assert_same_format(top_grad, leaves[1])
@@ -178,8 +164,8 @@ def test_many_small_tiles(device, int64, monkeypatch):
         monkeypatch.setattr(_triton, "_needs_int64", lambda *tensors: True)
     lateral0, top0, bias = _inputs((46, 69), (14, 21), torch.float32, device)
     for layout in ("contiguous", "channels_last"):
-        lateral = _laid_out(lateral0, layout)
-        top = _laid_out(top0.clone(), layout).requires_grad_()
+        lateral = laid_out(lateral0, layout)
+        top = laid_out(top0.clone(), layout).requires_grad_()
         out = _triton.upsample_add(lateral, top, bias)
         assert torch.equal(out, reference.upsample_add(lateral, top.detach(), bias)), layout
         grad = torch.randn_like(out)
@@ -208,7 +194,7 @@ def _pool_grad_of_ones(x):
 def test_stride2_pool_matches_max_pool(hw, dtype, device):
     x0 = torch.randn(2, 3, *hw, dtype=dtype, device=device)
     for layout in ("contiguous", "channels_last", "sliced"):
-        x = _laid_out(x0.clone(), layout).requires_grad_()  # a fresh leaf per layout
+        x = laid_out(x0.clone(), layout).requires_grad_()  # a fresh leaf per layout
         out = _triton.stride2_pool(x)
         ref_x = x.detach().clone().requires_grad_()
         expected = F.max_pool2d(ref_x, 1, 2, 0)

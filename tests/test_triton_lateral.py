@@ -28,13 +28,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from fpn_fast.ops import _triton_lateral, reference  # noqa: E402  (after importorskip)
+from fpn_fast.ops import _triton, _triton_lateral, reference  # noqa: E402  (after importorskip)
+from tests._cases import laid_out  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        _triton_lateral.unavailable_reason("cpu") is not None,
-        reason=str(_triton_lateral.unavailable_reason("cpu")))),
+        _triton.unavailable_reason("cpu") is not None,
+        reason=str(_triton.unavailable_reason("cpu")))),
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 # (N, C, H, W), O, top (th, tw): odd sizes and a non-2x ratio, exact 2x, equal sizes, top larger
@@ -75,15 +76,6 @@ def _make(case, dtype, device):
     return x, weight, bias, top
 
 
-def _laid_out(t, layout):
-    """The same values as t, contiguous, channels_last, or sliced: a view into a larger tensor,
-    neither. (Not imported from test_triton, which needs the repo root on sys.path.)"""
-    if layout == "sliced":
-        n, c, h, w = t.shape
-        return torch.randn(n, c, h + 3, w + 5, dtype=t.dtype, device=t.device)[:, :, 1:1 + h, 2:2 + w].copy_(t)
-    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-
-
 def _transposed(weight):
     """The same (O, C, 1, 1) values with the C dim contiguous across O: strides (1, O, ., .)."""
     o, c = weight.shape[:2]
@@ -92,8 +84,8 @@ def _transposed(weight):
 
 def _variant(x, weight, bias, top, variant):
     x_layout, top_layout, transposed, with_bias, with_top = variant
-    return (_laid_out(x, x_layout), _transposed(weight) if transposed else weight,
-            bias if with_bias else None, _laid_out(top, top_layout) if with_top else None)
+    return (laid_out(x, x_layout), _transposed(weight) if transposed else weight,
+            bias if with_bias else None, laid_out(top, top_layout) if with_top else None)
 
 
 def _reference(x, weight, bias, top):
@@ -179,7 +171,7 @@ def test_many_small_tiles(device, int64, monkeypatch):
         monkeypatch.setattr(_triton_lateral, "_needs_int64", lambda *tensors: True)
     x, weight, bias, top = _make(((2, 40, 7, 11), 36, (4, 6)), torch.float32, device)
     for layout in ("contiguous", "channels_last"):
-        args = (_laid_out(x, layout), weight, bias, _laid_out(top, layout))
+        args = (laid_out(x, layout), weight, bias, laid_out(top, layout))
         _assert_accurate(_triton_lateral.lateral_upsample_add(*args), *args)
 
 
@@ -316,7 +308,7 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "triton_op")
-                    or _triton_lateral.unavailable_reason("cpu") is not None,
+                    or _triton.unavailable_reason("cpu") is not None,
                     reason="needs torch.library.triton_op and the interpreter")
 def test_triton_op_registration_eager():
     """The GPU registration (triton_op + wrap_triton) runs eagerly under the interpreter too, so

@@ -295,19 +295,24 @@ def _empty(size: List[int], like: torch.Tensor, channels_last: bool) -> torch.Te
     return torch.empty(size, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
-    """Register the five ops under ``namespace``; as triton_ops (kernels visible to torch.compile)
-    or as opaque custom_ops with fake kernels (what works under the interpreter)."""
+def registrar(namespace: str, as_triton_op: bool):
+    """(register, launch) for ops under ``namespace``: ``register(name, mutates_args=())`` makes a
+    triton_op (kernels visible to torch.compile) or an opaque custom_op, which then needs a fake
+    kernel (what works under the interpreter); ``launch(kernel)`` wraps a kernel for the former."""
     if as_triton_op:
         def register(name, mutates_args=()):
             return torch.library.triton_op(f"{namespace}::{name}", mutates_args=mutates_args)
-        launch = torch.library.wrap_triton
-    else:
-        def register(name, mutates_args=()):
-            return torch.library.custom_op(f"{namespace}::{name}", mutates_args=mutates_args)
+        return register, torch.library.wrap_triton
 
-        def launch(kernel):
-            return kernel
+    def register(name, mutates_args=()):
+        return torch.library.custom_op(f"{namespace}::{name}", mutates_args=mutates_args)
+    return register, lambda kernel: kernel
+
+
+def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
+    """Register the five ops under ``namespace``; as triton_ops (kernels visible to torch.compile)
+    or as opaque custom_ops with fake kernels (what works under the interpreter)."""
+    register, launch = registrar(namespace, as_triton_op)
 
     def upsample_add_into(out: torch.Tensor, lateral: torch.Tensor, top: torch.Tensor,
                           bias: Optional[torch.Tensor]) -> None:

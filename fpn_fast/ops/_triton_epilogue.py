@@ -14,9 +14,8 @@ from typing import Optional
 
 import torch
 
-from ._triton import (_INTERPRET, _NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
-                      _precision, on_device_of, triton)
-from ._triton import unavailable_reason as _unavailable_reason
+from ._triton import (_AS_TRITON_OP, _NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
+                      _precision, on_device_of, registrar, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -24,10 +23,6 @@ if triton is not None:
     from ._triton import _round_to, _tile_indices
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def unavailable_reason(device_type: str) -> Optional[str]:
-    return _unavailable_reason(device_type)
 
 
 if triton is not None:
@@ -64,16 +59,9 @@ if triton is not None:
 def _define_op(namespace: str, as_triton_op: bool):
     """Register bias_act_ (mutates ``out``) as a triton_op on a GPU, or as an opaque custom_op
     under the interpreter (see fpn_fast.ops._triton)."""
-    if as_triton_op:
-        register = torch.library.triton_op
-        launch = torch.library.wrap_triton
-    else:
-        register = torch.library.custom_op
+    register, launch = registrar(namespace, as_triton_op)
 
-        def launch(kernel):
-            return kernel
-
-    @register(f"{namespace}::bias_act_", mutates_args=("out",))
+    @register("bias_act_", mutates_args=("out",))
     def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   relu: bool) -> None:
         if out.numel() == 0:
@@ -96,7 +84,6 @@ def _define_op(namespace: str, as_triton_op: bool):
     return bias_act_
 
 
-_AS_TRITON_OP = not _INTERPRET and hasattr(torch.library, "triton_op")
 if triton is not None:
     _op = _define_op("fpn_fast_triton", _AS_TRITON_OP)
 

@@ -19,9 +19,8 @@ import torch
 
 from ._checks import check_lateral_upsample_add
 from ._triton import (
-    _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2, _precision,
-    _resize_mode, on_device_of, triton)
-from ._triton import unavailable_reason as _unavailable_reason
+    _AS_TRITON_OP, _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
+    _precision, _resize_mode, on_device_of, registrar, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -62,10 +61,6 @@ def _autotune_configs():
     if choice not in ("all", "quick"):
         raise ValueError(f"FPN_FAST_AUTOTUNE must be 'all' or 'quick', not {choice!r}")
     return _GPU_CONFIGS if choice == "all" else (_GPU_CONFIGS[0], _GPU_CONFIGS[-1])
-
-
-def unavailable_reason(device_type: str) -> Optional[str]:
-    return _unavailable_reason(device_type)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -181,16 +176,9 @@ def _define_op(namespace: str, as_triton_op: bool):
     """Register lateral_upsample_add under ``namespace``, as a triton_op (kernel visible to
     torch.compile) or as an opaque custom_op with a fake kernel (what works under the interpreter).
     No register_autograd: inference only."""
-    if as_triton_op:
-        register = torch.library.triton_op
-        launch = torch.library.wrap_triton
-    else:
-        register = torch.library.custom_op
+    register, launch = registrar(namespace, as_triton_op)
 
-        def launch(kernel):
-            return kernel
-
-    @register(f"{namespace}::lateral_upsample_add", mutates_args=())
+    @register("lateral_upsample_add")
     def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              top: Optional[torch.Tensor]) -> torch.Tensor:
         _check_dtype(x.dtype)
@@ -223,9 +211,7 @@ def _define_op(namespace: str, as_triton_op: bool):
     return lateral_upsample_add
 
 
-# Same choice as fpn_fast.ops._triton (see its module docstring).
-_AS_TRITON_OP = not _INTERPRET and hasattr(torch.library, "triton_op")
-if triton is not None:
+if triton is not None:  # registered as fpn_fast.ops._triton registers its ops
     _op = _define_op("fpn_fast_triton", _AS_TRITON_OP)
 
 
