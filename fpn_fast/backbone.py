@@ -2,10 +2,18 @@
 
 Weights come only from local checkpoints (a path or a state dict of a torchvision ResNet
 classification model); nothing is ever downloaded.
+
+``resnet_fpn_backbone`` also takes torchvision's older calling conventions, with torchvision's
+deprecation warnings: positional arguments, and ``pretrained=False`` (or a bool ``weights``) for
+``weights=None``. ``pretrained=True`` asks for a download and is refused with the way to load
+those weights instead.
 """
+import functools
+import inspect
 import os
+import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +92,16 @@ def load_resnet_checkpoint(model: ResNet, weights: Checkpoint) -> None:
     """Load a torchvision ResNet classification checkpoint (path or state dict) into ``model``.
 
     The ``fc.*`` keys are ignored; every other key must fit exactly.
+
+    Args:
+        model: the trunk to load into, in place.
+        weights: a path to a file saved with ``torch.save`` (loaded with ``weights_only=True``)
+            or a state dict.
+
+    Raises:
+        FileNotFoundError: the path names no file.
+        TypeError: ``weights`` is neither a path nor a mapping (e.g. a torchvision weights enum).
+        ValueError: the checkpoint is not a state dict, or its keys or shapes do not fit ``model``.
     """
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
@@ -111,28 +129,118 @@ def load_resnet_checkpoint(model: ResNet, weights: Checkpoint) -> None:
                          f"unexpected keys {result.unexpected_keys}")
 
 
+def _positional_as_keywords(builder_name: str, names: Sequence[str], args: tuple,
+                            kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """kwargs with the positional args added under the names of the keyword-only parameters, in
+    order, warning as torchvision's ``kwonly_to_pos_or_kw`` does."""
+    if len(args) > len(names):
+        raise TypeError(f"{builder_name}() takes at most {len(names)} positional arguments ({', '.join(names)}) "
+                        f"but {len(args)} were given")
+    positional = dict(zip(names, args))
+    repeated = [name for name in positional if name in kwargs]
+    if repeated:
+        raise TypeError(f"{builder_name}() got multiple values for argument(s) {repeated}")
+    warnings.warn(f"Using {', '.join(map(repr, positional))} as positional parameter(s) is deprecated (as in "
+                  "torchvision since 0.13) and may be removed in the future. Please use keyword parameter(s) "
+                  "instead.", stacklevel=3)
+    return {**kwargs, **positional}
+
+
+def _weights_from_pretrained(builder_name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """kwargs with torchvision's legacy ``pretrained`` (or a bool ``weights``, as a positional
+    ``pretrained`` lands there) turned into ``weights``, warning as torchvision's
+    ``handle_legacy_interface`` does. True would mean downloading ImageNet weights: refused."""
+    kwargs = dict(kwargs)
+    if "pretrained" in kwargs:
+        if "weights" in kwargs:
+            raise TypeError(f"{builder_name}() got both 'weights' and the deprecated 'pretrained'; "
+                            "pass only weights= (None, a checkpoint path or a state dict)")
+        pretrained = kwargs.pop("pretrained")
+        warnings.warn("The parameter 'pretrained' is deprecated (as in torchvision since 0.13) and may be removed "
+                      "in the future, please use 'weights' instead.", stacklevel=3)
+    else:
+        pretrained = kwargs["weights"]
+    if pretrained:
+        name = kwargs.get("backbone_name", "<backbone_name>")
+        raise ValueError(
+            f"{builder_name}(): pretrained=True asks for torchvision's ImageNet weights of {name!r}, and fpn_fast "
+            "never downloads weights. Load them with torchvision and pass the state dict instead: "
+            f"weights=torchvision.models.get_model_weights({name!r}).IMAGENET1K_V1.get_state_dict()")
+    warnings.warn("Arguments other than a checkpoint path, a state dict or `None` for 'weights' are deprecated (as "
+                  "in torchvision since 0.13) and may be removed in the future. The current behavior is equivalent "
+                  "to passing `weights=None`.", stacklevel=3)
+    kwargs["weights"] = None
+    return kwargs
+
+
+def _torchvision_calling_conventions(builder: Callable[..., BackboneWithFPN]) -> Callable[..., BackboneWithFPN]:
+    """Let a builder with keyword-only parameters be called as torchvision's builders can be:
+    positionally, and with the legacy ``pretrained`` flag (see the module docstring)."""
+    names = tuple(inspect.signature(builder).parameters)
+
+    @functools.wraps(builder)
+    def wrapper(*args: Any, **kwargs: Any) -> BackboneWithFPN:
+        if args:
+            kwargs = _positional_as_keywords(builder.__name__, names, args, kwargs)
+        if "pretrained" in kwargs or isinstance(kwargs.get("weights"), bool):
+            kwargs = _weights_from_pretrained(builder.__name__, kwargs)
+        return builder(**kwargs)
+
+    return wrapper
+
+
+def _check_returned_layers(returned_layers: Sequence[int]) -> None:
+    if not isinstance(returned_layers, (list, tuple)) or not returned_layers or any(
+            isinstance(k, bool) or not isinstance(k, int) for k in returned_layers):
+        raise TypeError(f"returned_layers must be a non-empty list of ints in [1,4], got {returned_layers!r}")
+    if min(returned_layers) <= 0 or max(returned_layers) >= 5:
+        raise ValueError(f"Each returned layer should be in the range [1,4]. Got {returned_layers}")
+    if list(returned_layers) != sorted(set(returned_layers)):
+        # The body returns its stages in execution order, so the FPN's in_channels_list must follow it.
+        raise ValueError(f"returned_layers must be increasing without repeats, got {returned_layers}")
+
+
+@_torchvision_calling_conventions
 def resnet_fpn_backbone(*, backbone_name: str, weights: Optional[Checkpoint] = None,
                         norm_layer: Optional[Callable[..., nn.Module]] = None, trainable_layers: int = 3,
                         returned_layers: Optional[List[int]] = None,
                         extra_blocks: Optional[nn.Module] = None) -> BackboneWithFPN:
     """ResNet body + FPN with 256 output channels, as torchvision's ``resnet_fpn_backbone``.
 
+    Keyword arguments as torchvision's; its deprecated positional arguments and ``pretrained=False``
+    work too, with its deprecation warnings (see the module docstring).
+
     Args:
-        backbone_name: 'resnet18', 'resnet34', 'resnet50', 'resnet101' or 'resnet152'.
+        backbone_name: 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
+            'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2' or 'wide_resnet101_2'.
         weights: None (random init) or a local checkpoint of the ResNet classification model:
             a file path (loaded with ``weights_only=True``) or a state dict; ``fc.*`` keys ignored.
         norm_layer: the body's norm layer; ``FrozenBatchNorm2d`` when None.
         trainable_layers: how many stages, counted from layer4 back to conv1 (5 adds bn1), keep
             ``requires_grad``; the rest of the body is frozen. 0..5.
-        returned_layers: which of layer1..layer4 feed the FPN (default all), output names '0','1',...
+        returned_layers: which of layer1..layer4 feed the FPN, increasing (default all); output
+            names '0','1',...
         extra_blocks: FPN extra block; ``LastLevelMaxPool()`` (the 'pool' level) when None.
+
+    Returns:
+        A ``BackboneWithFPN`` whose ``body`` has torchvision's state_dict keys for that ResNet.
+
+    Raises:
+        ValueError: unknown ``backbone_name``; ``trainable_layers`` outside 0..5; a returned layer
+            outside 1..4 or ``returned_layers`` not increasing; ``pretrained=True``; a checkpoint
+            that does not fit (see ``load_resnet_checkpoint``).
+        TypeError: ``trainable_layers`` not an int, ``returned_layers`` not a non-empty list of
+            ints, ``weights`` of an unsupported type, too many positional arguments, an argument
+            given both positionally and by keyword, or both ``weights`` and ``pretrained``.
+        FileNotFoundError: ``weights`` is a path that names no file.
     """
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int):
+        raise TypeError(f"trainable_layers must be an int in [0,5], got {trainable_layers!r}")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"Trainable layers should be in the range [0,5], got {trainable_layers}")
     if returned_layers is None:
         returned_layers = [1, 2, 3, 4]
-    if min(returned_layers) <= 0 or max(returned_layers) >= 5:
-        raise ValueError(f"Each returned layer should be in the range [1,4]. Got {returned_layers}")
+    _check_returned_layers(returned_layers)
 
     body = resnet(backbone_name, norm_layer=FrozenBatchNorm2d if norm_layer is None else norm_layer)
     if weights is not None:
@@ -151,5 +259,15 @@ def resnet_fpn_backbone(*, backbone_name: str, weights: Optional[Checkpoint] = N
 
 
 def resnet50_fpn_backbone(**kwargs) -> BackboneWithFPN:
-    """``resnet_fpn_backbone(backbone_name="resnet50", **kwargs)``."""
+    """``resnet_fpn_backbone(backbone_name="resnet50", **kwargs)``.
+
+    Args:
+        **kwargs: any keyword argument of ``resnet_fpn_backbone`` but ``backbone_name``.
+
+    Returns:
+        The ResNet-50 ``BackboneWithFPN``.
+
+    Raises:
+        As ``resnet_fpn_backbone``.
+    """
     return resnet_fpn_backbone(backbone_name="resnet50", **kwargs)

@@ -21,7 +21,7 @@ from . import ops
 __all__ = ["ExtraFPNBlock", "LastLevelMaxPool", "FeaturePyramidNetwork", "check_fpn_inputs"]
 
 
-class ExtraFPNBlock(nn.Module):
+class ExtraFPNBlock(__import__("_torchvision_compat", globals(), fromlist=["ExtraFPNBlockBase"], level=1).ExtraFPNBlockBase):
     """Base of the blocks run after the pyramid: ``forward(results, x, names) -> (results, names)``.
 
     ``results`` are the FPN outputs (finest first), ``x`` the FPN's input feature maps, ``names``
