@@ -3,6 +3,9 @@
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 
 #include "upsample_add_ops.h"
 #include "upsample_index.h"
@@ -34,10 +37,11 @@ void check_inputs(const at::Tensor& lateral, const at::Tensor& top, const std::o
   TORCH_CHECK_VALUE(lateral.dim() == 4 && top.dim() == 4,
                     "fpn_fast::upsample_add: lateral and top must be 4-D (N, C, H, W); got lateral ",
                     lateral.sizes(), ", top ", top.sizes());
-  TORCH_CHECK_VALUE(is_float(lateral.scalar_type()), "fpn_fast::upsample_add: floating dtypes only, got lateral ",
-                    lateral.scalar_type());
-  TORCH_CHECK_VALUE(top.scalar_type() == lateral.scalar_type(), "fpn_fast::upsample_add: top dtype ",
-                    top.scalar_type(), " differs from lateral dtype ", lateral.scalar_type());
+  // A wrong dtype is a TypeError, a wrong shape or device a ValueError, as in fpn_fast.ops._checks.
+  TORCH_CHECK_TYPE(is_float(lateral.scalar_type()), "fpn_fast::upsample_add: floating dtypes only, got lateral ",
+                   lateral.scalar_type());
+  TORCH_CHECK_TYPE(top.scalar_type() == lateral.scalar_type(), "fpn_fast::upsample_add: top dtype ",
+                   top.scalar_type(), " differs from lateral dtype ", lateral.scalar_type());
   TORCH_CHECK_VALUE(top.device() == lateral.device(), "fpn_fast::upsample_add: top is on ", top.device(),
                     ", lateral on ", lateral.device());
   TORCH_CHECK_VALUE(top.size(0) == lateral.size(0) && top.size(1) == lateral.size(1), "fpn_fast::upsample_add: top ",
@@ -49,9 +53,10 @@ void check_inputs(const at::Tensor& lateral, const at::Tensor& top, const std::o
     const at::Tensor& b = *bias;
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == lateral.size(1), "fpn_fast::upsample_add: bias must have shape (",
                       lateral.size(1), ",) for lateral ", lateral.sizes(), ", got ", b.sizes());
-    TORCH_CHECK_VALUE(b.scalar_type() == lateral.scalar_type() && b.device() == lateral.device(),
-                      "fpn_fast::upsample_add: bias (", b.scalar_type(), ", ", b.device(),
-                      ") must match lateral (", lateral.scalar_type(), ", ", lateral.device(), ")");
+    TORCH_CHECK_TYPE(b.scalar_type() == lateral.scalar_type(), "fpn_fast::upsample_add: bias dtype ",
+                     b.scalar_type(), " differs from lateral dtype ", lateral.scalar_type());
+    TORCH_CHECK_VALUE(b.device() == lateral.device(), "fpn_fast::upsample_add: bias is on ", b.device(),
+                      ", lateral on ", lateral.device());
   }
 }
 
@@ -96,11 +101,17 @@ at::Tensor upsample_add_driver(const at::Tensor& lateral, const at::Tensor& top,
 void upsample_add_inplace_driver(const at::Tensor& lateral, const at::Tensor& top,
                                  const std::optional<at::Tensor>& bias, ForwardKernel kernel) {
   check_inputs(lateral, top, bias);
+  // Like ATen's in-place ops: no element of lateral may be written twice (an expanded view).
+  at::assert_no_internal_overlap(lateral);
   if (lateral.numel() == 0) return;
   const bool channels_last = is_channels_last(lateral);
   const at::MemoryFormat fmt = format_of(channels_last);
-  if (!lateral.is_contiguous(fmt)) {
-    // Neither layout (e.g. a strided view): compute densely, then write back through the view.
+  const bool reads_lateral_memory =
+      at::get_overlap_status(lateral, top) != at::MemOverlapStatus::No ||
+      (bias.has_value() && at::get_overlap_status(lateral, *bias) != at::MemOverlapStatus::No);
+  if (!lateral.is_contiguous(fmt) || reads_lateral_memory) {
+    // Neither layout (e.g. a strided view), or top / bias read memory the kernel would write
+    // while reading them: compute densely, then write back through lateral.
     const_cast<at::Tensor&>(lateral).copy_(upsample_add_driver(lateral, top, bias, kernel));
     return;
   }
@@ -112,8 +123,8 @@ void upsample_add_inplace_driver(const at::Tensor& lateral, const at::Tensor& to
 at::Tensor upsample_add_backward_top_driver(const at::Tensor& grad, int64_t top_h, int64_t top_w,
                                             BackwardKernel kernel) {
   TORCH_CHECK_VALUE(grad.dim() == 4, "fpn_fast::upsample_add_backward_top: grad must be 4-D, got ", grad.sizes());
-  TORCH_CHECK_VALUE(is_float(grad.scalar_type()), "fpn_fast::upsample_add_backward_top: floating dtypes only, got ",
-                    grad.scalar_type());
+  TORCH_CHECK_TYPE(is_float(grad.scalar_type()), "fpn_fast::upsample_add_backward_top: floating dtypes only, got ",
+                   grad.scalar_type());
   TORCH_CHECK_VALUE(top_h >= 0 && top_w >= 0, "fpn_fast::upsample_add_backward_top: negative top size ", top_h, "x",
                     top_w);
   TORCH_CHECK_VALUE((top_h > 0 && top_w > 0) || grad.size(2) * grad.size(3) == 0,
@@ -131,6 +142,26 @@ at::Tensor upsample_add_backward_top_driver(const at::Tensor& grad, int64_t top_
 }
 
 namespace {
+
+// Autograd kernel of the in-place op: it has no derivative, so tensors that need one are
+// refused (instead of leaving their .grad silently None); otherwise it runs the device kernel
+// and bumps lateral's version counter, as ATen's in-place ops do.
+void upsample_add_inplace_autograd(const at::Tensor& lateral, const at::Tensor& top,
+                                   const std::optional<at::Tensor>& bias) {
+  const bool needs_grad = lateral.requires_grad() || top.requires_grad() || (bias.has_value() && bias->requires_grad());
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && needs_grad),
+              "fpn_fast::upsample_add_ writes into lateral in place and has no gradient, but an input requires "
+              "grad; use the out-of-place fpn_fast::upsample_add (fpn_fast.ops.upsample_add), or run under "
+              "torch.no_grad() / torch.inference_mode()");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fpn_fast::upsample_add_", "")
+                         .typed<void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+    op.call(lateral, top, bias);
+  }
+  lateral.unsafeGetTensorImpl()->bump_version();
+}
 
 // Test hook for the index arithmetic at sizes too large to allocate: for output element
 // `index` of a lateral of `lateral_shape` (N, C, H, W) upsampling a top of `top_hw`, returns
@@ -165,3 +196,5 @@ TORCH_LIBRARY(fpn_fast, m) {
   m.def("_upsample_add_index_probe", &fpn_fast::upsample_add_index_probe);
   m.def("_nearest_window_starts", &fpn_fast::nearest_window_starts);
 }
+
+TORCH_LIBRARY_IMPL(fpn_fast, Autograd, m) { m.impl("upsample_add_", &fpn_fast::upsample_add_inplace_autograd); }

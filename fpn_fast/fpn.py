@@ -4,24 +4,34 @@ Drop-in for ``torchvision.ops.FeaturePyramidNetwork``: same constructor, same st
 (``inner_blocks.<i>.0.weight``, ``layer_blocks.<i>.0.weight``; the old ``inner_blocks.<i>.weight``
 layout loads too), same OrderedDict-in / OrderedDict-out contract and extra-block protocol.
 
-The difference is the top-down step. torchvision computes ``conv1x1(C_i) + bias`` then
-``+ interpolate(inner_{i+1})`` in separate passes; here the lateral conv runs without its bias
-and ``ops.upsample_add`` applies bias and upsampled top in one pass. Under no_grad the sum is
-written into the fresh lateral conv output (``ops.upsample_add_``), saving a full-size buffer,
-and on CPU the convolutions run in channels_last when ``ops.prefer_channels_last`` says it pays.
+A faithful port: ``forward`` calls its submodules (``get_result_from_inner_blocks``,
+``get_result_from_layer_blocks``, ``extra_blocks``) as torchvision's does, so hooks, conv
+wrappers, pruning, parametrizations and subclasses behave the same. The one difference is the
+top-down step of a level whose lateral block is provably a plain 1x1 conv
+(``_fast_path.fusable_lateral_conv``: exact types, no hooks, no parametrizations): torchvision
+computes ``conv1x1(C_i) + bias`` then ``+ interpolate(inner_{i+1})`` in separate passes; here
+the conv runs without its bias and ``ops.upsample_add`` adds bias and upsampled top in one pass
+(outputs agree to float rounding: the bias is added after the conv instead of inside it). Under
+no_grad that sum is written into the conv's fresh output (``ops.upsample_add_``), a temporary
+nobody else can see. Every other lateral block runs as a module and its output is left alone.
+Layout and rounding changes (channels_last, norm folding) live only in
+``fpn_fast.optimize_for_inference``.
 """
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._fast_path import fusable_lateral_conv
+from ._torchvision_compat import ExtraFPNBlockBase
 
 __all__ = ["ExtraFPNBlock", "LastLevelMaxPool", "FeaturePyramidNetwork", "check_fpn_inputs"]
 
 
-class ExtraFPNBlock(__import__("_torchvision_compat", globals(), fromlist=["ExtraFPNBlockBase"], level=1).ExtraFPNBlockBase):
+class ExtraFPNBlock(ExtraFPNBlockBase):
     """Base of the blocks run after the pyramid: ``forward(results, x, names) -> (results, names)``.
 
     ``results`` are the FPN outputs (finest first), ``x`` the FPN's input feature maps, ``names``
@@ -52,14 +62,21 @@ def _conv_block(in_channels: int, out_channels: int, kernel_size: int,
     return nn.Sequential(*layers)
 
 
-def check_fpn_inputs(names: List[str], features: List[Tensor], in_channels_list: List[int]) -> None:
-    """ValueError naming the level unless there is one 4-D map per level with the right channels.
+def check_fpn_inputs(names: List[str], features: List[Tensor], in_channels_list: List[Optional[int]]) -> None:
+    """Check the FPN's input before any convolution runs.
 
-    Plain Python on shapes: cheap, and torch.compile folds it into guards.
+    Args:
+        names: the input OrderedDict's keys, finest level first.
+        features: its values: one Tensor[N, C_i, H_i, W_i] per level.
+        in_channels_list: the channels each level's lateral block expects (None: not known, the
+            block checks its input itself).
+
+    Raises:
+        ValueError: naming the level, when the number of maps, a map's rank or its channels do not fit.
     """
     if len(features) != len(in_channels_list):
-        raise ValueError(f"FeaturePyramidNetwork expects {len(in_channels_list)} feature maps (one per entry "
-                         f"of in_channels_list), got {len(features)}: {names}")
+        raise ValueError(f"FeaturePyramidNetwork expects {len(in_channels_list)} feature maps (one per lateral "
+                         f"block), got {len(features)}: {names}")
     for i, (name, feature, channels) in enumerate(zip(names, features, in_channels_list)):
         if not isinstance(feature, Tensor):
             raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) is a "
@@ -67,17 +84,25 @@ def check_fpn_inputs(names: List[str], features: List[Tensor], in_channels_list:
         if feature.dim() != 4:
             raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) must be 4-D "
                              f"(N, C, H, W), got shape {tuple(feature.shape)}")
-        if feature.shape[1] != channels:
+        if channels is not None and feature.shape[1] != channels:
             raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) has "
-                             f"{feature.shape[1]} channels, in_channels_list expects {channels}")
+                             f"{feature.shape[1]} channels, its lateral block expects {channels}")
 
 
 def _grad_needed(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _lateral_in_channels(block: nn.Module) -> Optional[int]:
+    """Input channels of a lateral block that starts with a convolution, else None."""
+    first = block[0] if isinstance(block, nn.Sequential) and len(block) > 0 else block
+    channels = getattr(first, "in_channels", None)
+    return channels if isinstance(channels, int) else None
+
+
 class FeaturePyramidNetwork(nn.Module):
-    """FPN over feature maps given in increasing depth (finest first), as torchvision's.
+    """FPN over feature maps given in increasing depth (finest first), as torchvision's
+    (Lin et al., "Feature Pyramid Networks for Object Detection", CVPR 2017).
 
     Args:
         in_channels_list: channels of each input feature map, in input order.
@@ -85,6 +110,13 @@ class FeaturePyramidNetwork(nn.Module):
         extra_blocks: run after the pyramid with the ``ExtraFPNBlock`` contract (e.g.
             ``LastLevelMaxPool`` or torchvision's ``LastLevelP6P7``), or None.
         norm_layer: norm after each conv (the convs then have no bias), or None.
+
+    ``forward(x)`` takes an OrderedDict of Tensor[N, C_i, H_i, W_i] (finest first) and returns an
+    OrderedDict of Tensor[N, out_channels, H_i, W_i] under the same names, then the extra levels.
+
+    Raises:
+        ValueError: an entry of in_channels_list is 0.
+        TypeError: extra_blocks is not a module.
     """
 
     _version = 2
@@ -109,8 +141,9 @@ class FeaturePyramidNetwork(nn.Module):
         self.extra_blocks = extra_blocks
 
     @property
-    def in_channels_list(self) -> List[int]:
-        return [block[0].in_channels for block in self.inner_blocks]
+    def in_channels_list(self) -> List[Optional[int]]:
+        """Channels each level's lateral block takes (from its first conv; None if it has none)."""
+        return [_lateral_in_channels(block) for block in self.inner_blocks]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -125,51 +158,64 @@ class FeaturePyramidNetwork(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    @staticmethod
-    def _lateral(block: nn.Module, x: Tensor, channels_last: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        """The lateral 1x1 conv output (channels_last when asked) and the bias still to add.
+    def get_result_from_inner_blocks(self, x: Tensor, idx: int) -> Tensor:
+        """``self.inner_blocks[idx](x)``, the lateral block of level ``idx`` (negative counts from the end)."""
+        if idx < 0:
+            idx += len(self.inner_blocks)
+        out = x
+        for i, module in enumerate(self.inner_blocks):  # a loop, as torchvision's (TorchScript indexing)
+            if i == idx:
+                out = module(x)
+        return out
 
-        Without a norm the conv runs bias-free and its bias is returned for the fused add; with a
-        norm the block runs whole (its conv has no bias) and nothing is left to add.
-        """
-        if len(block) == 1:
-            conv = block[0]
-            lateral = ops.conv1x1(x, conv.weight, channels_last)
-            bias = conv.bias
-            if bias is not None and bias.dtype != lateral.dtype:
-                # Under autocast the conv ran in low precision; so would its bias inside it.
-                bias = bias.to(lateral.dtype)
-            return lateral, bias
-        return block(x), None
+    def get_result_from_layer_blocks(self, x: Tensor, idx: int) -> Tensor:
+        """``self.layer_blocks[idx](x)``, the 3x3 output block of level ``idx``."""
+        if idx < 0:
+            idx += len(self.layer_blocks)
+        out = x
+        for i, module in enumerate(self.layer_blocks):
+            if i == idx:
+                out = module(x)
+        return out
+
+    def _fusable_lateral(self, idx: int) -> Optional[nn.Conv2d]:
+        """The plain 1x1 conv of level idx's lateral block when the fused step may replace the
+        block's call (see _fast_path), else None."""
+        if type(self).get_result_from_inner_blocks is not FeaturePyramidNetwork.get_result_from_inner_blocks:
+            return None  # a subclass decides what a lateral is
+        return fusable_lateral_conv(self.inner_blocks[idx])
+
+    def _top_down(self, idx: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
+        """Level idx's inner map: its lateral plus the nearest-upsampled coarser inner map
+        (``top``; None at the coarsest level)."""
+        conv = self._fusable_lateral(idx)
+        if conv is None:  # the block runs as a module; its output may be seen by hooks: no in place
+            lateral = self.get_result_from_inner_blocks(feature, idx)
+            return lateral if top is None else ops.upsample_add(lateral, top)
+        lateral = F.conv2d(feature, conv.weight)  # fresh: only this method sees it
+        bias = conv.bias
+        if bias is not None and bias.dtype != lateral.dtype:
+            # Under autocast the conv ran in low precision; so would its bias inside it.
+            bias = bias.to(lateral.dtype)
+        if top is None:
+            if bias is None:
+                return lateral
+            bias = bias.view(1, -1, 1, 1)
+            return lateral + bias if _grad_needed(lateral, bias) else lateral.add_(bias)
+        if _grad_needed(lateral, top, bias):
+            return ops.upsample_add(lateral, top, bias)
+        return ops.upsample_add_(lateral, top, bias)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         names = list(x.keys())
         features = list(x.values())
         check_fpn_inputs(names, features, self.in_channels_list)
-        # Inference on CPU NCHW maps: convolutions in channels_last (faster in oneDNN), outputs
-        # converted back below so callers and extra blocks see the layout they passed in.
-        channels_last = ops.prefer_channels_last(features) and not _grad_needed(*self.parameters())
-
         last = len(features) - 1
-        lateral, bias = self._lateral(self.inner_blocks[last], features[last], channels_last)
-        if bias is None:
-            inner = lateral
-        elif _grad_needed(lateral, bias):
-            inner = lateral + bias.view(1, -1, 1, 1)
-        else:
-            inner = lateral.add_(bias.view(1, -1, 1, 1))
-        results = [self.layer_blocks[last](inner)]
-
+        inner = self._top_down(last, features[last], None)
+        results = [self.get_result_from_layer_blocks(inner, last)]
         for idx in range(last - 1, -1, -1):
-            lateral, bias = self._lateral(self.inner_blocks[idx], features[idx], channels_last)
-            if _grad_needed(lateral, inner, bias):
-                inner = ops.upsample_add(lateral, inner, bias)
-            else:
-                inner = ops.upsample_add_(lateral, inner, bias)
-            results.insert(0, self.layer_blocks[idx](inner))
-
-        if channels_last:
-            results = [ops.to_nchw(r) for r in results]
+            inner = self._top_down(idx, features[idx], inner)
+            results.insert(0, self.get_result_from_layer_blocks(inner, idx))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         return OrderedDict(zip(names, results))

@@ -16,13 +16,16 @@ something else.
 """
 import copy
 import functools
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import ops
+from ._fast_path import has_hooks, runs_as_written
 from .backbone import BackboneWithFPN, IntermediateLayerGetter
 from .convert import convert
 from .fpn import FeaturePyramidNetwork, check_fpn_inputs
@@ -88,17 +91,36 @@ class Conv2dAct(nn.Module):
 
 
 def _is_foldable_norm(norm: nn.Module, channels: int) -> bool:
-    if isinstance(norm, (FrozenBatchNorm2d, *_torchvision_classes()["frozen_norms"])):
+    """An exact frozen / running-statistics batch norm over ``channels``, with nothing attached
+    (see _fast_path.runs_as_written): its eval forward is then an affine map we can fold."""
+    if runs_as_written(norm, (FrozenBatchNorm2d, *_torchvision_classes()["frozen_norms"])):
         return norm.weight.shape[0] == channels
-    if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+    if runs_as_written(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         # In eval mode only running statistics make it an affine map of its input.
         return (norm.track_running_stats and norm.running_mean is not None
                 and norm.num_features == channels)
     return False
 
 
+def _attached(module: nn.Module) -> bool:
+    """Whether a hook or a parametrization is attached to the module itself."""
+    return has_hooks(module) or parametrize.is_parametrized(module)
+
+
+def _left_alone(model: nn.Module) -> List[str]:
+    """Paths of the modules optimize_for_inference leaves as they are although their type is
+    one it rewrites: subclasses of those types, or modules with hooks or parametrizations."""
+    rewritten = (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d, nn.ReLU, nn.Sequential, Bottleneck, BasicBlock,
+                 FeaturePyramidNetwork, BackboneWithFPN, *_torchvision_classes()["blocks"],
+                 *_torchvision_classes()["frozen_norms"], *_torchvision_classes()["backbones"])
+    return [name or type(model).__name__ for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, rewritten) and (_attached(module) or type(module) not in rewritten)
+            and not (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+                     and not _attached(module))]
+
+
 def _is_plain_conv(module: nn.Module) -> bool:
-    return (type(module) is nn.Conv2d and module.padding_mode == "zeros"
+    return (runs_as_written(module, nn.Conv2d) and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))
 
 
@@ -147,14 +169,14 @@ def _fold_block(block: nn.Module) -> Optional[FoldedResidualBlock]:
     """The folded version of a torchvision-style ResNet block, or None when some part of it
     does not fold (a norm of another kind, an unusual downsample)."""
     depth = 3 if hasattr(block, "conv3") else 2
-    if type(block.relu) is not nn.ReLU:
+    if not runs_as_written(block.relu, nn.ReLU):
         return None
     pairs = [(getattr(block, f"conv{k}"), getattr(block, f"bn{k}")) for k in range(1, depth + 1)]
     if not all(_is_plain_conv(conv) and _is_foldable_norm(norm, conv.out_channels) for conv, norm in pairs):
         return None
     downsample = None
     if block.downsample is not None:
-        parts = list(block.downsample.children()) if isinstance(block.downsample, nn.Sequential) else []
+        parts = list(block.downsample.children()) if runs_as_written(block.downsample, nn.Sequential) else []
         if not (len(parts) == 2 and _is_plain_conv(parts[0])
                 and _is_foldable_norm(parts[1], parts[0].out_channels)):
             return None
@@ -182,7 +204,7 @@ def fold_norms(module: nn.Module) -> int:
     # must keep both of its places, or the pairs around it would look adjacent.
     children = [(name, child) for name, child in module._modules.items() if child is not None]
     for name, child in children:
-        new = _fold_block(child) if type(child) in blocks else None
+        new = _fold_block(child) if runs_as_written(child, blocks) else None
         if new is not None:
             setattr(module, name, new)
             folded += 3 if hasattr(child, "conv3") else 2
@@ -198,7 +220,7 @@ def fold_norms(module: nn.Module) -> int:
             if not (_is_plain_conv(child) and _is_foldable_norm(norm, child.out_channels)) or \
                     {name, norm_name} & returned:
                 continue
-            relu = (i + 2 < len(children) and type(children[i + 2][1]) is nn.ReLU
+            relu = (i + 2 < len(children) and runs_as_written(children[i + 2][1], nn.ReLU)
                     and children[i + 2][0] not in returned)
             setattr(module, name, fold_conv_norm(child, norm, relu=relu))
             setattr(module, norm_name, nn.Identity())
@@ -231,13 +253,19 @@ class InferenceFPN(nn.Module):
         self.layer_blocks = nn.ModuleList(self._convert_block(b, fold_norm) for b in fpn.layer_blocks)
         self.extra_blocks = fpn.extra_blocks
         self.fuse_lateral = fuse_lateral
-        self.output_memory_format = output_memory_format
+        # A bool, not the torch.memory_format (which does not pickle): torch.save must work.
+        self.output_channels_last = output_memory_format == torch.channels_last
 
     @staticmethod
-    def _convert_block(block: nn.Sequential, fold_norm: bool) -> nn.Module:
+    def _convert_block(block: nn.Module, fold_norm: bool) -> nn.Module:
+        """A (conv[, norm]) block as one Conv2dAct when it provably computes conv-then-norm
+        (a Sequential's forward, nothing attached); anything else is kept as it is."""
+        if not (isinstance(block, nn.Sequential) and type(block).forward is nn.Sequential.forward
+                and not _attached(block) and 1 <= len(block) <= 2):
+            return block
         conv = block[0]
         norm = block[1] if len(block) > 1 else None
-        if not _is_plain_conv(conv) or len(block) > 2:
+        if not _is_plain_conv(conv):
             return block
         if norm is None or (fold_norm and _is_foldable_norm(norm, conv.out_channels)):
             return fold_conv_norm(conv, norm, relu=False)
@@ -263,7 +291,8 @@ class InferenceFPN(nn.Module):
             results.insert(0, self.layer_blocks[level](inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
-        return OrderedDict((name, _as_format(r, self.output_memory_format)) for name, r in zip(names, results))
+        memory_format = torch.channels_last if self.output_channels_last else torch.contiguous_format
+        return OrderedDict((name, _as_format(r, memory_format)) for name, r in zip(names, results))
 
 
 class InferenceBackboneWithFPN(nn.Module):
@@ -288,15 +317,15 @@ def _optimize(module: nn.Module, options: dict) -> Tuple[nn.Module, int]:
     """(replacement of module, number of FPNs optimized in it); children replaced in place."""
     fpn_options = dict(fold_norm=options["fold_norm"], fuse_lateral=options["fuse_lateral"],
                        output_memory_format=options["output_memory_format"])
-    # Exact types: a subclass may have changed what the module does.
-    if (type(module) in (BackboneWithFPN, *_torchvision_classes()["backbones"])
-            and type(module.fpn) is FeaturePyramidNetwork):
+    # Exact types, nothing attached: a subclass or a hook may change what the module does.
+    if (runs_as_written(module, (BackboneWithFPN, *_torchvision_classes()["backbones"]))
+            and runs_as_written(module.fpn, FeaturePyramidNetwork)):
         body = module.body
         if options["fold_norm"]:
             fold_norms(body)
         optimized = InferenceBackboneWithFPN(body, InferenceFPN(module.fpn, **fpn_options), module.out_channels,
                                              options["channels_last"])
-    elif type(module) is FeaturePyramidNetwork:
+    elif runs_as_written(module, FeaturePyramidNetwork):
         optimized = InferenceFPN(module, **fpn_options)
     else:
         count = 0
@@ -347,7 +376,13 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
                          f"got {output_memory_format}")
     options = dict(channels_last=bool(channels_last), fold_norm=bool(fold_norm), fuse_lateral=bool(fuse_lateral),
                    output_memory_format=output_memory_format)
-    optimized, found = _optimize(convert(copy.deepcopy(model)), options)
+    converted = convert(copy.deepcopy(model))
+    left_alone = _left_alone(converted)
+    if left_alone:
+        warnings.warn("fpn_fast.optimize_for_inference leaves these modules as they are (a subclass, hooks or "
+                      "parametrizations may change what they compute, so they are not folded or fused): "
+                      + ", ".join(left_alone), stacklevel=2)
+    optimized, found = _optimize(converted, options)
     if found == 0:
         raise ValueError(f"optimize_for_inference found no ResNet-FPN backbone (BackboneWithFPN) or "
                          f"FeaturePyramidNetwork in the {type(model).__name__} it was given")

@@ -310,7 +310,7 @@ def test_fpn_rejects_bad_inputs():
         ours(three)
     wrong_channels = OrderedDict(x)
     wrong_channels["feat2"] = torch.randn(2, 25, 7, 11)
-    with pytest.raises(ValueError, match=r"'feat2' \(level 2\) has 25 channels, in_channels_list expects 24"):
+    with pytest.raises(ValueError, match=r"'feat2' \(level 2\) has 25 channels, its lateral block expects 24"):
         ours(wrong_channels)
     not_4d = OrderedDict(x)
     not_4d["feat1"] = torch.randn(16, 13, 19)

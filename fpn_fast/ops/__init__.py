@@ -1,166 +1,135 @@
-"""The two FPN ops and the backend choice.
+"""The FPN ops, each resolved through one dispatch table (``fpn_fast.ops._dispatch.TABLE``).
 
+Differentiable, used by the drop-in modules:
 ``upsample_add(lateral, top, bias)``  -> (lateral + bias[c]) + nearest_upsample(top, lateral's H x W)
-``upsample_add_(lateral, top, bias)`` -> the same, written into ``lateral`` (inference: no autograd)
+``upsample_add_(lateral, top, bias)`` -> the same, written into ``lateral`` (refuses tensors that need grad)
 ``stride2_pool(x)``                   -> F.max_pool2d(x, 1, 2, 0), i.e. x[:, :, ::2, ::2]
-``conv1x1(x, weight)``                 -> F.conv2d(x, weight) for a 1x1 kernel (the lateral conv)
-``prefer_channels_last(features)``, ``to_nchw(x)``: the FPN's inference layout choice
 
 Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
 ``conv2d_act(x, weight, bias, ..., relu, residual)`` -> relu?(conv2d(x, weight, bias) + residual),
     the tail fused: oneDNN post-ops on CPU, one Triton pass after cuDNN on CUDA
 ``lateral_upsample_add(x, weight, bias, top)``      -> upsample_add(conv1x1(x, weight), top, bias),
     on CUDA one Triton GEMM whose epilogue does the top-down step (the lateral map is never stored)
+``conv1x1(x, weight, channels_last)``, ``to_nchw(x)``: the CPU inference layout helpers
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
-under TRITON_INTERPRET=1), "torch" (pure PyTorch, always there), and "auto" (the default):
-CUDA tensors -> extension if built with CUDA, else triton if importable, else torch;
-CPU tensors -> extension if built, else torch. The pool level is a strided copy that only the
-Triton backend has a kernel for; the other backends do it with the ATen strided copy.
-
-What can run is probed once, when fpn_fast.ops is imported (so TRITON_INTERPRET must be set
-before that). Choose with ``set_backend(name)``, ``with use_backend(name):`` or the FPN_FAST_BACKEND
-environment variable (read once, at import). Naming a backend that cannot run raises
-BackendUnavailableError saying why; it never silently falls back.
+under TRITON_INTERPRET=1, which must be set before import), "torch" (pure PyTorch, always there),
+and "auto" (the default): per op and device type, the first implementation in the table that
+runs here and computes the call exactly. Choose with ``set_backend(name)`` (process default),
+``with use_backend(name):`` (this thread only) or FPN_FAST_BACKEND. Naming a backend that cannot
+run raises BackendUnavailableError saying why; it never silently falls back.
 """
-import contextlib
-import os
-from typing import Dict, Iterator, Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks, _extension, _onednn, _triton, _triton_epilogue, _triton_lateral
 from . import reference as _torch_impl
+from ._dispatch import (BACKENDS, TABLE, BackendUnavailableError, available_backends, get_backend, resolve,
+                        set_backend, use_backend)
 from .reference import nearest_source_index
 
 __all__ = [
-    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "prefer_channels_last", "to_nchw",
-    "conv2d_act", "lateral_upsample_add", "set_backend", "get_backend", "use_backend",
-    "available_backends", "BackendUnavailableError", "BACKENDS", "nearest_source_index",
+    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
+    "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
+    "TABLE", "nearest_source_index",
 ]
 
-BACKENDS = ("auto", "extension", "triton", "torch")
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was named that cannot run here (not built, no GPU, triton missing)."""
-
-
-_IMPLS = {"extension": _extension, "triton": _triton, "torch": _torch_impl}
-# Availability is probed once, at import: the hot path only reads these.
-_REASONS: Dict[str, Dict[str, Optional[str]]] = {
-    "extension": {"cpu": _extension.unavailable_reason("cpu"), "cuda": _extension.unavailable_reason("cuda")},
-    "triton": {"cpu": _triton.unavailable_reason("cpu"), "cuda": _triton.unavailable_reason("cuda")},
-    "torch": {"cpu": None, "cuda": None},
-}
-_AUTO_UPSAMPLE = {
-    "cpu": _extension if _REASONS["extension"]["cpu"] is None else _torch_impl,
-    "cuda": (_extension if _REASONS["extension"]["cuda"] is None
-             else _triton if _REASONS["triton"]["cuda"] is None else _torch_impl),
-}
-_AUTO_POOL = {"cpu": _torch_impl, "cuda": _triton if _REASONS["triton"]["cuda"] is None else _torch_impl}
-
-_backend = "auto"
-
-
-def _validate_name(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown fpn_fast backend {name!r}; choose one of {BACKENDS}")
-    if name != "auto" and all(reason is not None for reason in _REASONS[name].values()):
-        raise BackendUnavailableError(
-            f"fpn_fast backend {name!r} is not available: " + "; ".join(
-                f"{dev}: {reason}" for dev, reason in _REASONS[name].items()))
-    return name
-
-
-def set_backend(name: str) -> None:
-    """Select the backend for all later calls ("auto", "extension", "triton", "torch")."""
-    global _backend
-    _backend = _validate_name(name)
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed calls with the named backend, restoring the previous one after."""
-    global _backend
-    previous = _backend
-    _backend = _validate_name(name)
-    try:
-        yield
-    finally:
-        _backend = previous
-
-
-def available_backends() -> Dict[str, Dict[str, Optional[str]]]:
-    """{backend: {device_type: None if usable there, else the reason why not}}."""
-    return {name: dict(reasons) for name, reasons in _REASONS.items()}
-
-
-def _named_impl(device_type: str):
-    if _backend == "torch":
-        return _torch_impl
-    reason = _REASONS[_backend].get(device_type, f"{device_type} tensors are not supported")
-    if reason is not None:
-        raise BackendUnavailableError(f"fpn_fast backend {_backend!r} cannot run on {device_type}: {reason}")
-    return _IMPLS[_backend]
+# Implementation name (a TABLE entry) -> module, per op family.
+_UPSAMPLE_IMPLS = {"extension": _extension, "triton": _triton, "torch": _torch_impl}
+_POOL_IMPLS = {"triton": _triton, "torch": _torch_impl}
 
 
 def _upsample_impl(device_type: str):
-    if _backend == "auto":
-        return _AUTO_UPSAMPLE.get(device_type, _torch_impl)
-    return _named_impl(device_type)
+    return _UPSAMPLE_IMPLS[resolve("upsample_add", device_type)]
 
 
-def _pool_impl(device_type: str):
-    if _backend == "auto":
-        return _AUTO_POOL.get(device_type, _torch_impl)
-    impl = _named_impl(device_type)
-    return impl if hasattr(impl, "stride2_pool") else _torch_impl
+def _may_overlap(lateral: torch.Tensor, other: Optional[torch.Tensor]) -> bool:
+    """Whether ``other`` may share memory with ``lateral`` (same storage; conservative)."""
+    return (other is not None and not torch.compiler.is_compiling()
+            and other.untyped_storage().data_ptr() == lateral.untyped_storage().data_ptr())
 
 
 def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(lateral + bias[c]) + nearest_upsample(top, size=lateral.shape[-2:]); differentiable.
+    """The FPN top-down step: ``(lateral + bias[c]) + F.interpolate(top, lateral's H x W, mode="nearest")``.
 
-    Output takes lateral's memory format; float16/bfloat16 accumulate in float32 and round once.
+    Differentiable in all three inputs. Bit-exact with the pure-PyTorch reference (DESIGN.md,
+    exact semantics); float16/bfloat16 add in float32 and round once.
+
+    Args:
+        lateral: Tensor[N, C, H, W], a float dtype, any memory format.
+        top: Tensor[N, C, th, tw], lateral's dtype and device; upsampled to H x W (any ratio).
+        bias: Tensor[C] or None, lateral's dtype and device.
+
+    Returns:
+        Tensor[N, C, H, W] in lateral's memory format (channels_last or contiguous).
+
+    Raises:
+        TypeError: a non-tensor or non-float input, or dtypes that differ.
+        ValueError: shapes or devices that do not fit (named in the message).
+        BackendUnavailableError: the named backend cannot run on these tensors' device.
     """
     _checks.check_upsample_add(lateral, top, bias)
     return _upsample_impl(lateral.device.type).upsample_add(lateral, top, bias)
 
 
 def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """In-place upsample_add into ``lateral`` (returned). For inference: no autograd through it."""
+    """``upsample_add`` written into ``lateral`` (returned), for inference on temporaries.
+
+    ``top`` and ``bias`` may share memory with ``lateral`` (the sum is then formed out of place
+    and copied in). It has no gradient: tensors that require grad are refused under grad mode,
+    on every backend, rather than leaving their ``.grad`` silently None.
+
+    Args / Returns: as ``upsample_add``; ``lateral`` itself is returned.
+
+    Raises:
+        RuntimeError: grad mode is on and an input requires grad; or lateral has elements that
+            share memory (an expanded view), as for ATen's in-place ops.
+        TypeError, ValueError, BackendUnavailableError: as ``upsample_add``.
+    """
     _checks.check_upsample_add(lateral, top, bias)
-    return _upsample_impl(lateral.device.type).upsample_add_(lateral, top, bias)
+    _checks.check_in_place("upsample_add_", lateral, top, bias)
+    impl = _upsample_impl(lateral.device.type)
+    if impl is not _extension and (_may_overlap(lateral, top) or _may_overlap(lateral, bias)):
+        return lateral.copy_(impl.upsample_add(lateral, top, bias))  # the C++ op does this itself
+    return impl.upsample_add_(lateral, top, bias)
 
 
 def stride2_pool(x: torch.Tensor) -> torch.Tensor:
-    """F.max_pool2d(x, 1, 2, 0) as a strided copy: output ceil(H/2) x ceil(W/2), x's memory format."""
+    """The FPN 'pool' level, ``F.max_pool2d(x, 1, 2, 0)``, as a strided copy (every other row and column).
+
+    Args:
+        x: Tensor[N, C, H, W], a float dtype, any memory format.
+
+    Returns:
+        Tensor[N, C, ceil(H/2), ceil(W/2)] in x's memory format; differentiable.
+
+    Raises:
+        TypeError: x is not a float tensor. ValueError: x is not 4-D.
+        BackendUnavailableError: the named backend cannot run on x's device.
+    """
     _checks.check_stride2_pool(x)
-    return _pool_impl(x.device.type).stride2_pool(x)
-
-
-def _plain_cpu_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """x is a contiguous NCHW float32/float64 CPU map and no autograd runs through x or params."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
-            and x.is_contiguous()
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))))
+    return _POOL_IMPLS[resolve("stride2_pool", x.device.type)].stride2_pool(x)
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """Bias-free 1x1 convolution (stride 1, no groups), the FPN's lateral conv; the output is
-    channels_last when asked, else in x's layout.
+    """Bias-free 1x1 convolution (stride 1, no groups), for inference: the lateral conv of
+    ``optimize_for_inference``'s CPU path. Output in channels_last when asked, else x's layout.
 
-    A contiguous float CPU map in inference goes through a batched matmul that reads x as it
-    is and writes either layout directly: weight (O, C) @ x[n] (C, H*W) for NCHW, x[n]^T @
-    weight^T for NHWC. oneDNN's NCHW convolution reorders both maps to a blocked layout and back,
-    about 1.7x slower at FPN sizes (benchmarks/RESULTS.md). The sums are ordered differently
-    from the convolution's, so results agree to float rounding, not bit for bit. Under autograd
-    the convolution runs as torchvision runs it; so do CUDA, channels_last input and half types.
+    A contiguous float32/float64 CPU map with no autograd goes through a batched matmul that
+    reads x as it is and writes either layout directly: weight (O, C) @ x[n] (C, H*W) for NCHW,
+    x[n]^T @ weight^T for NHWC (oneDNN's NCHW convolution reorders both maps to a blocked layout
+    and back, ~1.7x slower at FPN sizes; benchmarks/RESULTS.md). The sums are ordered differently
+    from the convolution's, so results agree to float rounding, not bit for bit. Everything else
+    runs F.conv2d.
+
+    Args:
+        x: Tensor[N, C, H, W]. weight: Tensor[O, C, 1, 1], x's dtype and device.
+        channels_last: return the map in channels_last memory format.
+
+    Returns:
+        Tensor[N, O, H, W].
     """
     if _plain_cpu_inference(x, weight) and weight.shape[2:] == (1, 1):
         n, c, h, w = x.shape
@@ -176,25 +145,27 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, channels_last: bool = False) 
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def prefer_channels_last(features) -> bool:
-    """Whether the FPN should run its convolutions in channels_last for these NCHW inputs and
-    convert the outputs back with ``to_nchw``, in inference (the caller checks autograd).
-
-    On CPU oneDNN's NHWC 3x3 convolution is ~20% faster than its NCHW one at FPN sizes, which
-    pays for the conversion only with the extension's NHWC->NCHW copy (torch's own copy in that
-    direction costs more than the convolutions save; benchmarks/RESULTS.md). So: CPU float
-    contiguous inputs and the extension backend in charge of CPU ops.
-    """
-    return (_upsample_impl("cpu") is _extension
-            and all(_plain_cpu_inference(f) for f in features))
+def _plain_cpu_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """x is a contiguous NCHW float32/float64 CPU map and no autograd runs through x or params."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))))
 
 
 def to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """x as a contiguous NCHW tensor (x itself when it already is); a channels_last CPU map
-    goes through the extension's blocked transpose when the extension backend is in charge."""
+    """x as a contiguous NCHW tensor: x itself when it already is, else a copy (on CPU with the
+    extension, its cache-blocked NHWC->NCHW transpose; torch's strided copy is ~4x slower in
+    that direction). Differentiable (the gradient of a copy is the incoming gradient).
+
+    Args:
+        x: any tensor; the blocked transpose applies to 4-D channels_last CPU maps.
+
+    Returns:
+        A tensor equal to x, contiguous.
+    """
     if x.is_contiguous():
         return x
-    if x.device.type == "cpu" and _upsample_impl("cpu") is _extension:
+    if x.dim() == 4 and resolve("to_nchw", x.device.type) == "extension":
         return _extension.nhwc_to_nchw(x)
     return x.contiguous()
 
@@ -207,49 +178,6 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def _inference_only(name: str, *tensors: Optional[torch.Tensor]) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"fpn_fast.ops.{name} is for inference only and has no gradient; run it under "
-                           "torch.no_grad() or torch.inference_mode(), or use the differentiable ops")
-
-
-def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
-               relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), for
-    inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
-
-    float32 CPU maps without autocast go through oneDNN's fused convolution (bias, residual add
-    and ReLU as post-ops of one call) unless the backend is "torch". On CUDA, when Triton runs
-    there, the convolution runs without bias and one Triton pass adds bias and residual and
-    applies the ReLU in place (``_triton_epilogue``; eager PyTorch would make three passes);
-    with the backend named "triton" CPU tensors take that path too (interpreter). Everything
-    else, and torch.compile (which fuses the tail itself; the oneDNN ops have no fake kernels),
-    runs F.conv2d, then the add and the ReLU in place on its fresh output. The sums are done in
-    the same order on every path: (conv + bias) + residual.
-    """
-    _inference_only("conv2d_act", x, weight, bias, residual)
-    if _triton_epilogue_applies(x.device.type) and not torch.compiler.is_compiling():
-        out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        if _autocast_dtype(out.device.type) is not None:
-            # The convolution ran in low precision; so would its bias inside it, and autocast
-            # would cast a float32 residual before the add.
-            bias, residual = (t.to(out.dtype) if t is not None and t.dtype == torch.float32 else t
-                              for t in (bias, residual))
-        if (out.dim() != 4 or out.dtype not in _triton_epilogue.SUPPORTED_DTYPES
-                or (residual is not None and residual.shape != out.shape)
-                or (bias is None and residual is None and not relu)):
-            return _torch_tail(out, bias, residual, relu)  # unbatched, broadcast residual, float64
-        return _triton_epilogue.bias_act_(out, bias, residual, relu)
-    if (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and _backend != "torch" and _onednn.UNAVAILABLE_REASON is None and torch.backends.mkldnn.enabled
-            and _autocast_dtype("cpu") is None and not torch.compiler.is_compiling()
-            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"
-                                      and residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)))):
-        return _onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, relu, residual)
-    return _torch_tail(F.conv2d(x, weight, bias, stride, padding, dilation, groups), None, residual, relu)
-
-
 def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Size:
     """The (N, O, H', W') F.conv2d makes of a 4-D x: the fused residual add takes that shape only."""
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -257,8 +185,69 @@ def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
     return torch.Size([x.shape[0], weight.shape[0], *spatial])
 
 
-def _torch_tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                relu: bool) -> torch.Tensor:
+def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         stride, padding, dilation, relu: bool, residual: Optional[torch.Tensor]) -> bool:
+    """Whether a fused conv2d_act implementation computes this call as the torch one would.
+    Neither is used under torch.compile, which fuses the tail itself (and the oneDNN ops have
+    no fake kernels)."""
+    if implementation == "torch":
+        return True
+    if torch.compiler.is_compiling() or x.dim() != 4:
+        return False
+    residual_fits = residual is None or residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)
+    if implementation == "onednn":
+        return (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
+                and _autocast_dtype("cpu") is None and residual_fits
+                and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu")))
+    # triton: the epilogue pass after the convolution, in the convolution's output dtype
+    out_dtype = _autocast_dtype(x.device.type) or x.dtype
+    return (out_dtype in _triton_epilogue.SUPPORTED_DTYPES and residual_fits
+            and (bias is not None or residual is not None or relu))
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
+               groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` for
+    inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
+
+    Implementations (TABLE["conv2d_act", device]): on CPU, float32 without autocast, oneDNN's
+    fused convolution with bias and residual add as post-ops of one call; on CUDA the
+    convolution without bias, then one Triton pass that adds bias and residual and applies the
+    ReLU in place; otherwise F.conv2d and the tail in place on its fresh output. The sums are
+    done in the same order everywhere: (conv + bias) + residual. The ReLU keeps NaN as
+    torch.relu does (oneDNN's ReLU post-op maps NaN to 0, so there it runs in place after).
+
+    Args:
+        x: Tensor[N, C, H, W] (or unbatched [C, H, W]). weight: Tensor[O, C/groups, kh, kw].
+        bias: Tensor[O] or None. residual: a tensor broadcastable to the output, or None.
+        stride, padding, dilation, groups: as F.conv2d. relu: apply ReLU last.
+
+    Returns:
+        The output, as F.conv2d lays it out for x's memory format.
+
+    Raises:
+        RuntimeError: grad mode is on and an input requires grad (there is no backward).
+    """
+    _checks.check_inference_only("conv2d_act", x, weight, bias, residual)
+    implementation = resolve("conv2d_act", x.device.type, lambda impl: _conv2d_act_is_exact(
+        impl, x, weight, bias, stride, padding, dilation, relu, residual))
+    if implementation == "onednn":
+        return _tail(_onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual),
+                     None, None, relu)
+    if implementation == "triton":
+        out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        if _autocast_dtype(out.device.type) is not None:
+            # The convolution ran in low precision; so would its bias inside it, and autocast
+            # would cast a float32 residual before the add.
+            bias, residual = (t.to(out.dtype) if t is not None and t.dtype == torch.float32 else t
+                              for t in (bias, residual))
+        return _triton_epilogue.bias_act_(out, bias, residual, relu)
+    return _tail(F.conv2d(x, weight, bias, stride, padding, dilation, groups), None, residual, relu)
+
+
+def _tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+          relu: bool) -> torch.Tensor:
     """relu?((out + bias[c]) + residual) in place on the fresh conv output, one torch op each."""
     if bias is not None:  # per channel, batched (N, C, H, W) or not (C, H, W)
         out += bias.view(-1, 1, 1)
@@ -267,57 +256,44 @@ def _torch_tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optio
     return out.relu_() if relu else out
 
 
-def _triton_epilogue_applies(device_type: str) -> bool:
-    """Whether conv2d_act finishes with the Triton epilogue: CUDA tensors under "auto" when
-    Triton runs there; any tensors Triton runs on when the backend is named "triton"."""
-    if _backend == "triton":
-        return _REASONS["triton"].get(device_type, "unsupported device") is None
-    return _backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
-
-
-def _fused_lateral_impl(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether lateral_upsample_add runs the Triton GEMM: CUDA tensors under "auto" when Triton
-    can run there, and any tensors Triton can run on (incl. CPU under the interpreter) when the
-    backend is named "triton" (float64 then raises: the kernel has no float64 GEMM)."""
-    if _backend == "triton":
-        _named_impl(device_type)  # raises BackendUnavailableError saying why not
-        return True
-    return (_backend == "auto" and device_type == "cuda" and _REASONS["triton"]["cuda"] is None
-            and dtype in _triton_lateral.SUPPORTED_DTYPES)
+def _lateral_is_exact(implementation: str, x: torch.Tensor, fuse: bool) -> bool:
+    return implementation != "triton" or (fuse and x.dtype in _triton_lateral.SUPPORTED_DTYPES)
 
 
 def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                          top: Optional[torch.Tensor] = None, *, fuse: bool = True) -> torch.Tensor:
     """The FPN's whole top-down step from a body feature map, for inference:
-    (conv1x1(x, weight) + bias) + nearest_upsample(top, x's H x W); no top at the coarsest level.
+    ``(conv1x1(x, weight) + bias) + nearest_upsample(top, x's H x W)``; no top at the coarsest level.
 
-    With ``fuse`` and Triton in charge (see _fused_lateral_impl) one GEMM kernel computes the
-    1x1 convolution and adds bias and upsampled top in its epilogue, in x's memory format.
-    Otherwise the convolution (``conv1x1`` for NCHW CPU maps, else F.conv2d) writes the lateral
-    map and ``upsample_add_`` adds bias and top into it. Under autocast every input is cast to
-    the autocast dtype first, as the convolution it replaces would be.
+    With ``fuse`` and Triton in charge (TABLE["lateral_upsample_add", device]) one GEMM kernel
+    computes the 1x1 convolution and adds bias and upsampled top in its epilogue, in x's memory
+    format (float32/float16/bfloat16; float64 takes the unfused path). Otherwise the convolution
+    (``conv1x1`` for NCHW CPU maps, else F.conv2d) writes the lateral map and ``upsample_add_``
+    adds bias and top into it. Under autocast every float32 input is cast to the autocast dtype
+    first, as the convolution it replaces would be.
+
+    Args:
+        x: Tensor[N, C, H, W]. weight: Tensor[O, C, 1, 1]. bias: Tensor[O] or None.
+        top: Tensor[N, O, th, tw] or None. All of x's dtype and device.
+        fuse: allow the fused GEMM.
+
+    Returns:
+        Tensor[N, O, H, W] in x's memory format.
+
+    Raises:
+        TypeError, ValueError: inputs that do not fit (named in the message).
+        RuntimeError: grad mode is on and an input requires grad (there is no backward).
     """
-    _inference_only("lateral_upsample_add", x, weight, bias, top)
-    low = _autocast_dtype(x.device.type)
+    _checks.check_inference_only("lateral_upsample_add", x, weight, bias, top)
+    low = _autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     if low is not None:  # as autocast casts a convolution's operands: float32 ones only
         x, weight, bias, top = (t.to(low) if t is not None and t.dtype == torch.float32 else t
                                 for t in (x, weight, bias, top))
     _checks.check_lateral_upsample_add(x, weight, bias, top)
-    if fuse and _fused_lateral_impl(x.device.type, x.dtype):
+    implementation = resolve("lateral_upsample_add", x.device.type, lambda impl: _lateral_is_exact(impl, x, fuse))
+    if implementation == "triton":
         return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
-    if x.is_contiguous():
-        lateral = conv1x1(x, weight)
-    else:
-        lateral = conv2d_act(x, weight)
+    lateral = conv1x1(x, weight) if x.is_contiguous() else conv2d_act(x, weight)
     if top is None:
         return lateral if bias is None else lateral.add_(bias.view(1, -1, 1, 1))
     return upsample_add_(lateral, top, bias)
-
-
-def _backend_from_env() -> None:
-    name = os.environ.get("FPN_FAST_BACKEND")
-    if name:
-        set_backend(name)
-
-
-_backend_from_env()

@@ -1,4 +1,9 @@
-"""Input validation shared by every backend; runs before any kernel is launched."""
+"""Input validation shared by every backend; runs before any kernel is launched.
+
+One exception type per kind of error, as the C++ ops raise them (TORCH_CHECK_TYPE /
+TORCH_CHECK_VALUE): a wrong dtype (or a non-tensor) is a TypeError, a wrong shape or device a
+ValueError, autograd through an op that has none a RuntimeError.
+"""
 from typing import Optional
 
 import torch
@@ -19,9 +24,9 @@ def check_upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[
             f"upsample_add: lateral and top must be 4-D (N, C, H, W); got lateral {tuple(lateral.shape)}, "
             f"top {tuple(top.shape)}")
     if lateral.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"upsample_add: floating dtypes only, got lateral {_describe(lateral)}")
+        raise TypeError(f"upsample_add: floating dtypes only, got lateral {_describe(lateral)}")
     if top.dtype != lateral.dtype:
-        raise ValueError(f"upsample_add: top and lateral dtypes differ: lateral {_describe(lateral)}, top {_describe(top)}")
+        raise TypeError(f"upsample_add: top and lateral dtypes differ: lateral {_describe(lateral)}, top {_describe(top)}")
     if top.device != lateral.device:
         raise ValueError(f"upsample_add: top and lateral devices differ: lateral {_describe(lateral)}, top {_describe(top)}")
     if top.shape[0] != lateral.shape[0] or top.shape[1] != lateral.shape[1]:
@@ -37,9 +42,10 @@ def check_upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[
             raise ValueError(
                 f"upsample_add: bias must have shape ({lateral.shape[1]},) for lateral {tuple(lateral.shape)}, "
                 f"got {tuple(bias.shape)}")
-        if bias.dtype != lateral.dtype or bias.device != lateral.device:
-            raise ValueError(
-                f"upsample_add: bias {_describe(bias)} must match lateral {_describe(lateral)} in dtype and device")
+        if bias.dtype != lateral.dtype:
+            raise TypeError(f"upsample_add: bias {_describe(bias)} must have lateral's dtype: {_describe(lateral)}")
+        if bias.device != lateral.device:
+            raise ValueError(f"upsample_add: bias {_describe(bias)} must be on lateral's device: {_describe(lateral)}")
 
 
 def check_stride2_pool(x: torch.Tensor) -> None:
@@ -48,7 +54,7 @@ def check_stride2_pool(x: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"stride2_pool: x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"stride2_pool: floating dtypes only, got {_describe(x)}")
+        raise TypeError(f"stride2_pool: floating dtypes only, got {_describe(x)}")
 
 
 def check_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -64,16 +70,17 @@ def check_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     if x.dim() != 4:
         raise ValueError(f"lateral_upsample_add: x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"lateral_upsample_add: floating dtypes only, got x {_describe(x)}")
+        raise TypeError(f"lateral_upsample_add: floating dtypes only, got x {_describe(x)}")
     n, c, h, w = x.shape
     if weight.dim() != 4 or weight.shape[1] != c or weight.shape[2:] != (1, 1):
         raise ValueError(
             f"lateral_upsample_add: weight must be (O, {c}, 1, 1) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
     o = weight.shape[0]
     for name, t in (("weight", weight), ("bias", bias), ("top", top)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(
-                f"lateral_upsample_add: {name} {_describe(t)} must match x {_describe(x)} in dtype and device")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"lateral_upsample_add: {name} {_describe(t)} must have x's dtype: {_describe(x)}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"lateral_upsample_add: {name} {_describe(t)} must be on x's device: {_describe(x)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != o):
         raise ValueError(
             f"lateral_upsample_add: bias must have shape ({o},) for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
@@ -85,3 +92,26 @@ def check_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Opti
         if (top.shape[2] == 0 or top.shape[3] == 0) and h * w > 0:
             raise ValueError(
                 f"lateral_upsample_add: top has an empty plane {tuple(top.shape)}, nothing to upsample to x {tuple(x.shape)}")
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_in_place(name: str, lateral: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
+    """RuntimeError unless ``lateral`` may be written in place: no autograd through the op (it
+    has no derivative) and no element of lateral sharing memory with another (an expanded view)."""
+    if _needs_grad((lateral, *others)):
+        raise RuntimeError(f"fpn_fast.ops.{name} writes into lateral in place and has no gradient, but an input "
+                           "requires grad; use the out-of-place op, or run under torch.no_grad() / "
+                           "torch.inference_mode()")
+    if any(stride == 0 and size > 1 for size, stride in zip(lateral.shape, lateral.stride())):
+        raise RuntimeError(f"fpn_fast.ops.{name}: lateral {tuple(lateral.shape)} with strides {lateral.stride()} "
+                           "has elements that share memory (an expanded view); clone() it first")
+
+
+def check_inference_only(name: str, *tensors: Optional[torch.Tensor]) -> None:
+    """RuntimeError when grad mode is on and an input requires grad: the op has no backward."""
+    if _needs_grad(tensors):
+        raise RuntimeError(f"fpn_fast.ops.{name} is for inference only and has no gradient; run it under "
+                           "torch.no_grad() or torch.inference_mode(), or use the differentiable ops")

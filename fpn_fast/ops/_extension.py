@@ -39,6 +39,9 @@ if _LOAD_ERROR is None:
     def _nhwc_to_nchw_fake(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    # A layout copy: the gradient passes through unchanged.
+    torch.library.register_autograd("fpn_fast::nhwc_to_nchw", lambda ctx, grad: grad)
+
     @torch.library.register_fake("fpn_fast::upsample_add")
     def _upsample_add_fake(lateral, top, bias):
         return torch.empty_like(lateral, memory_format=memory_format_of(lateral))

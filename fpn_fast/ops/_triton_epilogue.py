@@ -96,13 +96,13 @@ def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: 
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
     if out.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"bias_act_ (triton): {out.dtype} is not supported, only float32, float16 and bfloat16")
-    if bias is not None and (bias.shape != (out.shape[1],) or bias.dtype != out.dtype or bias.device != out.device):
-        raise ValueError(f"bias_act_: bias must be ({out.shape[1]},) {out.dtype} on {out.device}, got "
-                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    if residual is not None and (residual.shape != out.shape or residual.dtype != out.dtype
-                                 or residual.device != out.device):
-        raise ValueError(f"bias_act_: residual must match out {tuple(out.shape)} {out.dtype} on {out.device}, "
-                         f"got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    for name, t, shape in (("bias", bias, (out.shape[1],)), ("residual", residual, tuple(out.shape))):
+        if t is None:
+            continue
+        if t.dtype != out.dtype:
+            raise TypeError(f"bias_act_: {name} must be {out.dtype} like out, got {t.dtype}")
+        if tuple(t.shape) != shape or t.device != out.device:
+            raise ValueError(f"bias_act_: {name} must be {shape} on {out.device}, got {tuple(t.shape)} on {t.device}")
     if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
         raise ValueError(f"bias_act_: out {tuple(out.shape)} with strides {out.stride()} has elements that "
                          "overlap (an expanded view); it is written in place")

@@ -27,6 +27,12 @@ def nearest_source_index(out_size: int, in_size: int) -> torch.Tensor:
 def _upsampled(top: torch.Tensor, size) -> torch.Tensor:
     if tuple(top.shape[-2:]) == tuple(size):
         return top
+    if top.numel() == 0 or 0 in size:
+        # F.interpolate refuses empty planes and channels; a gather by the same indices does not
+        # (empty maps occur in no FPN, but every backend must agree on them).
+        src_h = nearest_source_index(size[0], top.shape[2]).to(top.device)
+        src_w = nearest_source_index(size[1], top.shape[3]).to(top.device)
+        return top.index_select(2, src_h).index_select(3, src_w)
     return F.interpolate(top, size=size, mode="nearest")
 
 
