@@ -309,6 +309,29 @@ def registrar(namespace: str, as_triton_op: bool):
     return register, lambda kernel: kernel
 
 
+_AUTOGRAD_LIBRARIES: List["torch.library.Library"] = []
+
+
+def refuse_autograd(qualname: str) -> None:
+    """Give an op without a derivative (in place, or inference only) an Autograd kernel that
+    raises when grad mode is on and a tensor argument requires grad, and otherwise runs the op
+    below autograd. A custom op without one would let autograd drop those gradients silently
+    (seen when a graph traced or exported under no_grad is later trained)."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise RuntimeError(f"{qualname} has no gradient, but an input requires grad: run it under "
+                               "torch.no_grad() or torch.inference_mode()")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    library = torch.library.Library(namespace, "IMPL")
+    library.impl(name, autograd_kernel, "Autograd")
+    _AUTOGRAD_LIBRARIES.append(library)  # the registration lives as long as its Library
+
+
 def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
     """Register the five ops under ``namespace``; as triton_ops (kernels visible to torch.compile)
     or as opaque custom_ops with fake kernels (what works under the interpreter)."""
@@ -428,6 +451,7 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
     upsample_add.register_autograd(upsample_add_grad, setup_context=upsample_add_setup)
     stride2_pool.register_autograd(stride2_pool_grad, setup_context=stride2_pool_setup)
 
+    refuse_autograd(f"{namespace}::upsample_add_")
     return types.SimpleNamespace(
         upsample_add=upsample_add, upsample_add_=upsample_add_,
         upsample_add_backward_top=upsample_add_backward_top,

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ._triton import (_AS_TRITON_OP, _NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
-                      _precision, on_device_of, registrar, triton)
+                      _precision, on_device_of, refuse_autograd, registrar, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -81,6 +81,7 @@ def _define_op(namespace: str, as_triton_op: bool):
         def _(out, bias, residual, relu):
             return None
 
+    refuse_autograd(f"{namespace}::bias_act_")
     return bias_act_
 
 

@@ -20,7 +20,7 @@ import torch
 from ._checks import check_lateral_upsample_add
 from ._triton import (
     _AS_TRITON_OP, _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
-    _precision, _resize_mode, on_device_of, registrar, triton)
+    _precision, _resize_mode, on_device_of, refuse_autograd, registrar, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -208,6 +208,7 @@ def _define_op(namespace: str, as_triton_op: bool):
         def _(x, weight, bias, top):
             return _out_like(x, weight)
 
+    refuse_autograd(f"{namespace}::lateral_upsample_add")
     return lateral_upsample_add
 
 
