@@ -21,8 +21,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
+# The main job: a whole detector on the photos bundled with scikit-image; report and numbers in $(DEMO_OUT).
+DEMO_OUT ?= build/demo
 demo: install
-	$(PY) -m fpn_fast $(DEMO_ARGS)
+	mkdir -p $(DEMO_OUT)
+	$(PY) -m fpn_fast --json $(DEMO_OUT)/result.json --report $(DEMO_OUT)/report.png $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

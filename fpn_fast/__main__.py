@@ -1,4 +1,4 @@
-"""``python -m fpn_fast`` / ``fpn-fast``: backends, pyramid, accuracy and timings of the backbone."""
+"""``python -m fpn_fast``: a torchvision detector on photographs, torchvision vs fpn_fast (see fpn_fast.demo)."""
 import sys
 
 from .demo import main

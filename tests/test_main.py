@@ -1,4 +1,5 @@
-"""`python -m fpn_fast` end to end, in a subprocess, at a small size."""
+"""`python -m fpn_fast --model backbone` (the backbone alone, per backend) end to end, at a small size.
+The detector job has its tests in test_main_detector.py."""
 import importlib.util
 import json
 import os
@@ -22,10 +23,10 @@ def run_main(*args, timeout=300):
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("main")
-    args = ["--size", "128x160", "--batch", "1", "--repeats", "2", "--warmup", "1",
+    args = ["--model", "backbone", "--size", "128x160", "--batch", "1", "--repeats", "2", "--warmup", "1",
             "--device", "cpu", "--json", str(tmp / "out.json")]
     if HAS_MATPLOTLIB:
-        args += ["--plot", str(tmp / "out.png")]
+        args += ["--report", str(tmp / "out.png")]
     proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp / "out.json") as f:
@@ -47,6 +48,7 @@ def test_prints_backends_pyramid_diffs_and_table(small_run):
 def test_json_structure(small_run):
     _, result, _ = small_run
     assert set(result) >= {"machine", "config", "backends", "pyramid", "diffs", "timings", "speedups", "runtime_s"}
+    assert result["mode"] == "backbone"
     assert result["machine"]["versions"]["torch"]
     assert result["backends"]["torch"]["available"] is True
     assert result["backends"]["triton"]["available"] is False and result["backends"]["triton"]["reason"]
@@ -85,12 +87,20 @@ def test_bad_flag_is_a_clean_usage_error(args):
 
 
 def test_unavailable_backend_is_a_clean_error():
-    proc = run_main("--device", "cpu", "--backend", "triton", "--size", "64x64", timeout=120)
-    assert proc.returncode == 1
-    assert "triton" in proc.stderr and "cannot run" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_main("--model", "backbone", "--device", "cpu", "--backend", "triton", "--size", "64x64", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fpn-fast: error: backend 'triton' cannot run") and proc.stderr.count("\n") == 1
 
 
-SMALL = ["--size", "64x96", "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+@pytest.mark.parametrize("args", [["--model", "backbone", "--images", "x.png"], ["--size", "64x64"],
+                                  ["--backend", "all"], ["--json", "/no/such/folder/out.json"]])
+def test_option_of_the_other_job_is_a_usage_error(args):
+    proc = run_main(*args, timeout=120)
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+SMALL = ["--model", "backbone", "--size", "64x96", "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +153,7 @@ def test_optimize_outside_the_parity_bound_fails_the_job(monkeypatch, capsys):
 
 def test_parity_bound_applies_to_ieee_float32_only(monkeypatch):
     import torch
-    from fpn_fast.demo import parity_applies
+    from fpn_fast.measure import parity_applies
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert parity_applies(torch.float32, cpu)
