@@ -177,7 +177,8 @@ def _bars(ax, groups: List[str], series: Dict[str, List[float]], ylabel: str) ->
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, 1.3 * max(max(values) for values in series.values()))  # room for the legend
+    ax.legend(fontsize=8, loc="upper left", ncols=len(series))
 
 
 def write_backbone_png(result: Dict[str, object], path: str) -> None:
@@ -229,7 +230,7 @@ def write_detector_png(result: Dict[str, object], pictures: Dict[str, object], p
     levels = list(photos[0]["heat_maps"]) if photos else []
     columns = 1 + len(levels) + (2 if with_detections else 0)
     ratios = [1.0] + [0.45] * len(levels) + ([1.0, 1.0] if with_detections else [])
-    fig = plt.figure(figsize=(2.2 * sum(ratios) + 1, 3.2 + 2.4 * len(photos)))
+    fig = plt.figure(figsize=(2.2 * sum(ratios) + 1, 3.2 + 2.0 * len(photos)))
     grid = fig.add_gridspec(1 + len(photos), columns, width_ratios=ratios,
                             height_ratios=[1.3] + [1.0] * len(photos))
     ax = fig.add_subplot(grid[0, :])

@@ -253,3 +253,27 @@ def test_match_detections_counts_ious_scores_and_labels():
     total = measure.total_matches([m, empty])
     assert (total["reference"], total["matched"], total["unmatched_reference"]) == (6, 2, 4)
     assert total["mean_iou"] == pytest.approx(0.95) and total["min_iou"] == pytest.approx(0.9)
+
+
+def test_compile_adds_torchvision_max_autotune(monkeypatch):
+    """--compile's wiring with dynamo's eager backend instead of an inductor max-autotune compile
+    (minutes on this CPU): torchvision's backbone compiled, timed and compared like the other rows."""
+    calls, real = [], torch.compile
+
+    def fake(model, **kwargs):
+        calls.append((type(model).__name__, kwargs))
+        return real(model, backend="eager", dynamic=kwargs["dynamic"])
+    monkeypatch.setattr(torch, "compile", fake)
+    job = measure.DetectorJob(images=[str(measure.bundled_photos()[1])], min_size=96, max_size=160, repeats=1,
+                              compile=True, model_args={"rpn_post_nms_top_n_test": 30, "box_detections_per_img": 3})
+    try:
+        result, _ = measure.run_detector(job)
+    finally:
+        torch._dynamo.reset()
+    assert calls == [("BackboneWithFPN", {"mode": "max-autotune", "dynamic": False})]
+    assert result["variants"] == VARIANTS + [measure.COMPILED] and result["failures"] == {}
+    assert max(result["pyramid"][measure.COMPILED].values()) < 1e-6  # the same ops, traced
+    assert result["detections"][measure.COMPILED]["unmatched_reference"] == 0
+    t = result["timings"][measure.COMPILED]
+    assert 0 < t["backbone_pass_s"]["median"] < t["pass_s"]["median"]  # the hooks time the compiled backbone
+    assert result["speedups_vs_compiled"][measure.COMPILED] == {"detector": 1.0, "backbone": 1.0}
