@@ -274,21 +274,29 @@ def test_frozen_batchnorm_is_torchvisions_for_overwrite_eps():
     assert "(bn1): FrozenBatchNorm2d(64, eps=0.0)" in repr(backbone.body)
 
 
-def _coco_like_norms_(model):
-    """Norm statistics as in trained detection checkpoints: small variances (1e-4..1e-2), where
-    eps=1e-5 instead of 0 changes a channel's scale by up to 5%; weights scaled so that each norm
-    multiplies by 0.5..1.5, and by 0.1..0.3 where a residual branch or shortcut ends (as trained
-    ResNets have it; otherwise the activations grow 10^4-fold over the body and no box survives);
-    random biases and means."""
+def damp_residual_ends_(model, factor=0.2):
+    """Scale the norm weights where a bottleneck's residual branch or shortcut ends by ``factor``
+    (trained ResNets have small gains there). With random weights at full gain the activations grow
+    about 10^4-fold over a ResNet-50 body, and a detector on top finds no box."""
     with torch.no_grad():
         for name, m in model.named_modules():
+            if name.endswith(("bn3", "downsample.1")):
+                m.weight.mul_(factor)
+    return model
+
+
+def _coco_like_norms_(model):
+    """Norm statistics as in trained detection checkpoints: small variances (1e-4..1e-2), where
+    eps=1e-5 instead of 0 changes a channel's scale by up to 5%; weights such that each norm scales
+    by 0.5..1.5 (0.1..0.3 at residual ends); random biases and means."""
+    with torch.no_grad():
+        for m in model.modules():
             if isinstance(m, TvFrozenBatchNorm2d):
-                low, high = (0.1, 0.3) if name.endswith(("bn3", "downsample.1")) else (0.5, 1.5)
                 m.running_var.copy_(10 ** torch.empty_like(m.running_var).uniform_(-4, -2))
-                m.weight.copy_(m.running_var.sqrt() * torch.empty_like(m.weight).uniform_(low, high))
+                m.weight.copy_(m.running_var.sqrt() * torch.empty_like(m.weight).uniform_(0.5, 1.5))
                 m.bias.normal_(0.0, 0.1)
                 m.running_mean.normal_(0.0, 0.1)
-    return model
+    return damp_residual_ends_(model)
 
 
 FAST_RCNN = dict(min_size=128, max_size=160, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
