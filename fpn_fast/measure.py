@@ -839,8 +839,8 @@ def run_detector(job: DetectorJob) -> Tuple[Dict[str, object], Dict[str, object]
     One check pass calls every variant on every batch, untimed (the first calls, with any compile,
     fall here), and compares each with torchvision eager: the pyramid levels per image relative to
     each level's largest magnitude, and the detections (:func:`match_detections`). Then each
-    variant is timed over ``warmup`` + ``repeats`` passes over all photos; the backbone's time is
-    taken by forward hooks on ``model.backbone``.
+    variant is timed over ``warmup`` + ``repeats`` passes over all photos, the variants in turn per
+    round; the backbone's time is taken by forward hooks on ``model.backbone``.
 
     Args:
         job: the options.
@@ -940,16 +940,14 @@ def run_detector(job: DetectorJob) -> Tuple[Dict[str, object], Dict[str, object]
                                                                for label in (TORCHVISION, shown))})
                 del outputs, ref_pyramid
 
-        for capture in captures.values():
-            capture.keep = False
-        timings = OrderedDict()
-        n = len(photos)
-        for label, model in variants.items():
-            capture = captures[label]
-            passes, backbone_passes = [], []
-            with progress((job.warmup + job.repeats) * len(inputs), f"timing {label}") as bar:
-                for r in range(job.warmup + job.repeats):
-                    capture.backbone_s = 0.0
+        # Rounds in turn (each row one pass over all photos per round), so that a load change on a
+        # shared machine falls on every row rather than on whichever was timed then.
+        passes = OrderedDict((label, []) for label in variants)
+        backbone_passes = OrderedDict((label, []) for label in variants)
+        with progress((job.warmup + job.repeats) * len(variants) * len(inputs), "timing") as bar:
+            for r in range(job.warmup + job.repeats):
+                for label, model in variants.items():
+                    captures[label].backbone_s = 0.0
                     _sync(device)
                     start = time.perf_counter()
                     for batch in inputs:
@@ -957,15 +955,20 @@ def run_detector(job: DetectorJob) -> Tuple[Dict[str, object], Dict[str, object]
                         bar.update()
                     _sync(device)
                     if r >= job.warmup:
-                        passes.append(time.perf_counter() - start)
-                        backbone_passes.append(capture.backbone_s)
+                        passes[label].append(time.perf_counter() - start)
+                        backbone_passes[label].append(captures[label].backbone_s)
+        for capture in captures.values():
             capture.remove()
-            median = statistics.median(passes)
-            timings[label] = {"pass_s": summary_stats(passes), "backbone_pass_s": summary_stats(backbone_passes),
-                              "per_image_ms": median / n * 1e3, "images_per_s": n / median,
-                              "backbone_per_image_ms": statistics.median(backbone_passes) / n * 1e3,
-                              "backbone_share": statistics.median(b / p for b, p in zip(backbone_passes, passes)),
-                              "first_call_s": first_call_s[label]}
+        n = len(photos)
+        timings = OrderedDict()
+        for label in variants:
+            median = statistics.median(passes[label])
+            timings[label] = {
+                "pass_s": summary_stats(passes[label]), "backbone_pass_s": summary_stats(backbone_passes[label]),
+                "per_image_ms": median / n * 1e3, "images_per_s": n / median,
+                "backbone_per_image_ms": statistics.median(backbone_passes[label]) / n * 1e3,
+                "backbone_share": statistics.median(b / p for b, p in zip(backbone_passes[label], passes[label])),
+                "first_call_s": first_call_s[label]}
 
     levels = list(next(iter(per_image[0]["pyramid"].values()), {}))
     compared = [label for label in variants if label != TORCHVISION]

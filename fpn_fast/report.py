@@ -149,8 +149,8 @@ def print_detector(result: Dict[str, object], out=None) -> None:
     _failures(result, say)
 
     n = len(result["images"])
-    say(f"\nEnd to end: median of {c['repeats']} passes over the {n} photos after {c['warmup']} warm-up "
-        f"(first calls in an untimed check pass); speed-up = {TORCHVISION} median / median")
+    say(f"\nEnd to end: median of {c['repeats']} passes over the {n} photos (rows in turn) after {c['warmup']} "
+        f"warm-up (first calls in an untimed check pass); speed-up = {TORCHVISION} median / median")
     vs_compiled = result["speedups_vs_compiled"]
     say(f"  {'variant':<26} {'ms/image':>9} {'images/s':>9} {'backbone ms':>12} {'share':>6} "
         f"{'speed-up':>9} {'backbone':>9} {'first call s':>13}" + (f" {'vs max-autotune':>16}" if vs_compiled else ""))

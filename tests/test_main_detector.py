@@ -105,7 +105,7 @@ def test_default_job_on_the_bundled_photos(bundled_run):
         assert heading in out
     for label in VARIANTS:
         assert f"  {label}" in out
-    assert "[fpn-fast] timing fpn_fast optimized" in proc.stderr and "[fpn-fast]" not in out  # progress: stderr
+    assert "[fpn-fast] timing" in proc.stderr and "[fpn-fast]" not in out  # progress bars: stderr
 
 
 @pytest.fixture(scope="module")
