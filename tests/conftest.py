@@ -1,4 +1,11 @@
+"""Shared test set-up: the Triton interpreter switch, the device list, the `cuda` marker, a fresh
+seed and backend per test, and the one helper for tests that need a fresh Python process."""
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, Iterable, Optional
 
 import pytest
 import torch
@@ -8,6 +15,17 @@ import torch
 # are compiled for real and the CPU-tensor Triton tests are skipped.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The one device list: every device-parametrised test takes the `device` fixture below.
+# CUDA cases carry the `cuda` marker and skip without a GPU (pytest_collection_modifyitems).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,3 +45,30 @@ def _seed_and_restore_backend():
     previous = ops.get_backend()
     yield
     ops.set_backend(previous)
+
+
+def _run_python(code: str, env: Optional[Dict[str, str]] = None, unset: Iterable[str] = (),
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented) in a fresh ``python -c`` from the repository root; returns the
+    CompletedProcess (text stdout/stderr) and never raises on a non-zero exit, so a crash or a
+    signal in the child fails the calling test, not the run.
+
+    Args:
+        code: the program.
+        env: variables to set on top of this process's environment.
+        unset: variables to remove (e.g. TRITON_INTERPRET, which this conftest sets).
+        timeout: seconds before subprocess.TimeoutExpired.
+    """
+    child_env = dict(os.environ, **(env or {}))
+    for name in unset:
+        child_env.pop(name, None)
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=child_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def run_python():
+    """The one way tests start a fresh process (crash isolation, environment read at import):
+    ``run_python(code, env=None, unset=(), timeout=300) -> subprocess.CompletedProcess``."""
+    return _run_python

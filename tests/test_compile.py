@@ -104,7 +104,7 @@ def test_inductor_inference_and_backward(backend):
 def test_compiled_rejects_bad_input(backend):
     fpn, x = _fpn_and_inputs()
     x["p2"] = torch.randn(2, 23, 7, 11)
-    message = r"feature map 'p2' \(level 2\) has 23 channels, in_channels_list expects 24"
+    message = r"feature map 'p2' \(level 2\) has 23 channels, its lateral block expects 24"
     # Dynamo hands the raise back to Python: the caller sees our ValueError.
     with pytest.raises(ValueError, match=message):
         torch.compile(fpn, backend="eager")(x)

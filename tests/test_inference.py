@@ -334,8 +334,10 @@ def test_triton_epilogue_keeps_nan_and_refuses_bad_inputs(device):
         assert torch.isnan(out[0, 1, 2, 3]) and (out.nan_to_num() >= 0).all()
         with pytest.raises(ValueError, match="bias must be"):
             _triton_epilogue.bias_act_(out, torch.randn(4, device=device), None, True)
-        with pytest.raises(ValueError, match="residual must match"):
+        with pytest.raises(ValueError, match=r"residual must be \(1, 3, 4, 5\)"):
             _triton_epilogue.bias_act_(out, None, torch.randn(1, 3, 4, 4, device=device), True)
+        with pytest.raises(TypeError, match="residual must be torch.float32 like out, got torch.float64"):
+            _triton_epilogue.bias_act_(out, None, torch.randn(1, 3, 4, 5, device=device).double(), True)
         with pytest.raises(TypeError, match="float64"):
             _triton_epilogue.bias_act_(out.double(), None, None, True)
         with pytest.raises(ValueError, match="overlap"):
@@ -463,7 +465,7 @@ def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse, monkeypat
             ops.lateral_upsample_add(x, torch.randn(12, 8, 3, 3), None, top, fuse=fuse)
         with pytest.raises(ValueError, match="top must be"):
             ops.lateral_upsample_add(x, weight, None, torch.randn(2, 11, 3, 4), fuse=fuse)
-        with pytest.raises(ValueError, match="dtype and device"):
+        with pytest.raises(TypeError, match="bias .* must have x's dtype"):
             ops.lateral_upsample_add(x, weight, torch.randn(12, dtype=torch.float64), top, fuse=fuse)
     with pytest.raises(RuntimeError, match="inference only"):
         ops.lateral_upsample_add(x.requires_grad_(), weight, None, top, fuse=fuse)

@@ -1,114 +1,263 @@
-"""fpn_fast.ops: backend choice, input validation common to all backends, conv1x1."""
-import os
-import subprocess
-import sys
+"""fpn_fast.ops: the dispatch table and the backend choice (fpn_fast.ops._dispatch), and the CPU
+inference helpers conv1x1 / to_nchw. The parity of each FPN op on every backend is in
+test_upsample_add.py and test_stride2_pool.py."""
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fpn_fast.ops as ops
-from fpn_fast.ops import reference
-from tests._cases import DTYPES, SHAPES, make_inputs, shape_id
+from fpn_fast.ops import _dispatch, _extension, _triton, reference
+from tests._cases import BACKENDS, DTYPES, require
 
-CPU_BACKENDS = [name for name, reasons in ops.available_backends().items() if reasons["cpu"] is None]
+OPS = ("upsample_add", "stride2_pool", "conv2d_act", "lateral_upsample_add", "to_nchw")
+IMPLEMENTATIONS = {"extension", "triton", "onednn", "torch"}
+
+
+@pytest.fixture
+def unavailable(monkeypatch):
+    """unavailable(implementation, device_type, reason): make the lazy probe answer `reason`."""
+    def make(implementation, device_type, reason):
+        monkeypatch.setitem(_dispatch._PROBED, (implementation, device_type), reason)
+    return make
+
+
+# ----------------------------------------------------------------------------- the table
+
+def test_every_row_names_every_backend_and_ends_in_torch():
+    assert set(_dispatch.TABLE) == {(op, device) for op in OPS for device in ("cpu", "cuda")}
+    for key, row in _dispatch.TABLE.items():
+        assert set(row) == set(ops.BACKENDS), key
+        for backend, implementations in row.items():
+            assert implementations and implementations[-1] == "torch", (key, backend)
+            assert set(implementations) <= IMPLEMENTATIONS, (key, backend)
+            assert len(set(implementations)) == len(implementations), (key, backend)
+        assert row["torch"] == ("torch",), key
+
+
+@pytest.mark.parametrize("op,device,backend,expected", [
+    # The pool level is a strided copy: only Triton has a kernel; "extension" means ATen's copy.
+    ("stride2_pool", "cpu", "extension", ("torch",)),
+    ("stride2_pool", "cuda", "extension", ("torch",)),
+    ("stride2_pool", "cuda", "auto", ("triton", "torch")),
+    # On CPU the fused inference convolution of the "extension" backend is oneDNN's.
+    ("conv2d_act", "cpu", "extension", ("onednn", "torch")),
+    ("conv2d_act", "cuda", "extension", ("torch",)),
+    ("to_nchw", "cpu", "triton", ("torch",)),
+    ("to_nchw", "cpu", "auto", ("extension", "torch")),
+    ("upsample_add", "cpu", "auto", ("extension", "torch")),
+    ("upsample_add", "cuda", "auto", ("extension", "triton", "torch")),
+    ("upsample_add", "cpu", "triton", ("triton", "torch")),
+    ("lateral_upsample_add", "cuda", "auto", ("triton", "torch")),
+])
+def test_named_backend_meaning_per_op(op, device, backend, expected):
+    assert _dispatch.TABLE[(op, device)][backend] == expected
+
+
+def test_extension_named_for_the_pool_level_runs_atens_strided_copy(monkeypatch):
+    require("extension", "cpu")
+    calls = []
+    for module, name in ((reference, "torch"), (_triton, "triton")):
+        original = module.stride2_pool
+        monkeypatch.setattr(module, "stride2_pool", lambda x, _f=original, _n=name: calls.append(_n) or _f(x))
+    x = torch.randn(2, 3, 7, 11)
+    with ops.use_backend("extension"):
+        assert _dispatch.resolve("stride2_pool", "cpu") == "torch"
+        assert torch.equal(ops.stride2_pool(x), F.max_pool2d(x, 1, 2, 0))
+    assert calls == ["torch"]
+
+
+def test_resolve_skips_what_cannot_run_or_is_not_exact(unavailable):
+    require("extension", "cpu")
+    assert _dispatch.resolve("upsample_add", "cpu") == "extension"
+    assert _dispatch.resolve("upsample_add", "cpu", exact=lambda impl: impl != "extension") == "torch"
+    unavailable("extension", "cpu", "not built (test)")
+    assert _dispatch.resolve("upsample_add", "cpu") == "torch"  # "auto" moves on
+    assert _dispatch.resolve("no_such_op", "cpu") == "torch"
 
 
 def test_available_backends_reports_every_backend_and_device():
     backends = ops.available_backends()
-    assert set(backends) == {"extension", "triton", "torch"}
+    assert set(backends) == set(BACKENDS)
     for reasons in backends.values():
         assert set(reasons) == {"cpu", "cuda"}
         assert all(r is None or (isinstance(r, str) and r) for r in reasons.values())
     assert backends["torch"] == {"cpu": None, "cuda": None}
+    assert backends["extension"]["cpu"] == _extension.unavailable_reason("cpu")
+    assert backends["triton"]["cpu"] == _triton.unavailable_reason("cpu")
 
 
-def test_unknown_backend_name_is_rejected():
-    with pytest.raises(ValueError, match="unknown fpn_fast backend 'cudnn'"):
-        ops.set_backend("cudnn")
+# ----------------------------------------------------------------------------- naming a backend
+
+def test_unknown_backend_name_is_a_value_error():
+    for choose in (ops.set_backend, ops.use_backend):
+        with pytest.raises(ValueError, match="unknown fpn_fast backend 'cudnn'"):
+            with choose("cudnn"):
+                pass
     assert ops.get_backend() == "auto"
 
 
-def test_use_backend_restores_previous_even_on_error():
+def test_naming_a_backend_that_runs_nowhere_says_why(unavailable):
+    unavailable("extension", "cpu", "not built (cpu test reason)")
+    unavailable("extension", "cuda", "no GPU (cuda test reason)")
+    for choose in (ops.set_backend, ops.use_backend):
+        with pytest.raises(ops.BackendUnavailableError, match=r"'extension' is not available: "
+                           r"cpu: not built \(cpu test reason\); cuda: no GPU \(cuda test reason\)"):
+            with choose("extension"):
+                pass
+    assert ops.get_backend() == "auto"
+
+
+def test_a_named_backend_is_used_or_refused_never_replaced(unavailable):
+    """Named, it runs where it can and raises BackendUnavailableError (naming the op, the device
+    and why) where it cannot: no silent fallback to another backend."""
+    unavailable("extension", "cpu", "not built (test reason)")
+    unavailable("extension", "cuda", None)
+    lateral, top = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)
+    with ops.use_backend("extension"):
+        for call in (lambda: ops.upsample_add(lateral, top), lambda: ops.stride2_pool(lateral),
+                     lambda: _dispatch.resolve("to_nchw", "cpu")):
+            with pytest.raises(ops.BackendUnavailableError, match=r"backend 'extension' cannot run \w+ on cpu "
+                               r"tensors: not built \(test reason\)"):
+                call()
+    assert isinstance(ops.BackendUnavailableError("x"), RuntimeError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_naming_a_backend_for_cuda_tensors_without_a_gpu_says_why():
+    for backend in ("extension", "triton"):
+        reason = ops.available_backends()[backend]["cuda"]
+        assert reason
+        if ops.available_backends()[backend]["cpu"] is not None:
+            continue
+        with ops.use_backend(backend):
+            with pytest.raises(ops.BackendUnavailableError, match=f"cannot run upsample_add on cuda tensors: "
+                                                                  f"{reason[:20]}"):
+                _dispatch.resolve("upsample_add", "cuda")
+    with ops.use_backend("torch"):
+        assert _dispatch.resolve("upsample_add", "cuda") == "torch"
+
+
+def test_use_backend_restores_previous_even_on_error_and_nests():
     ops.set_backend("torch")
     with pytest.raises(RuntimeError, match="boom"):
         with ops.use_backend("auto"):
+            assert ops.get_backend() == "auto"
+            with ops.use_backend("torch"):
+                assert ops.get_backend() == "torch"
             assert ops.get_backend() == "auto"
             raise RuntimeError("boom")
     assert ops.get_backend() == "torch"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_cpu_backend_matches_reference(backend, case, dtype):
-    lateral, top, bias = make_inputs(case, dtype)
-    expected = reference.upsample_add(lateral, top, bias)
-    with ops.use_backend(backend):
-        assert torch.equal(ops.upsample_add(lateral, top, bias), expected)
-        target = lateral.clone()
-        assert ops.upsample_add_(target, top, bias) is target
-        assert torch.equal(target, expected)
-        x = torch.randn(case[0]).to(dtype)
-        assert torch.equal(ops.stride2_pool(x), reference.stride2_pool_max_pool(x))
+def test_use_backend_is_per_thread(monkeypatch):
+    """Two threads inside use_backend("torch") / use_backend(<a kernel backend>), interleaved:
+    each runs its own backend (counted), and the process default is unchanged after."""
+    kernel_backend = "extension" if ops.available_backends()["extension"]["cpu"] is None else "triton"
+    require(kernel_backend, "cpu")
+    module = {"extension": _extension, "triton": _triton}[kernel_backend]
+    lateral, top = torch.randn(1, 2, 5, 7), torch.randn(1, 2, 3, 4)
+    expected = reference.upsample_add(lateral, top)
+    calls = {"torch": [], kernel_backend: []}
+    for name, mod in (("torch", reference), (kernel_backend, module)):
+        original = mod.upsample_add
+        monkeypatch.setattr(mod, "upsample_add", lambda *a, _f=original, _n=name: calls[_n].append(
+            threading.current_thread().name) or _f(*a))
+    barrier = threading.Barrier(2, timeout=60)
+    seen, errors = {}, []
+
+    def run(backend):
+        try:
+            with ops.use_backend(backend):
+                barrier.wait()  # both threads are inside their own use_backend
+                for _ in range(3):
+                    assert torch.equal(ops.upsample_add(lateral, top), expected)
+                    seen.setdefault(backend, set()).add(ops.get_backend())
+                barrier.wait()
+            barrier.wait()  # both have left their blocks
+            seen.setdefault(backend + " after", set()).add(ops.get_backend())
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(b,), name=b) for b in ("torch", kernel_backend)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert calls == {"torch": ["torch"] * 3, kernel_backend: [kernel_backend] * 3}
+    assert seen == {"torch": {"torch"}, kernel_backend: {kernel_backend},
+                    "torch after": {"auto"}, kernel_backend + " after": {"auto"}}
+    assert ops.get_backend() == "auto" and _dispatch._default == "auto"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_every_cpu_backend_is_differentiable(backend):
-    lateral, top, bias = make_inputs(SHAPES[0], torch.float64, requires_grad=True)
-    with ops.use_backend(backend):
-        assert torch.autograd.gradcheck(ops.upsample_add, (lateral, top, bias), fast_mode=True)
-        x = torch.randn(1, 2, 5, 7, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(ops.stride2_pool, (x,))
+# ----------------------------------------------------------------------------- environment, import
+
+def test_bad_env_var_is_a_value_error_naming_the_variable(run_python):
+    result = run_python("import fpn_fast", env={"FPN_FAST_BACKEND": "nonsense"})
+    assert result.returncode != 0
+    assert "ValueError: the environment variable FPN_FAST_BACKEND='nonsense' names no fpn_fast backend" \
+        in result.stderr, result.stderr
 
 
-def test_reference_index_formula_matches_interpolate_on_many_sizes():
-    for in_size in (1, 2, 3, 5, 7, 13, 19, 25, 38, 50, 76):
-        for out_size in (1, 2, 4, 7, 11, 25, 38, 49, 100, 152, 304):
-            probe = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size, 1)
-            expected = F.interpolate(probe, size=(out_size, 1), mode="nearest").view(-1).long()
-            assert torch.equal(reference.nearest_source_index(out_size, in_size), expected), (in_size, out_size)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_triton_on_cpu_without_the_interpreter_is_refused_naming_it(run_python):
+    """FPN_FAST_BACKEND is read at import without probing anything; the backend is checked where
+    it runs (and by set_backend at once)."""
+    result = run_python("""
+        import torch
+        import fpn_fast.ops as ops
+        print(ops.get_backend())
+        for call in (lambda: ops.upsample_add(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)),
+                     lambda: ops.set_backend("triton")):
+            try:
+                call()
+            except ops.BackendUnavailableError as e:
+                print("REFUSED:", e)
+            else:
+                print("ACCEPTED")
+    """, env={"FPN_FAST_BACKEND": "triton"}, unset=["TRITON_INTERPRET"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "triton", lines
+    assert len(lines) == 3 and all(line.startswith("REFUSED:") and "TRITON_INTERPRET" in line
+                                   for line in lines[1:]), lines
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("call,match", [
-    (lambda: ops.upsample_add(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)), "match lateral"),
-    (lambda: ops.upsample_add(torch.randn(3, 8, 8), torch.randn(3, 4, 4)), "4-D"),
-    (lambda: ops.upsample_add(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4), torch.randn(2)), "bias must have shape"),
-    (lambda: ops.upsample_add(torch.ones(1, 3, 8, 8, dtype=torch.long), torch.ones(1, 3, 4, 4, dtype=torch.long)),
-     "floating"),
-    (lambda: ops.upsample_add(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4).double()), "dtypes differ"),
-    (lambda: ops.upsample_add_(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 0)), "empty plane"),
-    (lambda: ops.stride2_pool(torch.randn(3, 8, 8)), "4-D"),
-    (lambda: ops.stride2_pool(torch.ones(1, 3, 8, 8, dtype=torch.int32)), "floating"),
-])
-def test_bad_input_is_rejected_by_every_backend(backend, call, match):
-    with ops.use_backend(backend):
-        with pytest.raises(ValueError, match=match):
-            call()
+def test_import_runs_no_convolution_and_no_cuda_query(run_python):
+    """Nor does reading FPN_FAST_BACKEND (it sets the process default), nor building an FPN."""
+    result = run_python("""
+        import torch
+        import torch.nn.functional as F
+
+        def loud(name):
+            def refuse(*args, **kwargs):
+                raise AssertionError(f"import fpn_fast called {name}")
+            return refuse
+
+        for module, name in ((torch.cuda, "is_available"), (torch.cuda, "device_count"), (torch.cuda, "init"),
+                             (torch.cuda, "_lazy_init"), (torch.cuda, "get_device_capability"),
+                             (torch._C, "_cuda_getDeviceCount"), (F, "conv2d"), (torch, "conv2d"),
+                             (torch, "convolution"), (torch.backends.mkldnn, "is_available")):
+            setattr(module, name, loud(f"{module.__name__}.{name}"))
+
+        class LoudNamespace:
+            def __getattr__(self, name):
+                raise AssertionError(f"import fpn_fast used torch.ops.mkldnn.{name}")
+        torch.ops.mkldnn = LoudNamespace()
+
+        import fpn_fast
+        import fpn_fast.ops
+        model = fpn_fast.FeaturePyramidNetwork([8, 16], 8)  # building a module probes nothing either
+        print("imported", fpn_fast.ops.get_backend())
+    """, env={"FPN_FAST_BACKEND": "extension"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "imported extension", result.stdout
 
 
-def test_env_var_selects_backend_and_rejects_unavailable():
-    env = dict(os.environ, FPN_FAST_BACKEND="torch")
-    code = "import fpn_fast.ops as o; print(o.get_backend())"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "torch", result.stderr
-    env = dict(os.environ, FPN_FAST_BACKEND="nonsense")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "unknown fpn_fast backend 'nonsense'" in result.stderr
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_naming_extension_for_cuda_tensors_without_gpu_is_an_error():
-    reason = ops.available_backends()["extension"]["cuda"]
-    assert reason is not None
-    with ops.use_backend("torch"):
-        pass  # a named, usable backend is fine
-    if ops.available_backends()["extension"]["cpu"] is None:
-        with ops.use_backend("extension"):
-            with pytest.raises(ops.BackendUnavailableError, match="cannot run on cuda"):
-                ops._upsample_impl("cuda")
-
+# ----------------------------------------------------------------------------- conv1x1, to_nchw
 
 @pytest.mark.parametrize("shape,out_channels", [((2, 16, 9, 13), 8), ((1, 3, 1, 1), 5), ((0, 4, 3, 3), 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -144,36 +293,26 @@ def test_conv1x1_writes_channels_last_directly(shape):
     torch.testing.assert_close(out, F.conv2d(x, weight), rtol=1e-5, atol=1e-5 * shape[1])
 
 
-def test_prefer_channels_last_only_for_cpu_float_nchw_inference_with_extension():
-    feats = [torch.randn(1, 4, 6, 6), torch.randn(1, 8, 3, 3)]
-    has_extension = ops.available_backends()["extension"]["cpu"] is None
-    assert ops.prefer_channels_last(feats) == has_extension
-    with ops.use_backend("torch"):
-        assert not ops.prefer_channels_last(feats)
-    assert not ops.prefer_channels_last([f.half() for f in feats])
-    assert not ops.prefer_channels_last([f.contiguous(memory_format=torch.channels_last) for f in feats])
-    assert not ops.prefer_channels_last([feats[0].requires_grad_(), feats[1]])
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 5, 9, 13), (1, 70, 33, 65), (0, 3, 4, 4), (2, 3, 1, 1), (1, 1, 7, 5)])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 5, 9, 13), (1, 70, 33, 65), (0, 3, 4, 4), (2, 3, 1, 1), (1, 1, 7, 5),
+                                   (2, 0, 3, 3)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_to_nchw_is_a_bit_exact_contiguous_copy(backend, shape, dtype):
+    require(backend, "cpu")
     x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
     with ops.use_backend(backend):
         out = ops.to_nchw(x)
-    assert out.is_contiguous() and torch.equal(out, x)
-    plain = torch.randn(shape).to(dtype)
-    assert ops.to_nchw(plain) is plain
+        assert out.is_contiguous() and torch.equal(out, x)
+        plain = torch.randn(shape).to(dtype)
+        assert ops.to_nchw(plain) is plain
 
 
-def test_extension_transpose_op_opcheck_and_odd_views():
-    if ops.available_backends()["extension"]["cpu"] is not None:
-        pytest.fail("the extension is not built")
-    op = torch.ops.fpn_fast.nhwc_to_nchw.default
-    for shape in [(2, 5, 9, 13), (1, 70, 33, 65), (0, 3, 4, 4)]:
-        torch.library.opcheck(op, (torch.randn(shape).contiguous(memory_format=torch.channels_last),))
-    view = torch.randn(2, 8, 9, 14)[:, ::2, :, ::2]  # neither layout: a plain contiguous copy
-    assert torch.equal(op(view), view) and op(view).is_contiguous()
-    with pytest.raises(ValueError, match="4-D"):
-        op(torch.randn(3, 4, 5))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_to_nchw_is_differentiable(backend):
+    require(backend, "cpu")
+    x = torch.randn(2, 5, 9, 13, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 5, 9, 13, dtype=torch.float64)
+    with ops.use_backend(backend):
+        ops.to_nchw(x).backward(grad)
+        assert torch.equal(x.grad, grad)
+        assert torch.autograd.gradcheck(ops.to_nchw, (x.detach().clone().requires_grad_(),))
