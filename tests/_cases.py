@@ -1,11 +1,13 @@
 """The one case list for the FPN ops (upsample_add, stride2_pool) on every backend, device,
 dtype and layout, and the helpers that build inputs from it."""
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import pytest
 import torch
 
 from fpn_fast import ops
+from fpn_fast.ops import _dispatch
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BACKENDS = ("extension", "triton", "torch")
@@ -60,9 +62,20 @@ def require(backend: str, device: str) -> None:
         pytest.skip(f"backend {backend!r} cannot run on {device}: {reason}")
 
 
+@contextlib.contextmanager
+def running(op: str, backend: str, device: str) -> Iterator[None]:
+    """``use_backend(backend)`` for ``op`` on ``device`` tensors (skips where the backend cannot
+    run), after checking that the dispatch table sends the op to what the backend names for it."""
+    require(backend, device)
+    with ops.use_backend(backend):
+        assert _dispatch.resolve(op, device) == _dispatch.TABLE[(op, device)][backend][0]
+        yield
+
+
 def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as t, as a contiguous, channels_last, or sliced tensor: a view into a
-    larger one, neither layout (unless empty). 1-D tensors (a bias) are sliced every other element."""
+    larger one (every other column of a window), neither layout (unless empty). 1-D tensors (a
+    bias) are sliced every other element."""
     if layout == "contiguous":
         return t.contiguous()
     if t.dim() == 1:
@@ -74,8 +87,8 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
     n, c, h, w = t.shape
-    big = torch.randn(n, c, h + 3, w + 5, dtype=t.dtype, device=t.device)
-    view = big[:, :, 1:1 + h, 2:2 + w]
+    big = torch.randn(n, c, h + 3, 2 * w + 5, dtype=t.dtype, device=t.device)
+    view = big[:, :, 1:1 + h, 2:2 + 2 * w:2]  # no unit stride either
     view.copy_(t)
     assert view.numel() == 0 or (not view.is_contiguous()
                                  and not view.is_contiguous(memory_format=torch.channels_last))

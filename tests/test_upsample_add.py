@@ -7,17 +7,16 @@ import torch.nn.functional as F
 
 import fpn_fast.ops as ops
 from fpn_fast.ops import _dispatch, reference
-from tests._cases import BACKENDS, DTYPES, LAYOUTS, SHAPES, backend_cases, laid_out, make_inputs, require, shape_id
+from tests._cases import BACKENDS, DTYPES, LAYOUTS, SHAPES, backend_cases, laid_out, make_inputs, running, shape_id
 
 
 @pytest.fixture
 def on_backend(request, device):
-    """Enter use_backend(backend) for a test parametrised with `backend` (skips where it cannot
-    run), after checking that the dispatch table sends this op to that backend's own kernel."""
+    """use_backend(backend) for a test parametrised with `backend`: skips where it cannot run,
+    checks that upsample_add then runs that backend's own kernel."""
     backend = request.node.callspec.params["backend"]
-    require(backend, device)
-    with ops.use_backend(backend):
-        assert _dispatch.resolve("upsample_add", device) == backend
+    with running("upsample_add", backend, device):
+        assert _dispatch.TABLE[("upsample_add", device)][backend][0] == backend
         yield backend
 
 
