@@ -144,8 +144,9 @@ def print_detector(result: Dict[str, object], out=None) -> None:
         say(f"  {label:<26} {d['reference']:>5} {d['other']:>5} {d['matched']:>8} "
             f"{str(d['unmatched_reference']) + '/' + str(d['unmatched_other']):>18} {_fmt(d['min_iou'], '.4f'):>9} "
             f"{_fmt(d['mean_iou'], '.4f'):>9} {_fmt(d['max_score_diff'], '.1e'):>13} {d['label_mismatches']:>12}")
-    if not c["weights"]:
-        say("  (random weights: the detections are not meaningful objects; they are compared as computed)")
+    if c["weights_kind"] != "detector":
+        say(f"  ({'random weights' if not c['weights'] else 'random heads'}: the detections are not meaningful "
+            "objects; they are compared as computed)")
     _failures(result, say)
 
     n = len(result["images"])
