@@ -72,7 +72,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     Raises:
         SystemExit: with status 2 and argparse's usage message on a bad option.
     """
-    p = argparse.ArgumentParser(prog="fpn-fast", description=__doc__.split("\n\n")[0].strip("`"))
+    p = argparse.ArgumentParser(prog="fpn-fast", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", choices=MODELS, default="fasterrcnn_resnet50_fpn",
                    help="torchvision detector to run, or 'backbone' (the ResNet50-FPN backbone alone on a "
                         "random batch, per fpn_fast backend); default fasterrcnn_resnet50_fpn")
@@ -81,13 +81,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--weights", metavar="PATH",
                    help="local checkpoint: a torchvision detector state_dict, or of its backbone, or of a ResNet "
                         "classifier (default: seeded random weights and norm statistics)")
-    p.add_argument("--num-classes", type=_at_least(2), help="classes of the detector's heads (default: torchvision's)")
+    p.add_argument("--num-classes", type=_at_least(2), metavar="N",
+                   help="classes of the detector's heads (default: torchvision's)")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="NAME=VALUE",
                    dest="model_args", help="another argument of the torchvision detector, e.g. box_score_thresh=0.3, "
                                            "box_detections_per_img=20, rpn_post_nms_top_n_test=300 (repeatable)")
-    p.add_argument("--min-size", type=_at_least(32), default=None, help="detector transform's min_size (default 800)")
-    p.add_argument("--max-size", type=_at_least(32), default=None, help="detector transform's max_size (default 1333)")
-    p.add_argument("--batch", type=_at_least(1), help="images per call (default: detector 1, backbone 2)")
+    p.add_argument("--min-size", type=_at_least(32), metavar="PIXELS",
+                   help="detector transform's min_size (default 800)")
+    p.add_argument("--max-size", type=_at_least(32), metavar="PIXELS",
+                   help="detector transform's max_size (default 1333)")
+    p.add_argument("--batch", type=_at_least(1), metavar="N", help="images per call (default: detector 1, backbone 2)")
     p.add_argument("--size", type=_size, metavar="HxW", help="backbone job: image size (default 800x1216)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
@@ -97,10 +100,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("all",) + ops.BACKENDS, default=None,
                    help="fpn_fast backend: detector job one of them (default auto); backbone job the ones to "
                         "check and time (default all available)")
-    p.add_argument("--repeats", type=_at_least(1), help="timed runs per variant (default: detector cpu 2, cuda 10; "
-                                                        "backbone cpu 3, cuda 20)")
-    p.add_argument("--warmup", type=_at_least(0), help="untimed runs first (default: detector cpu 0, cuda 2, after "
-                                                       "its untimed check pass; backbone cpu 1, cuda 5)")
+    p.add_argument("--repeats", type=_at_least(1), metavar="N",
+                   help="timed passes over all photos (detector) or runs (backbone) per row "
+                        "(default: detector cpu 2, cuda 10; backbone cpu 3, cuda 20)")
+    p.add_argument("--warmup", type=_at_least(0), metavar="N",
+                   help="untimed passes or runs first (default: detector cpu 0, cuda 2, after its untimed check "
+                        "pass; backbone cpu 1, cuda 5)")
     p.add_argument("--optimize", action="store_true",
                    help="backbone job: also fpn_fast.optimize_for_inference(backbone) (the detector job always has it)")
     p.add_argument("--compile", action="store_true",
@@ -109,8 +114,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, norm statistics and images (default 0)")
     p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--report", "--plot", metavar="PATH", dest="report",
-                   help="write a PNG report: speed-up bars and, detector job, per photo its pyramid levels as "
-                        "heat maps and, with --weights, the detections of torchvision and fpn_fast")
+                   help="write a PNG report: speed-up bars and, detector job, per photo (the first four) its "
+                        "pyramid levels as heat maps and, with --weights, the detections of torchvision and fpn_fast")
     args = p.parse_args(argv)
 
     detector = args.model != "backbone"

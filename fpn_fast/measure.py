@@ -975,7 +975,8 @@ def run_detector(job: DetectorJob) -> Tuple[Dict[str, object], Dict[str, object]
     pyramid = OrderedDict((label, OrderedDict((level, max(row["pyramid"][label][level]["rel"] for row in per_image))
                                               for level in levels)) for label in compared)
     applies = parity_applies(dtype, device)
-    within = OrderedDict((label, all(rel <= PARITY_BOUND for rel in worst.values())) for label, worst in pyramid.items())
+    within = OrderedDict((label, all(rel <= PARITY_BOUND for rel in worst.values()))
+                         for label, worst in pyramid.items())
     for label, ok in within.items():
         if applies and not ok:
             failures[label] = (f"pyramid outside the float32 parity bound ({PARITY_BOUND:g} of each level's "

@@ -157,8 +157,9 @@ def print_detector(result: Dict[str, object], out=None) -> None:
         f"{'speed-up':>9} {'backbone':>9} {'first call s':>13}" + (f" {'vs max-autotune':>16}" if vs_compiled else ""))
     for label, t in result["timings"].items():
         s = result["speedups"][label]
-        line = (f"  {label:<26} {t['per_image_ms']:>9.0f} {t['images_per_s']:>9.2f} {t['backbone_per_image_ms']:>12.0f} "
-                f"{t['backbone_share']:>6.0%} {s['detector']:>8.2f}x {s['backbone']:>8.2f}x {t['first_call_s']:>13.2f}")
+        line = (f"  {label:<26} {t['per_image_ms']:>9.0f} {t['images_per_s']:>9.2f} "
+                f"{t['backbone_per_image_ms']:>12.0f} {t['backbone_share']:>6.0%} {s['detector']:>8.2f}x "
+                f"{s['backbone']:>8.2f}x {t['first_call_s']:>13.2f}")
         say(line + (f" {vs_compiled[label]['detector']:>15.2f}x" if vs_compiled else ""))
     say(f"\nruntime {result['runtime_s']:.1f} s")
 
