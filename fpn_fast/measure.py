@@ -1,6 +1,7 @@
 """The measuring layer of ``python -m fpn_fast`` and of the pytest-benchmark suites (benchmarks/).
 
-Two jobs, each returning plain dicts (JSON-ready, no printing; progress bars go to stderr):
+Two jobs, each returning its numbers as a JSON-ready dict (the detector job also the pictures for the
+PNG report); nothing is printed but progress bars on stderr:
 
 - :func:`run_detector`: a whole torchvision detector on photographs, as a service runs it: the
   images go in as a list, the detector's own transform resizes and batches them. Rows:
