@@ -92,6 +92,15 @@ def _in_double(targets):
             for t in targets]
 
 
+def _fpn_and_heads_in_double(model):
+    """A copy of model whose FPN and heads compute in float64 on its body's float32 features (the
+    body is torchvision's in both models, so only what follows it matters)."""
+    model = copy.deepcopy(model).double()
+    model.backbone.body.float()
+    model.backbone.body.register_forward_hook(lambda module, args, out: {k: v.double() for k, v in out.items()})
+    return model
+
+
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_detector_after_convert_trains_and_evaluates_like_torchvision(name):
     speed, field, zero_losses = DETECTORS[name]
@@ -111,8 +120,10 @@ def test_detector_after_convert_trains_and_evaluates_like_torchvision(name):
 
     # Training: same losses; FPN gradients as accurate as torchvision's own. Random heads make
     # torchvision's float32 gradients differ from a float64 run by up to a few percent of their
-    # largest value (GroupNorm heads cancel a lot), so they are judged against that run.
-    truth = copy.deepcopy(model).double()
+    # largest value (GroupNorm heads cancel a lot), so both are judged against that run: ours may
+    # differ from it by a small multiple of torchvision's error (both are float32 roundings of the
+    # same sums, ours rounds the lateral bias separately), a wrong gradient by orders more.
+    truth = _fpn_and_heads_in_double(model)
     for m in (model, converted, truth):
         m.train()
     targets = _targets(field, empty=False)
@@ -121,14 +132,14 @@ def test_detector_after_convert_trains_and_evaluates_like_torchvision(name):
     _assert_outputs_close(actual, expected)
     sum(expected.values()).backward()
     sum(actual.values()).backward()
-    sum(_seeded(2, lambda: truth([i.double() for i in images], _in_double(targets))).values()).backward()
+    sum(_seeded(2, lambda: truth(images, _in_double(targets))).values()).backward()
     tv_grads, ours_grads = _fpn_grads(model), _fpn_grads(converted)
     assert list(ours_grads) == list(tv_grads)
     for param_name, exact in _fpn_grads(truth).items():
         assert torch.count_nonzero(exact) > 0, param_name
         tv_error = (tv_grads[param_name] - exact).abs().max().item()
         ours_error = (ours_grads[param_name] - exact).abs().max().item()
-        assert ours_error <= 2 * tv_error + 1e-6 * exact.abs().max().item(), (param_name, ours_error, tv_error)
+        assert ours_error <= 4 * tv_error + 1e-5 * exact.abs().max().item(), (param_name, ours_error, tv_error)
 
     # A negative sample (an image without objects) trains too, with nothing to regress.
     empty = _targets(field, empty=True)[:1]

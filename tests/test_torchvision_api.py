@@ -2,7 +2,6 @@
 conventions, FrozenBatchNorm2d with its overwrite_eps (the COCO checkpoint recipe), extra blocks in
 its FPN, and the behaviours its own backbone tests check."""
 import inspect
-import itertools
 import subprocess
 import sys
 import warnings
@@ -81,8 +80,11 @@ def test_new_bodies_load_both_ways_and_match_torchvision(backbone_name, monkeypa
             torch.testing.assert_close(ours.body(x)[name], value, rtol=0, atol=0)
     assert len(fused_steps) == 3  # the fused top-down step ran for each of the 3 finer levels
 
-    # The other way: our (re-randomised) state_dict loads strictly into torchvision's backbone.
-    tv.load_state_dict(randomise_(ours).state_dict(), strict=True)
+    # The other way: our state_dict, with new values in the FPN and a stage, loads strictly into
+    # torchvision's backbone.
+    randomise_(ours.fpn)
+    randomise_(ours.body.layer2)
+    tv.load_state_dict(ours.state_dict(), strict=True)
     for key, value in ours.state_dict().items():
         assert torch.equal(tv.state_dict()[key], value), key
     with torch.no_grad():
@@ -215,19 +217,18 @@ def test_resnet_fpn_backbone_as_torchvision_tests_it():
                 fpn_fast.resnet_fpn_backbone(name, False, returned_layers=bad)
 
 
-def test_returned_layers_subsets_match_torchvision():
+@pytest.mark.parametrize("returned_layers", [[1], [4], [1, 3], [2, 4], [1, 2, 4]])
+def test_returned_layers_subsets_match_torchvision(returned_layers):
+    tv = randomise_(tv_resnet_fpn_backbone(backbone_name="resnet18", weights=None,
+                                           returned_layers=returned_layers)).eval()
+    ours = fpn_fast.resnet_fpn_backbone(backbone_name="resnet18", returned_layers=returned_layers).eval()
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    assert ours.fpn.in_channels_list == [64 * 2 ** (k - 1) for k in returned_layers]
     x = torch.randn(1, 3, 83, 61)
-    for count in range(1, 5):
-        for layers in itertools.combinations([1, 2, 3, 4], count):
-            tv = randomise_(tv_resnet_fpn_backbone(backbone_name="resnet18", weights=None,
-                                                   returned_layers=list(layers))).eval()
-            ours = fpn_fast.resnet_fpn_backbone(backbone_name="resnet18", returned_layers=list(layers)).eval()
-            ours.load_state_dict(tv.state_dict(), strict=True)
-            assert ours.fpn.in_channels_list == [64 * 2 ** (k - 1) for k in layers]
-            with torch.no_grad():
-                actual = ours(x)
-                assert list(actual) == [str(i) for i in range(count)] + ["pool"]
-                assert_levels_close(actual, tv(x))
+    with torch.no_grad():
+        actual = ours(x)
+        assert list(actual) == [str(i) for i in range(len(returned_layers))] + ["pool"]
+        assert_levels_close(actual, tv(x))
 
 
 @pytest.mark.parametrize("returned_layers, error, message", [
@@ -369,7 +370,7 @@ from torch import nn
 import fpn_fast
 assert fpn_fast.FrozenBatchNorm2d.__bases__ == (nn.Module,), fpn_fast.FrozenBatchNorm2d.__bases__
 assert fpn_fast.ExtraFPNBlock.__bases__ == (nn.Module,), fpn_fast.ExtraFPNBlock.__bases__
-model = fpn_fast.resnet_fpn_backbone(backbone_name="resnext50_32x4d").eval()
+model = fpn_fast.resnet_fpn_backbone(backbone_name="resnet18").eval()
 assert repr(model.body.bn1) == "FrozenBatchNorm2d(64, eps=1e-05)", repr(model.body.bn1)
 with torch.no_grad():
     out = model(torch.rand(1, 3, 64, 64))
