@@ -16,8 +16,7 @@ import fpn_fast
 from fpn_fast import ops
 from _bench import DEVICES, rounds, run_benchmark
 
-pytest.importorskip("torchvision")
-pytest.importorskip("skimage")  # the photograph
+pytest.importorskip("torchvision")  # as the other suites
 
 from fpn_fast import measure  # noqa: E402
 

@@ -9,13 +9,10 @@ import sys
 import pytest
 import torch
 
-torchvision = pytest.importorskip("torchvision")
-pytest.importorskip("skimage")  # the bundled photos
-pytest.importorskip("matplotlib")
+import torchvision
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from fpn_fast import measure  # noqa: E402
+from fpn_fast import measure
 
 # Fewer proposals and detections than torchvision's 1000 and 100: the box head's cost drops tenfold.
 CHEAP = {"rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20}
