@@ -146,7 +146,7 @@ namespace {
 // Autograd kernel of the in-place op: it has no derivative, so tensors that need one are
 // refused (instead of leaving their .grad silently None); otherwise it runs the device kernel
 // and bumps lateral's version counter, as ATen's in-place ops do.
-void upsample_add_inplace_autograd(const at::Tensor& lateral, const at::Tensor& top,
+void upsample_add_inplace_autograd(c10::DispatchKeySet keys, const at::Tensor& lateral, const at::Tensor& top,
                                    const std::optional<at::Tensor>& bias) {
   const bool needs_grad = lateral.requires_grad() || top.requires_grad() || (bias.has_value() && bias->requires_grad());
   TORCH_CHECK(!(c10::GradMode::is_enabled() && needs_grad),
@@ -154,13 +154,25 @@ void upsample_add_inplace_autograd(const at::Tensor& lateral, const at::Tensor& 
               "grad; use the out-of-place fpn_fast::upsample_add (fpn_fast.ops.upsample_add), or run under "
               "torch.no_grad() / torch.inference_mode()");
   {
+    // Redispatch below autograd (not a fresh call, which the JIT tracer would record twice).
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fpn_fast::upsample_add_", "")
                          .typed<void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
-    op.call(lateral, top, bias);
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, lateral, top, bias);
   }
   lateral.unsafeGetTensorImpl()->bump_version();
+}
+
+// Autograd kernel of the layout copy: with a tensor that needs grad it is ATen's differentiable
+// clone (the same values, and autograd keeps the graph); otherwise the device kernel.
+at::Tensor nhwc_to_nchw_autograd(c10::DispatchKeySet keys, const at::Tensor& x) {
+  if (c10::GradMode::is_enabled() && x.requires_grad()) return x.clone(at::MemoryFormat::Contiguous);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fpn_fast::nhwc_to_nchw", "")
+                       .typed<at::Tensor(const at::Tensor&)>();
+  return op.redispatch(keys & c10::after_ADInplaceOrView_keyset, x);
 }
 
 // Test hook for the index arithmetic at sizes too large to allocate: for output element
@@ -197,4 +209,7 @@ TORCH_LIBRARY(fpn_fast, m) {
   m.def("_nearest_window_starts", &fpn_fast::nearest_window_starts);
 }
 
-TORCH_LIBRARY_IMPL(fpn_fast, Autograd, m) { m.impl("upsample_add_", &fpn_fast::upsample_add_inplace_autograd); }
+TORCH_LIBRARY_IMPL(fpn_fast, Autograd, m) {
+  m.impl("upsample_add_", &fpn_fast::upsample_add_inplace_autograd);
+  m.impl("nhwc_to_nchw", &fpn_fast::nhwc_to_nchw_autograd);
+}

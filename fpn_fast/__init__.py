@@ -4,11 +4,13 @@ from .backbone import BackboneWithFPN, IntermediateLayerGetter, resnet50_fpn_bac
 from .convert import convert
 from .fpn import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 from .inference import optimize_for_inference
+from .ops import decompositions, library_path
 from .resnet import FrozenBatchNorm2d, ResNet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "BackboneWithFPN", "IntermediateLayerGetter", "resnet_fpn_backbone", "resnet50_fpn_backbone",
-    "convert", "optimize_for_inference", "ExtraFPNBlock", "FeaturePyramidNetwork", "LastLevelMaxPool", "FrozenBatchNorm2d", "ResNet",
+    "convert", "optimize_for_inference", "ExtraFPNBlock", "FeaturePyramidNetwork", "LastLevelMaxPool",
+    "FrozenBatchNorm2d", "ResNet", "library_path", "decompositions",
 ]

@@ -17,16 +17,24 @@ nobody else can see. Every other lateral block runs as a module and its output i
 Layout and rounding changes (channels_last, norm folding) live only in
 ``fpn_fast.optimize_for_inference``.
 """
+import copy
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
 from ._fast_path import fusable_lateral_conv
 from ._torchvision_compat import ExtraFPNBlockBase
+from . import ops
+from .ops import _script, stride2_pool, upsample_add, upsample_add_
+
+# FX symbolic tracing (torchvision's create_feature_extractor) records the ops as single leaf
+# calls instead of tracing into their checks and dispatch.
+torch.fx.wrap("stride2_pool")
+torch.fx.wrap("upsample_add")
 
 __all__ = ["ExtraFPNBlock", "LastLevelMaxPool", "FeaturePyramidNetwork", "check_fpn_inputs"]
 
@@ -47,8 +55,15 @@ class LastLevelMaxPool(ExtraFPNBlock):
 
     def forward(self, results: List[Tensor], x: List[Tensor], names: List[str]) -> Tuple[List[Tensor], List[str]]:
         names.append("pool")
-        results.append(ops.stride2_pool(results[-1]))
+        if torch.jit.is_scripting():
+            results.append(_script.stride2_pool(results[-1]))
+        else:
+            results.append(self._pool(results[-1]))
         return results, names
+
+    @torch.jit.unused
+    def _pool(self, x: Tensor) -> Tensor:
+        return stride2_pool(x)
 
 
 def _conv_block(in_channels: int, out_channels: int, kernel_size: int,
@@ -78,6 +93,8 @@ def check_fpn_inputs(names: List[str], features: List[Tensor], in_channels_list:
         raise ValueError(f"FeaturePyramidNetwork expects {len(in_channels_list)} feature maps (one per lateral "
                          f"block), got {len(features)}: {names}")
     for i, (name, feature, channels) in enumerate(zip(names, features, in_channels_list)):
+        if isinstance(feature, torch.fx.Proxy):
+            continue  # symbolic tracing: nothing to check until the traced graph runs
         if not isinstance(feature, Tensor):
             raise ValueError(f"FeaturePyramidNetwork: feature map {name!r} (level {i}) is a "
                              f"{type(feature).__name__}, not a tensor")
@@ -100,6 +117,22 @@ def _lateral_in_channels(block: nn.Module) -> Optional[int]:
     return channels if isinstance(channels, int) else None
 
 
+class _ScriptedLateral(nn.Sequential):
+    """A fusable lateral block (one plain 1x1 conv) as TorchScript sees it; holds the same conv
+    under the same name ("0"). ``fused_lateral`` marks it for the scripted FPN."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv)
+        self.fused_lateral = True  # an attribute, so TorchScript's (static) hasattr sees it
+
+    def conv_without_bias(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self[0].weight)
+
+    def bias_of_conv(self, dtype: torch.dtype) -> Optional[Tensor]:
+        bias = self[0].bias
+        return None if bias is None else bias.to(dtype)
+
+
 class FeaturePyramidNetwork(nn.Module):
     """FPN over feature maps given in increasing depth (finest first), as torchvision's
     (Lin et al., "Feature Pyramid Networks for Object Detection", CVPR 2017).
@@ -120,6 +153,7 @@ class FeaturePyramidNetwork(nn.Module):
     """
 
     _version = 2
+    __jit_unused_properties__ = ["in_channels_list"]  # Python-side introspection only
 
     def __init__(self, in_channels_list: List[int], out_channels: int,
                  extra_blocks: Optional[nn.Module] = None,
@@ -191,22 +225,90 @@ class FeaturePyramidNetwork(nn.Module):
         conv = self._fusable_lateral(idx)
         if conv is None:  # the block runs as a module; its output may be seen by hooks: no in place
             lateral = self.get_result_from_inner_blocks(feature, idx)
-            return lateral if top is None else ops.upsample_add(lateral, top)
+            return lateral if top is None else upsample_add(lateral, top)
         lateral = F.conv2d(feature, conv.weight)  # fresh: only this method sees it
-        bias = conv.bias
-        if bias is not None and bias.dtype != lateral.dtype:
-            # Under autocast the conv ran in low precision; so would its bias inside it.
-            bias = bias.to(lateral.dtype)
+        # Under autocast the conv ran in low precision; so would its bias inside it.
+        bias = None if conv.bias is None else conv.bias.to(lateral.dtype)
+        # In place only in eager inference: a graph being captured (FX, torch.export,
+        # torch.compile, torch.jit.trace) may later run with autograd, and functional ops suit
+        # those tools.
+        in_place = not (isinstance(feature, torch.fx.Proxy) or ops.capturing_graph()
+                        or _grad_needed(lateral, top, bias))
         if top is None:
             if bias is None:
                 return lateral
             bias = bias.view(1, -1, 1, 1)
-            return lateral + bias if _grad_needed(lateral, bias) else lateral.add_(bias)
-        if _grad_needed(lateral, top, bias):
-            return ops.upsample_add(lateral, top, bias)
-        return ops.upsample_add_(lateral, top, bias)
+            return lateral.add_(bias) if in_place else lateral + bias
+        return upsample_add_(lateral, top, bias) if in_place else upsample_add(lateral, top, bias)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Args: x: OrderedDict of Tensor[N, C_i, H_i, W_i], finest level first.
+        Returns: OrderedDict of Tensor[N, out_channels, H_i, W_i] (same names), then extra levels."""
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
+        return self._forward_eager(x)
+
+    def __prepare_scriptable__(self) -> "FeaturePyramidNetwork":
+        """What ``torch.jit.script`` compiles: a shallow copy sharing every submodule, whose
+        fusable lateral blocks (decided now, as the eager forward decides per call) are shown
+        to TorchScript as ``_ScriptedLateral`` (same conv, same state_dict keys)."""
+        scripted = copy.copy(self)
+        scripted._modules = OrderedDict(self._modules)
+        scripted.inner_blocks = nn.ModuleList(
+            _ScriptedLateral(conv) if conv is not None else block
+            for conv, block in zip((self._fusable_lateral(i) for i in range(len(self.inner_blocks))),
+                                   self.inner_blocks))
+        return scripted
+
+    def _lateral_scripted(self, x: Tensor, idx: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """(lateral map, bias still to add) of level idx in TorchScript."""
+        lateral = x
+        bias: Optional[Tensor] = None
+        for i, block in enumerate(self.inner_blocks):
+            if i == idx:
+                if hasattr(block, "fused_lateral"):  # static in TorchScript: only _ScriptedLateral has it
+                    lateral = block.conv_without_bias(x)
+                    bias = block.bias_of_conv(lateral.dtype)
+                else:
+                    lateral = block(x)
+        return lateral, bias
+
+    def _forward_scripted(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        names = list(x.keys())
+        features = list(x.values())
+        if len(features) != len(self.inner_blocks):
+            raise ValueError("FeaturePyramidNetwork expects " + str(len(self.inner_blocks))
+                             + " feature maps (one per lateral block), got " + str(len(features)))
+        last = len(features) - 1
+        lateral, bias = self._lateral_scripted(features[last], last)
+        inner = lateral if bias is None else lateral + bias.view(1, -1, 1, 1)
+        results = [self.get_result_from_layer_blocks(inner, last)]
+        for idx in range(last - 1, -1, -1):
+            lateral, bias = self._lateral_scripted(features[idx], idx)
+            needs_grad = torch.is_grad_enabled() and (lateral.requires_grad or inner.requires_grad
+                                                      or (bias is not None and bias.requires_grad))
+            if not needs_grad and self._fused_in_place(idx):
+                inner = _script.upsample_add_(lateral, inner, bias)
+            else:
+                inner = _script.upsample_add(lateral, inner, bias)
+            results.insert(0, self.get_result_from_layer_blocks(inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, features, names)
+        out: Dict[str, Tensor] = OrderedDict()
+        for name, result in zip(names, results):
+            out[name] = result
+        return out
+
+    def _fused_in_place(self, idx: int) -> bool:
+        """Whether level idx's lateral map is a temporary only the FPN sees (a _ScriptedLateral's)."""
+        in_place = False
+        for i, block in enumerate(self.inner_blocks):
+            if i == idx and hasattr(block, "fused_lateral"):
+                in_place = True
+        return in_place
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         names = list(x.keys())
         features = list(x.values())
         check_fpn_inputs(names, features, self.in_channels_list)

@@ -21,10 +21,12 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import ops
+from .ops import _script
 from ._fast_path import has_hooks, runs_as_written
 from .backbone import BackboneWithFPN, IntermediateLayerGetter
 from .convert import convert
@@ -51,20 +53,28 @@ def _torchvision_classes():
                 ordered=(TvGetter, tv_resnet.ResNet), backbones=(TvBackbone,))
 
 
-def _check_inference(module: nn.Module) -> None:
-    if module.training:
-        raise RuntimeError(f"{type(module).__name__} comes from fpn_fast.optimize_for_inference and runs in "
-                           "eval mode only (its norms are folded into the convolutions): call model.eval()")
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{type(module).__name__} comes from fpn_fast.optimize_for_inference and computes "
-                           "no gradients (its norms are folded into the convolutions): run it under "
-                           "torch.no_grad() or torch.inference_mode(), or use the original model to train")
+def _check_inference(training: bool, name: str, tensors: List[Optional[Tensor]]) -> None:
+    """RuntimeError unless the optimized module ``name`` runs in eval mode and autograd records
+    nothing: grad mode off, or no input or parameter that requires grad (so exporters and
+    tracers, which run with grad mode on, work)."""
+    if training:
+        raise RuntimeError(name + " comes from fpn_fast.optimize_for_inference and runs in eval mode only "
+                           "(its norms are folded into the convolutions): call model.eval()")
+    needs_grad = False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            needs_grad = True
+    if torch.is_grad_enabled() and needs_grad:
+        raise RuntimeError(name + " comes from fpn_fast.optimize_for_inference and computes no gradients (its "
+                           "norms are folded into the convolutions): run it under torch.no_grad() or "
+                           "torch.inference_mode(), or use the original model to train")
 
 
 class Conv2dAct(nn.Module):
     """A convolution with its norm folded in: relu?(conv2d(x, weight, bias) + residual).
 
     ``weight`` and ``bias`` are parameters that require no grad; ``forward(x, residual=None)``.
+    Scripted (TorchScript), it runs F.conv2d and the tail as plain ops.
     """
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
@@ -77,10 +87,20 @@ class Conv2dAct(nn.Module):
         self.dilation = tuple(dilation)
         self.groups = groups
         self.relu = relu
+        self.folded_conv = True  # marks it for the scripted InferenceFPN (a static hasattr there)
         self.eval()  # it has no training mode; .train() makes it refuse to run
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        _check_inference(self)
+        _check_inference(self.training, "Conv2dAct", [x, residual, self.weight, self.bias])
+        if torch.jit.is_scripting():
+            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            if residual is not None:
+                out += residual
+            return out.relu_() if self.relu else out
+        return self._forward_eager(x, residual)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return ops.conv2d_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                               relu=self.relu, residual=residual)
 
@@ -230,10 +250,6 @@ def fold_norms(module: nn.Module) -> int:
     return folded
 
 
-def _as_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
-    if memory_format == torch.contiguous_format:
-        return ops.to_nchw(x)
-    return x.contiguous(memory_format=memory_format)
 
 
 class InferenceFPN(nn.Module):
@@ -242,8 +258,10 @@ class InferenceFPN(nn.Module):
     block; then every output in ``output_memory_format``.
 
     Levels whose conv has a norm that is not folded keep the original conv+norm block and
-    use the plain fused step (``ops.upsample_add_``) after it.
+    use the plain fused step (``ops.upsample_add``) after it.
     """
+
+    __jit_ignored_attributes__ = ["in_channels_list"]  # the eager input check's only
 
     def __init__(self, fpn: FeaturePyramidNetwork, *, fold_norm: bool = True, fuse_lateral: bool = True,
                  output_memory_format: torch.memory_format = torch.contiguous_format):
@@ -271,28 +289,66 @@ class InferenceFPN(nn.Module):
             return fold_conv_norm(conv, norm, relu=False)
         return block
 
+    @torch.jit.unused
     def _top_down(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
         block = self.inner_blocks[level]
         if isinstance(block, Conv2dAct):
             return ops.lateral_upsample_add(feature, block.weight, block.bias, top, fuse=self.fuse_lateral)
-        lateral = block(feature)
-        return lateral if top is None else ops.upsample_add_(lateral, top)
+        lateral = block(feature)  # a kept block's output: hooks may hold it, so not in place
+        return lateral if top is None else ops.upsample_add(lateral, top)
+
+    def _top_down_scripted(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
+        out = feature
+        for i, block in enumerate(self.inner_blocks):
+            if i == level:
+                if hasattr(block, "folded_conv"):  # static in TorchScript: a Conv2dAct
+                    out = F.conv2d(feature, block.weight)
+                    if top is not None:
+                        out = _script.upsample_add_(out, top, block.bias)
+                    elif block.bias is not None:
+                        out = out + block.bias.view(1, -1, 1, 1)
+                else:
+                    out = block(feature)
+                    if top is not None:
+                        out = _script.upsample_add(out, top, None)
+        return out
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        _check_inference(self)
         names = list(x.keys())
         features = list(x.values())
-        check_fpn_inputs(names, features, self.in_channels_list)
+        maps: List[Optional[Tensor]] = [f for f in features]
+        _check_inference(self.training, "InferenceFPN", maps)
+        if not torch.jit.is_scripting():
+            check_fpn_inputs(names, features, self.in_channels_list)
         last = len(features) - 1
-        inner = self._top_down(last, features[last], None)
-        results = [self.layer_blocks[last](inner)]
+        inner = self._level(last, features[last], None)
+        results = [self._layer(last, inner)]
         for level in range(last - 1, -1, -1):
-            inner = self._top_down(level, features[level], inner)
-            results.insert(0, self.layer_blocks[level](inner))
+            inner = self._level(level, features[level], inner)
+            results.insert(0, self._layer(level, inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
-        memory_format = torch.channels_last if self.output_channels_last else torch.contiguous_format
-        return OrderedDict((name, _as_format(r, memory_format)) for name, r in zip(names, results))
+        out: Dict[str, Tensor] = OrderedDict()
+        for name, result in zip(names, results):
+            if self.output_channels_last:
+                out[name] = result.contiguous(memory_format=torch.channels_last)
+            elif torch.jit.is_scripting():
+                out[name] = _script.to_nchw(result)
+            else:
+                out[name] = ops.to_nchw(result)
+        return out
+
+    def _level(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._top_down_scripted(level, feature, top)
+        return self._top_down(level, feature, top)
+
+    def _layer(self, level: int, inner: Tensor) -> Tensor:
+        out = inner
+        for i, block in enumerate(self.layer_blocks):  # a loop: TorchScript indexes ModuleLists by constants only
+            if i == level:
+                out = block(inner)
+        return out
 
 
 class InferenceBackboneWithFPN(nn.Module):
@@ -307,7 +363,8 @@ class InferenceBackboneWithFPN(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        _check_inference(self)
+        image: List[Optional[Tensor]] = [x]
+        _check_inference(self.training, "InferenceBackboneWithFPN", image)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.fpn(self.body(x))

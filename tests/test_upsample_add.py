@@ -20,13 +20,6 @@ def on_backend(request, device):
         yield backend
 
 
-def _backends_but(failing, reason):
-    """BACKENDS, where ``failing`` is a known bug: it must raise RuntimeError (strict: once fixed,
-    the test fails until the mark goes)."""
-    return [pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=reason))
-            if b == failing else b for b in BACKENDS]
-
-
 def _detached_leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
@@ -103,10 +96,6 @@ def test_forward_backward_in_place_bit_exact(backend, case, dtype, layout, devic
         assert torch.equal(ours.grad, theirs.grad), ("backward", name)
     _assert_laid_out_like(leaves[1].grad, ref_leaves[1].grad)
 
-    if lateral.numel() == 0 and any(st == 0 and size > 1 for size, st in zip(lateral.shape, lateral.stride())):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=RuntimeError, reason="_checks.check_in_place calls an empty lateral with a zero "
-            "stride (channels_last with C=0: strides (0, 1, 0, 0)) an expanded view; the C++ op accepts it"))
     for b in (bias, None):
         expected = reference.upsample_add(lateral, top, b)
         target = laid_out(lateral.clone(), LAYOUTS[layout][0])
@@ -128,8 +117,7 @@ def test_gradcheck_float64(backend, case, device, on_backend):
             assert torch.autograd.gradcheck(ops.upsample_add, inputs, fast_mode=True), (layout, bias)
 
 
-@pytest.mark.parametrize("backend", _backends_but(
-    "triton", "the Triton backend's backward op has no autograd formula: no double backward"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward(backend, device, on_backend):
     """The gradient of top's gradient with respect to the incoming gradient is the nearest
     upsample itself, as for the reference; then gradgradcheck."""
@@ -157,8 +145,7 @@ def test_deterministic(backend, device, on_backend):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("backend", _backends_but(
-    "torch", "reference._upsampled gathers with nearest_source_index(4, 0) == [-1, ...]: index_select raises"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_plane_with_an_empty_top_dim(backend, device, on_backend):
     """Lateral (1, 3, 4, 0) takes a top with 0 rows: nothing is read, every backend returns the
     empty map (issue 10, item 7: backends agree on empty maps)."""

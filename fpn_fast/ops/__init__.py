@@ -19,21 +19,22 @@ runs here and computes the call exactly. Choose with ``set_backend(name)`` (proc
 ``with use_backend(name):`` (this thread only) or FPN_FAST_BACKEND. Naming a backend that cannot
 run raises BackendUnavailableError saying why; it never silently falls back.
 """
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks, _extension, _onednn, _triton, _triton_epilogue, _triton_lateral
 from . import reference as _torch_impl
-from ._dispatch import (BACKENDS, TABLE, BackendUnavailableError, available_backends, get_backend, resolve,
-                        set_backend, use_backend)
+from ._extension import library_path
+from ._dispatch import (BACKENDS, TABLE, BackendUnavailableError, available_backends, capturing_graph,
+                        get_backend, resolve, set_backend, use_backend)
 from .reference import nearest_source_index
 
 __all__ = [
     "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
-    "TABLE", "nearest_source_index",
+    "TABLE", "nearest_source_index", "decompositions", "library_path",
 ]
 
 # Implementation name (a TABLE entry) -> module, per op family.
@@ -188,11 +189,11 @@ def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
 def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          stride, padding, dilation, relu: bool, residual: Optional[torch.Tensor]) -> bool:
     """Whether a fused conv2d_act implementation computes this call as the torch one would.
-    Neither is used under torch.compile, which fuses the tail itself (and the oneDNN ops have
-    no fake kernels)."""
+    Neither is used while a graph is captured: torch.compile fuses the tail itself, and the
+    oneDNN ops have no fake kernels and no tracer support."""
     if implementation == "torch":
         return True
-    if torch.compiler.is_compiling() or x.dim() != 4:
+    if capturing_graph() or x.dim() != 4:
         return False
     residual_fits = residual is None or residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)
     if implementation == "onednn":
@@ -294,6 +295,45 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if implementation == "triton":
         return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
     lateral = conv1x1(x, weight) if x.is_contiguous() else conv2d_act(x, weight)
+    if capturing_graph():  # a captured graph: functional ops (see FeaturePyramidNetwork)
+        if top is None:
+            return lateral if bias is None else lateral + bias.view(1, -1, 1, 1)
+        return upsample_add(lateral, top, bias)
     if top is None:
         return lateral if bias is None else lateral.add_(bias.view(1, -1, 1, 1))
     return upsample_add_(lateral, top, bias)
+
+
+def _backward_top_in_aten(grad: torch.Tensor, top_h: int, top_w: int) -> torch.Tensor:
+    n, c, h, w = grad.shape
+    return torch.ops.aten.upsample_nearest2d_backward(grad, [h, w], [n, c, top_h, top_w])
+
+
+def _in_aten(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _torch_impl.upsample_add(lateral, top, bias, functional=True)
+
+
+def _in_place_in_aten(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+    lateral.copy_(_in_aten(lateral, top, bias))
+
+
+def decompositions() -> Dict[Callable, Callable]:
+    """A decomposition table for ``ExportedProgram.run_decompositions`` that rewrites every
+    fpn_fast op in a program into ATen ops: torch.export's default (core ATen) decompositions
+    plus fpn_fast's registered ops in their pure-PyTorch forms.
+
+    ``torch.export.export(model, args).run_decompositions(fpn_fast.ops.decompositions())`` gives
+    a portable program that ``torch.export.load`` runs in a process without fpn_fast; the
+    undecomposed program keeps the fused ops (faster, needs ``library_path()`` loaded).
+
+    Returns:
+        {OpOverload: Python function}, a fresh dict the caller may extend.
+    """
+    table = torch.export.default_decompositions()
+    if _extension.unavailable_reason("cpu") is None:
+        fused = torch.ops.fpn_fast
+        table[fused.upsample_add.default] = _in_aten
+        table[fused.upsample_add_.default] = _in_place_in_aten
+        table[fused.upsample_add_backward_top.default] = _backward_top_in_aten
+        table[fused.nhwc_to_nchw.default] = lambda x: x.clone(memory_format=torch.contiguous_format)
+    return table

@@ -16,7 +16,8 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def check_upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """Raise ValueError naming the offending shapes unless lateral/top/bias fit."""
+    """Raise TypeError (dtypes, non-tensors) or ValueError (shapes, devices), naming the
+    offending inputs, unless lateral/top/bias fit."""
     if not isinstance(lateral, torch.Tensor) or not isinstance(top, torch.Tensor):
         raise TypeError("upsample_add: lateral and top must be tensors")
     if lateral.dim() != 4 or top.dim() != 4:
@@ -105,7 +106,7 @@ def check_in_place(name: str, lateral: torch.Tensor, *others: Optional[torch.Ten
         raise RuntimeError(f"fpn_fast.ops.{name} writes into lateral in place and has no gradient, but an input "
                            "requires grad; use the out-of-place op, or run under torch.no_grad() / "
                            "torch.inference_mode()")
-    if any(stride == 0 and size > 1 for size, stride in zip(lateral.shape, lateral.stride())):
+    if lateral.numel() > 0 and any(stride == 0 and size > 1 for size, stride in zip(lateral.shape, lateral.stride())):
         raise RuntimeError(f"fpn_fast.ops.{name}: lateral {tuple(lateral.shape)} with strides {lateral.stride()} "
                            "has elements that share memory (an expanded view); clone() it first")
 

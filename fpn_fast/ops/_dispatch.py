@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "TABLE", "set_backend", "get_backend", "use_backend",
-           "available_backends", "unavailable_reason", "resolve"]
+           "available_backends", "unavailable_reason", "resolve", "capturing_graph"]
 
 BACKENDS = ("auto", "extension", "triton", "torch")
 
@@ -182,6 +182,18 @@ def available_backends() -> Dict[str, Dict[str, Optional[str]]]:
     return {name: _reasons(name) for name in BACKENDS[1:]}
 
 
+def capturing_graph() -> bool:
+    """Whether a graph is being captured (torch.compile, torch.export, torch.jit.trace): fused
+    paths outside the registered ops (oneDNN's internal ops, in-place writes) are then avoided,
+    since the graph may later run elsewhere or with autograd."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+@torch.compiler.assume_constant_result
+def _exporting_to_onnx() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
 def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = None) -> str:
     """The implementation that runs ``op`` on ``device_type`` tensors under the current backend.
 
@@ -192,11 +204,15 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
             (dtype, layout, autocast...); implementations it rejects are skipped.
 
     Returns:
-        The implementation's name: "extension", "triton", "onednn" or "torch".
+        The implementation's name: "extension", "triton", "onednn" or "torch". While a model is
+        exported to ONNX (either exporter) always "torch": ONNX has no fpn_fast ops, and the
+        pure-PyTorch forms translate to standard ONNX ops (Resize, Add, Conv...).
 
     Raises:
         BackendUnavailableError: a named backend cannot run on ``device_type`` here.
     """
+    if _exporting_to_onnx():
+        return "torch"
     backend = get_backend()
     row = TABLE.get((op, device_type))
     if backend != "auto":
@@ -208,6 +224,8 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
     if row is None:
         return "torch"
     for implementation in row[backend]:
-        if unavailable_reason(implementation, device_type) is None and (exact is None or exact(implementation)):
+        # exact() first: it rejects fused paths while a graph is being captured, so a probe that
+        # runs a test convolution (oneDNN's) is never traced into the graph.
+        if (exact is None or exact(implementation)) and unavailable_reason(implementation, device_type) is None:
             return implementation
     raise AssertionError(f"TABLE[{(op, device_type)!r}][{backend!r}] does not end in 'torch'")

@@ -8,11 +8,29 @@ import torch.nn.functional as F
 from .reference import memory_format_of
 
 try:
-    from .. import _C  # noqa: F401  importing it registers torch.ops.fpn_fast.*
+    from .. import _C  # importing it registers torch.ops.fpn_fast.*
     _LOAD_ERROR: Optional[str] = None
 except ImportError as exc:
     _LOAD_ERROR = (f"the compiled extension fpn_fast._C is not built or failed to load ({exc}); "
                    "build it with `pip install --no-build-isolation -e .`")
+
+
+def library_path() -> str:
+    """Path of the compiled library that registers the ``fpn_fast::`` ops. A process that loads a
+    scripted, traced or exported model holding them, without importing fpn_fast, calls
+    ``torch.ops.load_library(path)`` first (as a LibTorch program would).
+
+    Raises:
+        RuntimeError: the extension is not built.
+    """
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
+    return _C.__file__
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension registers CUDA kernels (asks the dispatcher, not the GPU)."""
+    return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("fpn_fast::upsample_add", "CUDA")
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -21,7 +39,7 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("fpn_fast::upsample_add", "CUDA"):
+        if not has_cuda_kernels():
             return "the extension was built without CUDA kernels (no CUDA toolkit at build time, or FPN_FAST_CUDA=0)"
         if not torch.cuda.is_available():
             return "no CUDA GPU"
@@ -39,8 +57,7 @@ if _LOAD_ERROR is None:
     def _nhwc_to_nchw_fake(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    # A layout copy: the gradient passes through unchanged.
-    torch.library.register_autograd("fpn_fast::nhwc_to_nchw", lambda ctx, grad: grad)
+    # nhwc_to_nchw's autograd is a C++ kernel (a differentiable ATen clone when grad is needed).
 
     @torch.library.register_fake("fpn_fast::upsample_add")
     def _upsample_add_fake(lateral, top, bias):

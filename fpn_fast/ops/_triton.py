@@ -448,8 +448,22 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
     def stride2_pool_grad(ctx, grad):
         return stride2_pool_backward(grad, ctx.x_size, ctx.x_channels_last)
 
+    def backward_top_setup(ctx, inputs, output):
+        ctx.grad_hw = list(inputs[0].shape[2:])
+
+    def backward_top_grad(ctx, grad_grad_top):
+        # backward_top is linear in grad; its adjoint is the nearest upsample itself.
+        up = torch.nn.functional.interpolate(grad_grad_top, size=ctx.grad_hw, mode="nearest")
+        return up, None, None
+
+    def pool_backward_grad(ctx, grad_grad_x):
+        # stride2_pool_backward scatters to even positions; its adjoint picks them again.
+        return stride2_pool(grad_grad_x), None, None
+
     upsample_add.register_autograd(upsample_add_grad, setup_context=upsample_add_setup)
     stride2_pool.register_autograd(stride2_pool_grad, setup_context=stride2_pool_setup)
+    upsample_add_backward_top.register_autograd(backward_top_grad, setup_context=backward_top_setup)
+    stride2_pool_backward.register_autograd(pool_backward_grad, setup_context=lambda ctx, inputs, output: None)
 
     refuse_autograd(f"{namespace}::upsample_add_")
     return types.SimpleNamespace(

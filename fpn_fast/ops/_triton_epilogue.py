@@ -92,9 +92,10 @@ if triton is not None:
 def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
               relu: bool = False) -> torch.Tensor:
     """out = relu?((out + bias[c]) + residual), in place; returns out. Inference only."""
-    if not isinstance(out, torch.Tensor) or out.dim() != 4:
-        raise ValueError(f"bias_act_: out must be a 4-D tensor (N, C, H, W), got "
-                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"bias_act_: out must be a tensor, got {type(out).__name__}")
+    if out.dim() != 4:
+        raise ValueError(f"bias_act_: out must be a 4-D tensor (N, C, H, W), got {tuple(out.shape)}")
     if out.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"bias_act_ (triton): {out.dtype} is not supported, only float32, float16 and bfloat16")
     for name, t, shape in (("bias", bias, (out.shape[1],)), ("residual", residual, tuple(out.shape))):
@@ -105,7 +106,7 @@ def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: 
         if tuple(t.shape) != shape or t.device != out.device:
             raise ValueError(f"bias_act_: {name} must be {shape} on {out.device}, got {tuple(t.shape)} on {t.device}")
     if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
-        raise ValueError(f"bias_act_: out {tuple(out.shape)} with strides {out.stride()} has elements that "
+        raise RuntimeError(f"bias_act_: out {tuple(out.shape)} with strides {out.stride()} has elements that "
                          "overlap (an expanded view); it is written in place")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, bias, residual)):
         raise RuntimeError("bias_act_ (triton) is inference only (no autograd): run it under torch.no_grad() "

@@ -1,11 +1,15 @@
-"""Pure-PyTorch implementations: the 'torch' backend and the reference every kernel is checked against."""
-from typing import Optional
+"""Pure-PyTorch implementations: the 'torch' backend and the reference every kernel is checked against.
+
+Written so TorchScript compiles them too (scripted fpn_fast modules use them where the
+extension cannot run), and so torch.export traces them into ATen ops (``fpn_fast.ops.decompositions``).
+"""
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+def memory_format_of(t: torch.Tensor):  # -> torch.memory_format (TorchScript has no such annotation)
     """channels_last when t is laid out that way (and not also plainly contiguous), else contiguous."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -24,32 +28,38 @@ def nearest_source_index(out_size: int, in_size: int) -> torch.Tensor:
     return src.clamp_(max=in_size - 1)
 
 
-def _upsampled(top: torch.Tensor, size) -> torch.Tensor:
-    if tuple(top.shape[-2:]) == tuple(size):
+def _upsampled(top: torch.Tensor, size: List[int]) -> torch.Tensor:
+    if top.shape[2] == size[0] and top.shape[3] == size[1]:
         return top
-    if top.numel() == 0 or 0 in size:
+    if size[0] == 0 or size[1] == 0:
+        # Nothing to read: an empty map, still connected to top for autograd (a zero gradient).
+        return top.new_zeros([top.shape[0], top.shape[1], size[0], size[1]]) + top.sum() * 0
+    if top.numel() == 0:
         # F.interpolate refuses empty planes and channels; a gather by the same indices does not
         # (empty maps occur in no FPN, but every backend must agree on them).
         src_h = nearest_source_index(size[0], top.shape[2]).to(top.device)
         src_w = nearest_source_index(size[1], top.shape[3]).to(top.device)
         return top.index_select(2, src_h).index_select(3, src_w)
-    return F.interpolate(top, size=size, mode="nearest")
+    return F.interpolate(top, size=[size[0], size[1]], mode="nearest")
 
 
-def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(lateral + bias[c]) + nearest_upsample(top); low precision computed in float32, rounded once."""
-    up = _upsampled(top, lateral.shape[-2:])
+def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 functional: bool = False) -> torch.Tensor:
+    """(lateral + bias[c]) + nearest_upsample(top); low precision computed in float32, rounded once.
+    Without autograd the second add goes into the first one's result, unless ``functional``
+    (a decomposition must not mutate)."""
+    up = _upsampled(top, [lateral.shape[2], lateral.shape[3]])
     fmt = memory_format_of(lateral)
     low_precision = lateral.dtype in (torch.float16, torch.bfloat16)
     acc = lateral.float() if low_precision else lateral
-    if bias is not None:
-        acc = acc + (bias.float() if low_precision else bias).view(1, -1, 1, 1)
     needs_grad = torch.is_grad_enabled() and (
         lateral.requires_grad or top.requires_grad or (bias is not None and bias.requires_grad))
-    if bias is not None and not needs_grad and not low_precision:
-        out = acc.add_(up)  # acc is our own temporary: finish in place, one allocation
-    else:
-        out = acc + (up.float() if low_precision else up)
+    if bias is not None:
+        acc = acc + (bias.float() if low_precision else bias).view(1, -1, 1, 1)
+        if not (needs_grad or low_precision or functional):
+            out = acc.add_(up)  # acc is our own temporary: finish in place, one allocation
+            return out.contiguous(memory_format=fmt)
+    out = acc + (up.float() if low_precision else up)
     return out.to(lateral.dtype).contiguous(memory_format=fmt)
 
 
@@ -59,7 +69,7 @@ def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch
         return lateral.copy_(upsample_add(lateral, top, bias))
     if bias is not None:
         lateral.add_(bias.view(1, -1, 1, 1))
-    return lateral.add_(_upsampled(top, lateral.shape[-2:]))
+    return lateral.add_(_upsampled(top, [lateral.shape[2], lateral.shape[3]]))
 
 
 def stride2_pool(x: torch.Tensor) -> torch.Tensor:
