@@ -327,3 +327,16 @@ def test_fx_feature_extraction(kind):
         features = extractor(image)
     assert torch.equal(features["p2"], expected["0"])
     assert features["c4"].shape[1] == model.body.layer3[-1].conv1.in_channels
+
+
+@pytest.mark.cuda
+def test_program_exported_on_cpu_runs_on_cuda(monkeypatch):
+    """The GPU check's half of 'a program exported on CPU runs on CUDA' (the op-set half runs here)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare float32 with float32
+    model = fpn_fast.optimize_for_inference(backbone())
+    image = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        program = torch.export.export(model, (image,))
+        expected = model(image)
+        actual = program.module().to("cuda")(image.cuda())
+    assert_close_to_scale(OrderedDict((k, v.cpu()) for k, v in actual.items()), expected)
