@@ -102,7 +102,23 @@ class Conv2dAct(nn.Module):
     @torch.jit.unused
     def _forward_eager(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return ops.conv2d_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                              relu=self.relu, residual=residual)
+                              relu=self.relu, residual=residual, packed_weight=lambda: self._packed_weight(x))
+
+    @torch.jit.unused
+    def _packed_weight(self, x: Tensor) -> Tensor:
+        """The weight prepacked for oneDNN, made on first use for x's size and kept until the
+        weight changes (another tensor, or written in place); not saved or copied with the module."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = self.__dict__.get("_onednn_weight")
+        if cached is None or cached[0] != key:
+            packed = ops._onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
+                                             x.shape)
+            cached = self.__dict__["_onednn_weight"] = (key, packed)
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_onednn_weight"}
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kh, kw = self.weight.shape

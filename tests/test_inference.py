@@ -7,6 +7,7 @@ difference is ~3e-6 of the level's scale, so 1e-4 leaves room without hiding a w
 (a norm applied twice or skipped moves outputs by tens of percent).
 """
 import copy
+import io
 import itertools
 
 import pytest
@@ -573,3 +574,39 @@ def test_triton_epilogue_opcheck(device):
                (out.clone(), torch.randn(5, device=device), None, False)]
     for args in samples:
         torch.library.opcheck(torch.ops.fpn_fast_triton.bias_act_.default, args)
+
+
+def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
+    """Conv2dAct prepacks its weight for oneDNN once (channels_last inputs): the outputs are the
+    unpacked path's bit for bit, at the packing size and others; the pack is not pickled or
+    copied, and is remade when the weight changes."""
+    if ops._onednn.unavailable_reason() is not None:
+        pytest.skip("needs oneDNN's fused convolution")
+    optimized = fpn_fast.optimize_for_inference(_backbone())
+    sizes = [(1, 3, 96, 128), (2, 3, 67, 91)]
+    with torch.no_grad():
+        packed = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))
+                  for i, size in enumerate(sizes)]
+        assert any("_onednn_weight" in vars(m) for m in optimized.modules())
+        monkeypatch.setattr(ops._onednn, "pack_weight", lambda weight, *args: weight)
+        for m in optimized.modules():
+            vars(m).pop("_onednn_weight", None)
+        plain = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))
+                 for i, size in enumerate(sizes)]
+    for got, want in zip(packed, plain):
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+    monkeypatch.undo()
+    with torch.no_grad():
+        optimized(torch.randn(sizes[0]))
+    buffer = io.BytesIO()
+    torch.save(optimized, buffer)
+    copied = copy.deepcopy(optimized)
+    assert not any("_onednn_weight" in vars(m) for m in copied.modules())
+    conv = next(m for m in optimized.modules() if isinstance(m, Conv2dAct) and "_onednn_weight" in vars(m))
+    with torch.no_grad():
+        conv.weight.mul_(2)  # the cached pack must follow the weight
+        x = torch.randn(1, conv.weight.shape[1] * conv.groups, 12, 12).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(conv(x), ops.conv2d_act(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                                          conv.dilation, conv.groups, relu=conv.relu),
+                                   rtol=0, atol=0)

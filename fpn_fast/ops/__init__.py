@@ -208,7 +208,8 @@ def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Ten
 
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
-               groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None,
+               packed_weight: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
     """``relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` for
     inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
 
@@ -223,6 +224,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x: Tensor[N, C, H, W] (or unbatched [C, H, W]). weight: Tensor[O, C/groups, kh, kw].
         bias: Tensor[O] or None. residual: a tensor broadcastable to the output, or None.
         stride, padding, dilation, groups: as F.conv2d. relu: apply ReLU last.
+        packed_weight: returns ``weight`` prepacked for oneDNN (``Conv2dAct`` caches one); used,
+            and called, only when oneDNN runs a channels_last x, for which it is bit-identical.
 
     Returns:
         The output, as F.conv2d lays it out for x's memory format.
@@ -234,6 +237,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     implementation = resolve("conv2d_act", x.device.type, lambda impl: _conv2d_act_is_exact(
         impl, x, weight, bias, stride, padding, dilation, relu, residual))
     if implementation == "onednn":
+        if packed_weight is not None and _torch_impl.memory_format_of(x) == torch.channels_last:
+            weight = packed_weight()
         return _tail(_onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual),
                      None, None, relu)
     if implementation == "triton":
