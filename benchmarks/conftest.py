@@ -30,7 +30,10 @@ def copy_gbps():
 
 
 def pytest_terminal_summary(terminalreporter):
-    if SUMMARY:
+    # An entry is a line, or a callable returning lines when the notes are printed (a table of
+    # rows measured by then).
+    lines = [text for entry in SUMMARY for text in (entry() if callable(entry) else [entry])]
+    if lines:
         terminalreporter.write_sep("-", "fpn_fast benchmark notes")
-        for line in SUMMARY:
+        for line in lines:
             terminalreporter.write_line(line)
