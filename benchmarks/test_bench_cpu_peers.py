@@ -21,7 +21,8 @@ norms are not identities. Rows:
   dynamic=False)`` with ``torch._inductor.config.freezing = True`` (weights become constants,
   prepacked for oneDNN) set only while it compiles; the compile (first call) in
   extra_info["compile_s"] (14-20 s per size on the 2-core build machine, cold or warm inductor
-  cache). On by default; ``FPN_FAST_PEERS_COMPILE=0`` (or ``-k "not max-autotune"``) leaves it out.
+  cache); extra_info["graphs_compiled"] counts the graphs dynamo compiled from the first call to
+  the end of the timing (1: no recompile). On by default; ``FPN_FAST_PEERS_COMPILE=0`` (or ``-k "not max-autotune"``) leaves it out.
 
 ONNX Runtime and OpenVINO are optional: their rows skip with a reason when the package is missing.
 Everything runs under ``torch.inference_mode()`` with 2 threads per runtime (``torch.set_num_threads``,
@@ -167,9 +168,14 @@ def _torch_row(variant, h, w, benchmark):
             return module(images)
 
     if variant == "torchvision max-autotune freezing":
+        from torch._dynamo.utils import counters
+        graphs_before = counters["stats"]["unique_graphs"]
         with inductor_config.patch(freezing=True):  # only for the compile, restored on exit
             out, seconds = _timed(forward)
         benchmark.extra_info["compile_s"] = seconds
+        # Replaced by "graphs_compiled" after the timing: more than 1 would mean a recompile (then
+        # without freezing) in it.
+        benchmark.extra_info["graphs_before"] = graphs_before
         note = f"compile (first call) {seconds:.1f} s"
     else:
         out, seconds = _timed(forward)
@@ -258,7 +264,7 @@ def _notes():
             vs_eager = f"{base / r['median']:.2f}x" if base else ""
             vs_fast = f"{r['median'] / fast:.2f}x" if fast else ""
             lines.append(f"  {variant:<36} {_fmt_ms(r['median']):>12} {_fmt_ms(r['min']):>12} {vs_eager:>9} "
-                         f"{vs_fast:>16} {r['parity']:9.1e}  {r['note']}")
+                         f"{vs_fast:>16} {r['parity']:9.1e}{'' if r['parity'] <= PARITY_BOUND else ' FAILS'}  {r['note']}")
     return lines
 
 
@@ -287,6 +293,10 @@ def test_cpu_peers(benchmark, tmp_path_factory, size, variant):
     benchmark.extra_info["parity_bound"] = PARITY_BOUND
     benchmark.pedantic(forward, rounds=n_rounds, warmup_rounds=1, iterations=1)
     stats = benchmark.stats.stats
+    if "graphs_before" in benchmark.extra_info:
+        from torch._dynamo.utils import counters
+        benchmark.extra_info["graphs_compiled"] = (counters["stats"]["unique_graphs"]
+                                                   - benchmark.extra_info.pop("graphs_before"))
     _RESULTS.setdefault(group, {})[variant] = {"median": stats.median, "min": stats.min, "parity": worst,
                                                "note": note}
     if not worst <= PARITY_BOUND:
