@@ -192,6 +192,7 @@ def _torch_row(variant, h, w, benchmark):
 
 def _onnxruntime_row(h, w, tmp_dir, benchmark):
     ort = pytest.importorskip("onnxruntime", reason="optional peer: pip install onnxruntime")
+    pytest.importorskip("onnx", reason="the ONNX export needs onnx: pip install onnx")
     path, info = _onnx_file(h, w, tmp_dir)
     benchmark.extra_info.update(info)
     options = ort.SessionOptions()
@@ -217,6 +218,7 @@ def _onnxruntime_row(h, w, tmp_dir, benchmark):
 
 def _openvino_row(h, w, tmp_dir, benchmark):
     ov = pytest.importorskip("openvino", reason="optional peer: pip install openvino")
+    pytest.importorskip("onnx", reason="the ONNX export needs onnx: pip install onnx")
     path, info = _onnx_file(h, w, tmp_dir)
     benchmark.extra_info.update(info)
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
