@@ -225,7 +225,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         bias: Tensor[O] or None. residual: a tensor broadcastable to the output, or None.
         stride, padding, dilation, groups: as F.conv2d. relu: apply ReLU last.
         packed_weight: returns ``weight`` prepacked for oneDNN (``Conv2dAct`` caches one); used,
-            and called, only when oneDNN runs a channels_last x, for which it is bit-identical.
+            and called, only when oneDNN runs a channels_last x of at most 128x128 pixels (see
+            _PACK_MAX_PIXELS), for which it is bit-identical.
 
     Returns:
         The output, as F.conv2d lays it out for x's memory format.
@@ -237,7 +238,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     implementation = resolve("conv2d_act", x.device.type, lambda impl: _conv2d_act_is_exact(
         impl, x, weight, bias, stride, padding, dilation, relu, residual))
     if implementation == "onednn":
-        if packed_weight is not None and _torch_impl.memory_format_of(x) == torch.channels_last:
+        if (packed_weight is not None and _torch_impl.memory_format_of(x) == torch.channels_last
+                and x.shape[2] * x.shape[3] <= _PACK_MAX_PIXELS):
             weight = packed_weight()
         return _tail(_onednn.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual),
                      None, None, relu)
@@ -250,6 +252,13 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                               for t in (bias, residual))
         return _triton_epilogue.bias_act_(out, bias, residual, relu)
     return _tail(F.conv2d(x, weight, bias, stride, padding, dilation, groups), None, residual, relu)
+
+
+# Prepacked oneDNN weights pay on small maps; over large ones the measurements disagree
+# (ResNet50-FPN on this 2-core CPU, every conv prepacked: 320x320 images 1.11-1.13x faster,
+# 800x1216 ones 0.90-1.09x; only convs over <= 128x128 input pixels: 1.08-1.10x at 800x1216;
+# benchmarks/RESULTS.md), so only convolutions over at most this many input pixels use them.
+_PACK_MAX_PIXELS = 128 * 128
 
 
 def _tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
