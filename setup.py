@@ -94,7 +94,13 @@ setup(
     packages=find_packages(include=["fpn_fast", "fpn_fast.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.6"],
-    extras_require={"plot": ["matplotlib"], "triton": ["triton"], "test": ["torchvision", "pytest", "pytest-benchmark"]},
+    extras_require={
+        "plot": ["matplotlib"], "triton": ["triton"],
+        # python -m fpn_fast (the main job): detectors, bundled photos, decoding, progress, report
+        "demo": ["torchvision", "scikit-image>=0.26", "pillow>=9.1", "tqdm>=4.60", "matplotlib"],
+        "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+        "test": ["torchvision", "pytest", "pytest-benchmark"],
+    },
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["fpn-fast=fpn_fast.__main__:main"]},

@@ -103,7 +103,7 @@ run_step "optimized backbone vs torchvision max-autotune, float32" "$T_AUTOTUNE"
 
 # Fewer runs than its GPU default (5 + 20): the backbone rows are step 3's, this checks the job.
 run_step "main job on cuda, float32, --optimize" "$T_MAIN" 0 \
-    "$PY" -m fpn_fast --device cuda --optimize --warmup 3 --repeats 10 --json "$OUT/main_optimize.json"
+    "$PY" -m fpn_fast --model backbone --device cuda --optimize --warmup 3 --repeats 10 --json "$OUT/main_optimize.json"
 
 OPTIONAL=1 run_step "bfloat16 autocast: optimized backbone (no max-autotune), in the time left" "$T_EXTRA" 0 \
     "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_inference.py \
