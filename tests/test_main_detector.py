@@ -2,9 +2,6 @@
 the bundled photos and on a folder of the user's images with a checkpoint, its error exits, and the
 matching / checkpoint helpers. Small sizes (--min-size 128) keep each run to seconds."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +10,7 @@ import torchvision
 from PIL import Image
 
 from fpn_fast import measure
+from tests.test_main import run_main
 
 # Fewer proposals and detections than torchvision's 1000 and 100: the box head's cost drops tenfold.
 CHEAP = {"rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20}
@@ -22,14 +20,6 @@ RESULT_KEYS = {"mode", "machine", "config", "backends", "images", "variants", "p
                "timings", "speedups", "speedups_vs_compiled", "failures", "runtime_s"}
 VARIANTS = [measure.TORCHVISION, measure.CONVERTED, measure.OPTIMIZED]
 FPN_LEVELS = ["0", "1", "2", "3", "pool"]
-
-
-def run_main(*args, timeout=300):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it; the job must see a plain environment
-    env.pop("FPN_FAST_BACKEND", None)
-    return subprocess.run([sys.executable, "-m", "fpn_fast", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 def _read(path):
