@@ -260,18 +260,21 @@ class FeaturePyramidNetwork(nn.Module):
                                    self.inner_blocks))
         return scripted
 
-    def _lateral_scripted(self, x: Tensor, idx: int) -> Tuple[Tensor, Optional[Tensor]]:
-        """(lateral map, bias still to add) of level idx in TorchScript."""
+    def _lateral_scripted(self, x: Tensor, idx: int) -> Tuple[Tensor, Optional[Tensor], bool]:
+        """(lateral map, bias still to add, whether the map is a fused conv's fresh output only
+        the FPN sees) of level idx in TorchScript."""
         lateral = x
         bias: Optional[Tensor] = None
+        fused = False
         for i, block in enumerate(self.inner_blocks):
             if i == idx:
                 if hasattr(block, "fused_lateral"):  # static in TorchScript: only _ScriptedLateral has it
                     lateral = block.conv_without_bias(x)
                     bias = block.bias_of_conv(lateral.dtype)
+                    fused = True
                 else:
                     lateral = block(x)
-        return lateral, bias
+        return lateral, bias, fused
 
     def _forward_scripted(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         names = list(x.keys())
@@ -280,14 +283,14 @@ class FeaturePyramidNetwork(nn.Module):
             raise ValueError("FeaturePyramidNetwork expects " + str(len(self.inner_blocks))
                              + " feature maps (one per lateral block), got " + str(len(features)))
         last = len(features) - 1
-        lateral, bias = self._lateral_scripted(features[last], last)
+        lateral, bias, _ = self._lateral_scripted(features[last], last)
         inner = lateral if bias is None else lateral + bias.view(1, -1, 1, 1)
         results = [self.get_result_from_layer_blocks(inner, last)]
         for idx in range(last - 1, -1, -1):
-            lateral, bias = self._lateral_scripted(features[idx], idx)
+            lateral, bias, fused = self._lateral_scripted(features[idx], idx)
             needs_grad = torch.is_grad_enabled() and (lateral.requires_grad or inner.requires_grad
                                                       or (bias is not None and bias.requires_grad))
-            if not needs_grad and self._fused_in_place(idx):
+            if fused and not needs_grad:
                 inner = _script.upsample_add_(lateral, inner, bias)
             else:
                 inner = _script.upsample_add(lateral, inner, bias)
@@ -298,14 +301,6 @@ class FeaturePyramidNetwork(nn.Module):
         for name, result in zip(names, results):
             out[name] = result
         return out
-
-    def _fused_in_place(self, idx: int) -> bool:
-        """Whether level idx's lateral map is a temporary only the FPN sees (a _ScriptedLateral's)."""
-        in_place = False
-        for i, block in enumerate(self.inner_blocks):
-            if i == idx and hasattr(block, "fused_lateral"):
-                in_place = True
-        return in_place
 
     @torch.jit.unused
     def _forward_eager(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -309,13 +309,12 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if implementation == "triton":
         return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
     lateral = conv1x1(x, weight) if x.is_contiguous() else conv2d_act(x, weight)
-    if capturing_graph():  # a captured graph: functional ops (see FeaturePyramidNetwork)
-        if top is None:
-            return lateral if bias is None else lateral + bias.view(1, -1, 1, 1)
-        return upsample_add(lateral, top, bias)
+    in_place = not capturing_graph()  # a captured graph gets functional ops (see FeaturePyramidNetwork)
     if top is None:
-        return lateral if bias is None else lateral.add_(bias.view(1, -1, 1, 1))
-    return upsample_add_(lateral, top, bias)
+        if bias is None:
+            return lateral
+        return lateral.add_(bias.view(1, -1, 1, 1)) if in_place else lateral + bias.view(1, -1, 1, 1)
+    return upsample_add_(lateral, top, bias) if in_place else upsample_add(lateral, top, bias)
 
 
 def _backward_top_in_aten(grad: torch.Tensor, top_h: int, top_w: int) -> torch.Tensor:

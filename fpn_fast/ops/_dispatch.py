@@ -216,8 +216,7 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
     backend = get_backend()
     row = TABLE.get((op, device_type))
     if backend != "auto":
-        reason = unavailable_reason(backend, device_type) if backend in _PROBES and row is not None else (
-            None if backend == "torch" else f"fpn_fast has no {device_type} kernels")
+        reason = unavailable_reason(backend, device_type)  # each probe also answers for unknown devices
         if reason is not None:
             raise BackendUnavailableError(
                 f"fpn_fast backend {backend!r} cannot run {op} on {device_type} tensors: {reason}")
