@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .ops import _script
+from .ops import _memory, _script
 from ._fast_path import has_hooks, runs_as_written
 from .backbone import BackboneWithFPN, IntermediateLayerGetter
 from .convert import convert
@@ -337,11 +337,17 @@ class InferenceFPN(nn.Module):
         if not torch.jit.is_scripting():
             check_fpn_inputs(names, features, self.in_channels_list)
         last = len(features) - 1
-        inner = self._level(last, features[last], None)
-        results = [self._layer(last, inner)]
+        # The whole top-down pathway first, then the output convolutions (independent of each other).
+        inners = [self._level(last, features[last], None)]
         for level in range(last - 1, -1, -1):
-            inner = self._level(level, features[level], inner)
-            results.insert(0, self._layer(level, inner))
+            inners.insert(0, self._level(level, features[level], inners[0]))
+        if torch.jit.is_scripting():
+            results = [inners[0]]
+            results.clear()
+            for level, inner in enumerate(inners):
+                results.append(self._layer(level, inner))
+        else:
+            results = self._layers_eager(inners)
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         out: Dict[str, Tensor] = OrderedDict()
@@ -353,6 +359,33 @@ class InferenceFPN(nn.Module):
             else:
                 out[name] = ops.to_nchw(result)
         return out
+
+    @torch.jit.unused
+    def _layers_eager(self, inners: List[Tensor]) -> List[Tensor]:
+        """Every level's output convolution. With NCHW outputs a folded 3x3 conv runs as
+        ``ops.conv2d_nchw`` (NNPACK on large CPU maps): the inputs it takes in NCHW are converted
+        first, then the convolutions run from the smallest map to the largest, so NNPACK's, on the
+        largest maps, run back to back (it has its own thread pool, and runs ~30% slower while
+        OpenMP's workers still spin after an ATen op)."""
+        blocks = list(self.layer_blocks)
+        direct = [isinstance(block, Conv2dAct) and not block.relu and not self.output_channels_last
+                  for block in blocks]
+        inputs = list(inners)
+        for level, block in enumerate(blocks):
+            if direct[level] and ops.conv2d_nchw_input_format(
+                    inners[level], block.weight, block.bias, block.stride, block.padding, block.dilation,
+                    block.groups) == torch.contiguous_format:
+                inputs[level] = ops.to_nchw(inners[level])
+        results: List[Optional[Tensor]] = [None] * len(blocks)
+        for level in sorted(range(len(blocks)), key=lambda i: inputs[i].shape[-2] * inputs[i].shape[-1]):
+            block = blocks[level]
+            if direct[level]:
+                results[level] = ops.conv2d_nchw(
+                    inputs[level], block.weight, block.bias, block.stride, block.padding, block.dilation,
+                    block.groups, packed_weight=functools.partial(block._packed_weight, inputs[level]))
+            else:
+                results[level] = block(inners[level])
+        return results
 
     def _level(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
         if torch.jit.is_scripting():
@@ -381,6 +414,20 @@ class InferenceBackboneWithFPN(nn.Module):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         image: List[Optional[Tensor]] = [x]
         _check_inference(self.training, "InferenceBackboneWithFPN", image)
+        if torch.jit.is_scripting():
+            return self._run(x)
+        return self._run_pooled(x)
+
+    @torch.jit.unused
+    def _run_pooled(self, x: Tensor) -> Dict[str, Tensor]:
+        """Eager CPU calls run with fpn_fast's CPU buffer pool (``ops.empty_cpu_cache``): their
+        large maps reuse the previous call's memory instead of being page-faulted in anew."""
+        if isinstance(x, Tensor) and x.device.type == "cpu" and not ops.capturing_graph():
+            with _memory.pooled():
+                return self._run(x)
+        return self._run(x)
+
+    def _run(self, x: Tensor) -> Dict[str, Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.fpn(self.body(x))

@@ -10,7 +10,10 @@ Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
     the tail fused: oneDNN post-ops on CPU, one Triton pass after cuDNN on CUDA
 ``lateral_upsample_add(x, weight, bias, top)``      -> upsample_add(conv1x1(x, weight), top, bias),
     on CUDA one Triton GEMM whose epilogue does the top-down step (the lateral map is never stored)
+``conv2d_nchw(x, weight, bias, ...)``                -> F.conv2d(...) as a contiguous NCHW map,
+    NNPACK's Winograd convolution for 3x3 convs over large CPU maps
 ``conv1x1(x, weight, channels_last)``, ``to_nchw(x)``: the CPU inference layout helpers
+``empty_cpu_cache()``, ``cpu_cache_stats()``: the CPU buffer pool the optimized backbones use
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1, which must be set before import), "torch" (pure PyTorch, always there),
@@ -24,7 +27,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _extension, _onednn, _triton, _triton_epilogue, _triton_lateral
+from . import _checks, _extension, _memory, _nnpack, _onednn, _triton, _triton_epilogue, _triton_lateral
 from . import reference as _torch_impl
 from ._extension import library_path
 from ._dispatch import (BACKENDS, TABLE, BackendUnavailableError, available_backends, capturing_graph,
@@ -33,6 +36,7 @@ from .reference import nearest_source_index
 
 __all__ = [
     "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
+    "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "cpu_cache_stats",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
     "TABLE", "nearest_source_index", "decompositions", "library_path",
 ]
@@ -259,6 +263,83 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 # 800x1216 ones 0.90-1.09x; only convs over <= 128x128 input pixels: 1.08-1.10x at 800x1216;
 # benchmarks/RESULTS.md), so only convolutions over at most this many input pixels use them.
 _PACK_MAX_PIXELS = 128 * 128
+
+
+def _conv2d_nchw_is_exact(implementation: str, x: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], stride, padding, dilation, groups: int) -> bool:
+    if implementation != "nnpack":
+        return _conv2d_act_is_exact(implementation, x, weight, bias, stride, padding, dilation, False, None)
+    return (not capturing_graph() and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
+            and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and groups == 1 and all(p <= 1 for p in padding)
+            and x.shape[2] * x.shape[3] >= _nnpack.MIN_PIXELS)
+
+
+def _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) -> str:
+    return resolve("conv2d_nchw", x.device.type, lambda impl: _conv2d_nchw_is_exact(
+        impl, x, weight, bias, stride, padding, dilation, groups))
+
+
+def conv2d_nchw_input_format(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                             stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
+                             dilation: Sequence[int] = (1, 1), groups: int = 1) -> torch.memory_format:
+    """The memory format ``conv2d_nchw`` takes this call's x in without converting it first:
+    torch.contiguous_format where NNPACK runs it, else x's own. A caller with several such
+    convolutions converts their inputs first and runs them back to back (NNPACK has its own
+    thread pool, and runs ~30% slower while OpenMP's workers still spin after an ATen op)."""
+    if _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) == "nnpack":
+        return torch.contiguous_format
+    return _torch_impl.memory_format_of(x)
+
+
+def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
+                groups: int = 1, *, packed_weight: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` returned as a contiguous
+    NCHW map, for inference: the FPN's 3x3 output convolutions, whose maps leave the backbone in NCHW.
+
+    Implementations (TABLE["conv2d_nchw", device]): on CPU, for a float32 3x3 stride-1 convolution
+    (padding <= 1, no groups or dilation, no autocast) over at least 32x32 pixels, NNPACK's
+    Winograd convolution, which agrees with the direct one to ~1e-5 of the output's scale and
+    hands results with non-finite values back to it (``ops._nnpack``); else ``conv2d_act`` (oneDNN
+    on CPU) then ``to_nchw``; else F.conv2d then a contiguous copy.
+
+    Args:
+        x: Tensor[N, C, H, W], any memory format (see ``conv2d_nchw_input_format``).
+        weight: Tensor[O, C/groups, kh, kw]. bias: Tensor[O] or None.
+        stride, padding, dilation, groups: as F.conv2d (padding as two ints).
+        packed_weight: as ``conv2d_act``'s, for the oneDNN route.
+
+    Returns:
+        Tensor[N, O, H', W'], contiguous (NCHW).
+
+    Raises:
+        RuntimeError: grad mode is on and an input requires grad (there is no backward).
+    """
+    _checks.check_inference_only("conv2d_nchw", x, weight, bias)
+    if _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) == "nnpack":
+        out = _nnpack.conv2d(to_nchw(x), weight, bias, padding)
+        if out is not None:
+            return out
+    return to_nchw(conv2d_act(x, weight, bias, stride, padding, dilation, groups, packed_weight=packed_weight))
+
+
+def empty_cpu_cache() -> int:
+    """Free the CPU blocks the optimized backbones' buffer pool keeps between calls (blocks in
+    use stay), as torch.cuda.empty_cache does for CUDA. Returns the bytes freed.
+
+    The pool (``csrc/cpu/memory_pool.cpp``) serves CPU allocations of 1 MiB and more made inside
+    an optimized backbone's forward, and keeps up to FPN_FAST_CPU_POOL_MB MiB (default 1024; 0
+    turns it off) of them for the next call: glibc returns such blocks to the system on free, and
+    faulting a fresh 62 MB map in again costs ~13 ms on the 2-core build machine."""
+    return _memory.empty_cache()
+
+
+def cpu_cache_stats() -> Dict[str, int]:
+    """The CPU buffer pool's counters: cached_bytes, cached_blocks, blocks_in_use, limit_bytes,
+    hits and misses (all 0 without the extension or before first use)."""
+    return _memory.stats()
 
 
 def _tail(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],

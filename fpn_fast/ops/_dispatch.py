@@ -59,6 +59,10 @@ TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {
     # ("torch") the convolution, then upsample_add_ on whatever backend it resolves to.
     ("lateral_upsample_add", "cpu"): _row(("torch",), extension=("torch",)),
     ("lateral_upsample_add", "cuda"): _row(("triton", "torch"), extension=("torch",)),
+    # Inference only. A convolution whose output is wanted in NCHW (the FPN's 3x3 output convs):
+    # NNPACK's Winograd convolution on large CPU maps, else the conv2d_act route then to_nchw.
+    ("conv2d_nchw", "cpu"): _row(("nnpack", "onednn", "torch"), extension=("nnpack", "onednn", "torch")),
+    ("conv2d_nchw", "cuda"): _row(("torch",), extension=("torch",), triton=("torch",)),
     # Inference only. NHWC -> NCHW output copy: the extension's blocked transpose on CPU.
     ("to_nchw", "cpu"): _row(("extension", "torch"), triton=("torch",)),
     ("to_nchw", "cuda"): _row(("torch",), extension=("torch",), triton=("torch",)),
@@ -82,8 +86,15 @@ def _onednn_reason(device_type: str) -> Optional[str]:
     return _onednn.unavailable_reason()
 
 
+def _nnpack_reason(device_type: str) -> Optional[str]:
+    if device_type != "cpu":
+        return f"NNPACK runs on CPU tensors only, not {device_type}"
+    from . import _nnpack
+    return _nnpack.unavailable_reason()
+
+
 _PROBES: Dict[str, Callable[[str], Optional[str]]] = {
-    "extension": _extension_reason, "triton": _triton_reason, "onednn": _onednn_reason,
+    "extension": _extension_reason, "triton": _triton_reason, "onednn": _onednn_reason, "nnpack": _nnpack_reason,
     "torch": lambda device_type: None,
 }
 
@@ -204,7 +215,7 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
             (dtype, layout, autocast...); implementations it rejects are skipped.
 
     Returns:
-        The implementation's name: "extension", "triton", "onednn" or "torch". While a model is
+        The implementation's name: "extension", "triton", "onednn", "nnpack" or "torch". While a model is
         exported to ONNX (either exporter) always "torch": ONNX has no fpn_fast ops, and the
         pure-PyTorch forms translate to standard ONNX ops (Resize, Add, Conv...).
 

@@ -1,0 +1,189 @@
+// A pool of large CPU buffers reused across inference calls.
+//
+// glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmap()s and
+// gives them back on free(), so every FPN-sized activation (a 256-channel 200x304 float32 map is
+// 62 MB) is page-faulted in again on every call: about 13 ms per such map on the 2-core build
+// machine, ~15% of an 800x1216 ResNet50-FPN forward (benchmarks/RESULTS.md). ONNX Runtime (its
+// arena) and OpenVINO (static buffers) do not pay it. This allocator keeps such blocks instead.
+//
+// It wraps the CPU allocator that was installed before it and only pools inside a scope that the
+// *current thread* opened (cpu_pool_enter/exit, the optimized backbone's forward); everywhere else,
+// and for blocks under 1 MiB, it hands the request to that allocator unchanged. Pooled blocks come
+// back to the pool whenever and on whichever thread their tensor dies, up to a byte limit; above
+// it they are freed. cpu_pool_release() frees the cached ones (like torch.cuda.empty_cache).
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace fpn_fast {
+namespace {
+
+// Smaller blocks come from glibc's heap and are reused there without page faults.
+constexpr size_t kMinPooledBytes = size_t(1) << 20;
+// Requests are rounded up to this granularity so that maps of nearly equal size share blocks.
+constexpr size_t kGranule = size_t(1) << 16;
+
+thread_local int64_t pool_depth = 0;
+
+class PooledCPUAllocator final : public c10::Allocator {
+ public:
+  explicit PooledCPUAllocator(c10::Allocator* fallback) : fallback_(fallback) {}
+
+  c10::DataPtr allocate(size_t bytes) override {
+    if (pool_depth == 0 || bytes < kMinPooledBytes) return fallback_->allocate(bytes);
+    void* data = take(bytes);
+    // context == data keeps it a "simple" data pointer (copy-on-write and friends accept it).
+    return {data, data, &PooledCPUAllocator::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // ideep's scratchpads use raw_allocate / raw_deallocate, so raw blocks must come back here
+  // too: release() hands the fallback's own blocks back to the fallback.
+  c10::DeleterFnPtr raw_deleter() const override { return &PooledCPUAllocator::release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  int64_t free_cached() {
+    std::vector<void*> blocks;
+    int64_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& entry : cached_) {
+        blocks.push_back(entry.second);
+        bytes += static_cast<int64_t>(entry.first);
+        live_.erase(entry.second);
+      }
+      cached_.clear();
+      cached_bytes_ = 0;
+    }
+    for (void* block : blocks) c10::free_cpu(block);
+    return bytes;
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(cached_bytes_), static_cast<int64_t>(cached_.size()),
+            static_cast<int64_t>(live_.size() - cached_.size()), static_cast<int64_t>(limit_), hits_, misses_};
+  }
+
+  void set_limit(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = static_cast<size_t>(bytes);
+  }
+
+  static PooledCPUAllocator* instance;
+
+ private:
+  void* take(size_t bytes) {
+    const size_t wanted = (bytes + kGranule - 1) / kGranule * kGranule;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // The smallest cached block that fits, unless it would waste more than the request.
+      auto it = cached_.lower_bound(wanted);
+      if (it != cached_.end() && it->first <= 2 * wanted) {
+        void* data = it->second;
+        cached_bytes_ -= it->first;
+        cached_.erase(it);
+        ++hits_;
+        return data;
+      }
+      ++misses_;
+    }
+    void* data = c10::alloc_cpu(wanted);  // throws c10::OutOfMemoryError when it cannot
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_[data] = wanted;
+    return data;
+  }
+
+  static void release(void* data) {
+    PooledCPUAllocator* self = instance;
+    bool fallback_block = false;
+    {
+      std::lock_guard<std::mutex> lock(self->mutex_);
+      auto found = self->live_.find(data);
+      if (found == self->live_.end()) {
+        fallback_block = true;
+      } else {
+        const size_t size = found->second;
+        if (self->cached_bytes_ + size <= self->limit_) {
+          self->cached_.emplace(size, data);
+          self->cached_bytes_ += size;
+          return;
+        }
+        self->live_.erase(found);
+      }
+    }
+    if (!fallback_block) {
+      c10::free_cpu(data);
+    } else if (c10::DeleterFnPtr deleter = self->fallback_->raw_deleter()) {
+      deleter(data);  // a raw allocation that went to the fallback allocator
+    } else {
+      c10::free_cpu(data);
+    }
+  }
+
+  c10::Allocator* fallback_;
+  std::mutex mutex_;
+  std::multimap<size_t, void*> cached_;       // size -> free block
+  std::unordered_map<void*, size_t> live_;     // every block we own (cached or in use) -> size
+  size_t cached_bytes_ = 0;
+  size_t limit_ = size_t(1) << 30;
+  int64_t hits_ = 0;
+  int64_t misses_ = 0;
+};
+
+PooledCPUAllocator* PooledCPUAllocator::instance = nullptr;
+
+// Installs the pool as torch's CPU allocator once (it stays: tensors it made may outlive any
+// scope). Returns whether it is the allocator in force: another library may have installed one
+// with a higher priority, and then nothing is pooled.
+bool installed() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    PooledCPUAllocator::instance = new PooledCPUAllocator(c10::GetCPUAllocator());  // never freed
+    c10::SetCPUAllocator(PooledCPUAllocator::instance, /*priority=*/0);
+  });
+  return c10::GetCPUAllocator() == PooledCPUAllocator::instance;
+}
+
+bool cpu_pool_enter(int64_t limit_bytes) {
+  TORCH_CHECK_VALUE(limit_bytes >= 0, "fpn_fast::_cpu_pool_enter: limit_bytes must be >= 0, got ", limit_bytes);
+  if (!installed()) return false;
+  PooledCPUAllocator::instance->set_limit(limit_bytes);
+  ++pool_depth;
+  return true;
+}
+
+void cpu_pool_exit() {
+  TORCH_CHECK(pool_depth > 0, "fpn_fast::_cpu_pool_exit without a matching _cpu_pool_enter on this thread");
+  --pool_depth;
+}
+
+int64_t cpu_pool_release() {
+  return PooledCPUAllocator::instance == nullptr ? 0 : PooledCPUAllocator::instance->free_cached();
+}
+
+std::vector<int64_t> cpu_pool_stats() {
+  if (PooledCPUAllocator::instance == nullptr) return {0, 0, 0, 0, 0, 0};
+  return PooledCPUAllocator::instance->stats();
+}
+
+}  // namespace
+}  // namespace fpn_fast
+
+TORCH_LIBRARY_FRAGMENT(fpn_fast, m) {
+  m.def("_cpu_pool_enter(int limit_bytes) -> bool", &fpn_fast::cpu_pool_enter);
+  m.def("_cpu_pool_exit() -> ()", &fpn_fast::cpu_pool_exit);
+  m.def("_cpu_pool_release() -> int", &fpn_fast::cpu_pool_release);
+  m.def("_cpu_pool_stats() -> int[]", &fpn_fast::cpu_pool_stats);
+}
