@@ -298,10 +298,12 @@ def _random_backbone():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
-def test_optimized_model_propagates_non_finite_input_as_eager(value):
+# 135x161: the finest FPN level is 34x41 pixels, where the output conv runs NNPACK's Winograd
+@pytest.mark.parametrize("size", [(67, 91), (135, 161)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_optimized_model_propagates_non_finite_input_as_eager(value, size):
     model = _random_backbone()
     optimized = fpn_fast.optimize_for_inference(model)
-    image = torch.randn(1, 3, 67, 91)
+    image = torch.randn(1, 3, *size)
     image[0, 1, 30, 40] = value
     with torch.no_grad():
         expected, actual = model(image), optimized(image)

@@ -1,0 +1,205 @@
+"""The CPU inference paths of issue 14: ``ops.conv2d_nchw`` (NNPACK's Winograd convolution for the
+FPN's 3x3 output convolutions on large maps) and the CPU buffer pool the optimized backbones run in.
+
+conv2d_nchw is compared with F.conv2d computed in float64 on fresh random inputs, odd sizes on both
+sides of NNPACK's size threshold, batch 1 and 2, both input memory formats: Winograd rounds
+differently from the direct sum, so it is held to 1e-4 of the output's largest value (measured
+~1e-5); the oneDNN route to 1e-5. Non-finite inputs must give eager's NaN / +inf / -inf masks.
+The pool changes where memory comes from, not what is computed: outputs are compared bit for bit
+with the pool on and off, in fresh processes (the pool installs itself as torch's CPU allocator).
+"""
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fpn_fast
+from fpn_fast import ops
+from fpn_fast.ops import _nnpack
+
+NNPACK = pytest.mark.skipif(_nnpack.unavailable_reason() is not None,
+                            reason=f"NNPACK unusable here: {_nnpack.unavailable_reason()}")
+EXTENSION = pytest.mark.skipif(ops._extension.unavailable_reason("cpu") is not None,
+                               reason="the CPU buffer pool is part of the compiled extension")
+
+
+def _reference(x, weight, bias, padding):
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), 1, padding)
+
+
+def _inputs(n, c, h, w, k, seed, bias=True, channels_last=False):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=generator)
+    weight = torch.randn(k, c, 3, 3, generator=generator) / (9 * c) ** 0.5
+    b = torch.randn(k, generator=generator) if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, weight, b
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 33, 35, 24), (2, 8, 40, 41, 5), (1, 7, 32, 32, 9), (1, 16, 20, 23, 8),
+                                   (1, 3, 31, 33, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("padding", [(1, 1), (0, 0), (1, 0)], ids=str)
+def test_conv2d_nchw_matches_conv2d(shape, channels_last, bias, padding):
+    n, c, h, w, k = shape
+    x, weight, b = _inputs(n, c, h, w, k, seed=sum(shape), bias=bias, channels_last=channels_last)
+    with torch.no_grad():
+        out = ops.conv2d_nchw(x, weight, b, (1, 1), padding)
+    want = _reference(x, weight, b, padding)
+    assert out.shape == want.shape and out.dtype == torch.float32 and out.is_contiguous()
+    implementation = ops._conv2d_nchw_implementation(x, weight, b, (1, 1), padding, (1, 1), 1)
+    expect_nnpack = h * w >= _nnpack.MIN_PIXELS and _nnpack.unavailable_reason() is None
+    assert implementation == ("nnpack" if expect_nnpack else "onednn" if ops._onednn.unavailable_reason() is None
+                              else "torch")
+    bound = 1e-4 if implementation == "nnpack" else 1e-5
+    assert (out.double() - want).abs().max().item() <= bound * want.abs().max().item()
+
+
+@NNPACK
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 3e36], ids=str)
+def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value):
+    """Winograd spreads a non-finite input over its tile (inf - inf = NaN): such results, and
+    values beyond 1e30, are recomputed by the direct convolution, so masks equal eager's."""
+    x, weight, b = _inputs(1, 8, 37, 39, 6, seed=3)
+    x[0, 2, 10, 11] = value
+    x[0, 5, 30, 3] = value
+    with torch.no_grad():
+        out = ops.conv2d_nchw(x, weight, b, (1, 1), (1, 1))
+        raw = torch._nnpack_spatial_convolution(x, weight, b, [1, 1], [1, 1])
+        want = F.conv2d(x, weight, b, 1, 1)
+    assert ops._conv2d_nchw_implementation(x, weight, b, (1, 1), (1, 1), (1, 1), 1) == "nnpack"
+    if value != 3e36:
+        # the case is real: NNPACK alone would not match eager's mask
+        assert not torch.equal(raw.isnan(), want.isnan()) or not torch.equal(raw.isinf(), want.isinf())
+    for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(mask(out), mask(want))
+    finite = want.isfinite()
+    torch.testing.assert_close(out[finite], want[finite], rtol=1e-5, atol=1e-5 * want[finite].abs().max().item())
+
+
+@NNPACK
+def test_conv2d_nchw_dispatch():
+    x, weight, b = _inputs(1, 8, 40, 40, 8, seed=1)
+
+    def implementation(x=x, weight=weight, bias=b, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1):
+        return ops._conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+
+    assert implementation() == "nnpack"
+    assert implementation(x=x[:, :, :20, :20]) != "nnpack"  # under MIN_PIXELS
+    assert implementation(x=x.double(), weight=weight.double(), bias=b.double()) != "nnpack"
+    assert implementation(stride=(2, 2)) != "nnpack"
+    assert implementation(dilation=(2, 2)) != "nnpack"
+    assert implementation(padding=(2, 2)) != "nnpack"
+    assert implementation(weight=torch.randn(8, 4, 3, 3), groups=2) != "nnpack"
+    assert implementation(weight=torch.randn(8, 8, 5, 5)) != "nnpack"
+    with ops.use_backend("torch"):
+        assert implementation() == "torch"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert implementation() != "nnpack"
+    assert ops.conv2d_nchw_input_format(x.contiguous(memory_format=torch.channels_last), weight, b, (1, 1),
+                                        (1, 1)) == torch.contiguous_format
+    small = x[:, :, :20, :20].contiguous(memory_format=torch.channels_last)
+    assert ops.conv2d_nchw_input_format(small, weight, b, (1, 1), (1, 1)) == torch.channels_last
+    # a traced graph records no NNPACK call (the graph may run elsewhere)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: ops.conv2d_nchw(t, weight, b, (1, 1), (1, 1)), (x,), check_trace=False)
+    assert "nnpack" not in str(traced.graph)
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.conv2d_nchw(x, weight.requires_grad_(), b, (1, 1), (1, 1))
+
+
+def test_nnpack_probe_reports_a_disagreeing_convolution(monkeypatch):
+    _nnpack.unavailable_reason.cache_clear()
+    try:
+        monkeypatch.setattr(torch, "_nnpack_available", lambda: True)
+        monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda x, w, b, p, s: F.conv2d(x, w, b, 1, p) * 1.01)
+        assert "disagrees" in _nnpack.unavailable_reason()
+        _nnpack.unavailable_reason.cache_clear()
+        monkeypatch.setattr(torch, "_nnpack_available", lambda: False)
+        assert "not available" in _nnpack.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        _nnpack.unavailable_reason.cache_clear()
+
+
+POOL_SCRIPT = textwrap.dedent("""
+    import threading
+    import torch, fpn_fast
+    from fpn_fast import ops
+    from tests.test_modules import randomise_
+    torch.manual_seed(0)
+    model = randomise_(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18")).eval()
+    optimized = fpn_fast.optimize_for_inference(model)
+    images = [torch.randn(1, 3, 260, 300), torch.randn(2, 3, 131, 171)]
+    with torch.no_grad():
+        outs = [optimized(x) for x in images] + [optimized(x) for x in images]
+        threads = [threading.Thread(target=lambda x=x, i=i: outs.append((i, optimized(x))))
+                   for i, x in enumerate(images * 2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        big = torch.empty(64 << 20, dtype=torch.uint8)  # outside any scope: not pooled
+    stats = ops.cpu_cache_stats()
+    torch.save({"outs": outs[:4], "threaded": outs[4:], "stats": stats, "freed": ops.empty_cpu_cache(),
+                "after": ops.cpu_cache_stats()}, OUT)
+""")
+
+
+@EXTENSION
+def test_cpu_pool_reuses_memory_and_changes_no_result(run_python, tmp_path):
+    results = {}
+    for mode, env in (("pooled", {}), ("off", {"FPN_FAST_CPU_POOL_MB": "0"})):
+        path = tmp_path / f"{mode}.pt"
+        proc = run_python(f"OUT = {str(path)!r}\n" + POOL_SCRIPT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = torch.load(path)
+    pooled, off = results["pooled"], results["off"]
+    for got, want in zip(pooled["outs"] + [o for _, o in sorted(pooled["threaded"], key=lambda t: t[0])],
+                         off["outs"] + [o for _, o in sorted(off["threaded"], key=lambda t: t[0])]):
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+    for result in (pooled, off):  # a second call, and calls from threads, equal the first call
+        first = result["outs"][:2]
+        for got in [result["outs"][2], result["outs"][3]] + [o for _, o in result["threaded"]]:
+            want = first[0] if got["0"].shape == first[0]["0"].shape else first[1]
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    stats = pooled["stats"]
+    assert stats["hits"] > 0 and stats["misses"] > 0 and stats["cached_bytes"] > 0
+    assert stats["cached_bytes"] <= stats["limit_bytes"] == 1024 << 20
+    assert pooled["freed"] == stats["cached_bytes"] and pooled["after"]["cached_bytes"] == 0
+    assert off["stats"]["hits"] == off["stats"]["misses"] == 0  # never entered
+
+
+@EXTENSION
+def test_cpu_pool_limit_and_bad_environment(run_python):
+    proc = run_python(textwrap.dedent("""
+        import torch
+        from fpn_fast import ops
+        from fpn_fast.ops import _memory
+        with _memory.pooled() as active:
+            assert active
+            blocks = [torch.empty(3 << 20, dtype=torch.uint8) for _ in range(4)]  # 12 MiB in use
+        del blocks  # freed outside the scope: back to the pool, up to its 8 MiB limit
+        stats = ops.cpu_cache_stats()
+        assert stats["limit_bytes"] == 8 << 20 and 0 < stats["cached_bytes"] <= 8 << 20, stats
+        assert stats["blocks_in_use"] == 0, stats
+        with _memory.pooled():
+            again = torch.empty(3 << 20, dtype=torch.uint8)
+        assert ops.cpu_cache_stats()["hits"] == 1
+        print("ok")
+    """), env={"FPN_FAST_CPU_POOL_MB": "8"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    proc = run_python("import fpn_fast, torch\n"
+                      "m = fpn_fast.optimize_for_inference(fpn_fast.resnet_fpn_backbone(backbone_name='resnet18'))\n"
+                      "with torch.no_grad(): m(torch.randn(1, 3, 64, 64))\n", env={"FPN_FAST_CPU_POOL_MB": "lots"})
+    assert proc.returncode != 0 and "FPN_FAST_CPU_POOL_MB" in proc.stderr
+
+
+@EXTENSION
+def test_cpu_pool_exit_without_enter_raises():
+    with pytest.raises(RuntimeError, match="without a matching"):
+        torch.ops.fpn_fast._cpu_pool_exit()
+    with pytest.raises(ValueError, match="limit_bytes"):
+        torch.ops.fpn_fast._cpu_pool_enter(-1)
