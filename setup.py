@@ -64,11 +64,15 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     # torch picks the C++ standard its headers need (C++20 for torch >= 2.10).
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel where the
+    # including file is compiled with OpenMP (without it the CPU kernels ran on one thread);
+    # the SONAME libgomp.so.1 resolves to the OpenMP runtime torch has already loaded.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     extra = {"cxx": cxx_flags}
+    link = ["-fopenmp"]
     if not with_cuda:
         return [cpp_extension.CppExtension("fpn_fast._C", sources, include_dirs=include_dirs,
-                                           extra_compile_args=extra)]
+                                           extra_compile_args=extra, extra_link_args=link)]
     # torch infers CUDA_HOME from nvcc's directory without resolving links;
     # pin it before cpp_extension reads it for include and library paths.
     os.environ["CUDA_HOME"] = cuda_home
@@ -84,7 +88,8 @@ def _extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [cpp_extension.CUDAExtension("fpn_fast._C", sources, include_dirs=include_dirs,
-                                        extra_compile_args=extra, define_macros=[("FPN_FAST_WITH_CUDA", "1")])]
+                                        extra_compile_args=extra, extra_link_args=link,
+                                        define_macros=[("FPN_FAST_WITH_CUDA", "1")])]
 
 
 setup(

@@ -116,9 +116,20 @@ class Conv2dAct(nn.Module):
             cached = self.__dict__["_onednn_weight"] = (key, packed)
         return cached[1]
 
+    @torch.jit.unused
+    def _nnpack_kernels(self, slices: int) -> List[Tensor]:
+        """NNPACK's kernel transforms of the weight in ``slices`` output-channel slices (16 MiB for
+        a 256 -> 256 conv), made on first use and kept until the weight changes; not saved or copied."""
+        key = (self.weight.data_ptr(), self.weight._version, slices, self.padding)
+        cached = self.__dict__.get("_nnpack_weight")
+        if cached is None or cached[0] != key:
+            kernels = ops._nnpack.pack(self.weight, self.padding, slices)
+            cached = self.__dict__["_nnpack_weight"] = (key, kernels)
+        return cached[1]
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_onednn_weight"}
+        return {k: v for k, v in state.items() if k not in ("_onednn_weight", "_nnpack_weight")}
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kh, kw = self.weight.shape
@@ -382,7 +393,8 @@ class InferenceFPN(nn.Module):
             if direct[level]:
                 results[level] = ops.conv2d_nchw(
                     inputs[level], block.weight, block.bias, block.stride, block.padding, block.dilation,
-                    block.groups, packed_weight=functools.partial(block._packed_weight, inputs[level]))
+                    block.groups, packed_weight=functools.partial(block._packed_weight, inputs[level]),
+                    nnpack_kernels=block._nnpack_kernels)
             else:
                 results[level] = block(inners[level])
         return results

@@ -38,8 +38,10 @@ def _inputs(n, c, h, w, k, seed, bias=True, channels_last=False):
     return x, weight, b
 
 
+# Both sides of min_pixels (20x20 with the extension) and of SLICED_MAX_PIXELS (100x100).
 @pytest.mark.parametrize("shape", [(1, 16, 33, 35, 24), (2, 8, 40, 41, 5), (1, 7, 32, 32, 9), (1, 16, 20, 23, 8),
-                                   (1, 3, 31, 33, 4)], ids=lambda s: "x".join(map(str, s)))
+                                   (1, 3, 31, 33, 4), (1, 5, 19, 21, 6), (1, 4, 101, 103, 3), (2, 3, 120, 90, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("padding", [(1, 1), (0, 0), (1, 0)], ids=str)
@@ -51,7 +53,7 @@ def test_conv2d_nchw_matches_conv2d(shape, channels_last, bias, padding):
     want = _reference(x, weight, b, padding)
     assert out.shape == want.shape and out.dtype == torch.float32 and out.is_contiguous()
     implementation = ops._conv2d_nchw_implementation(x, weight, b, (1, 1), padding, (1, 1), 1)
-    expect_nnpack = h * w >= _nnpack.MIN_PIXELS and _nnpack.unavailable_reason() is None
+    expect_nnpack = h * w >= _nnpack.min_pixels() and _nnpack.unavailable_reason() is None
     assert implementation == ("nnpack" if expect_nnpack else "onednn" if ops._onednn.unavailable_reason() is None
                               else "torch")
     bound = 1e-4 if implementation == "nnpack" else 1e-5
@@ -60,10 +62,11 @@ def test_conv2d_nchw_matches_conv2d(shape, channels_last, bias, padding):
 
 @NNPACK
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 3e36], ids=str)
-def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value):
+@pytest.mark.parametrize("size", [(37, 39), (103, 101)], ids=["sliced", "torch_call"])
+def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value, size):
     """Winograd spreads a non-finite input over its tile (inf - inf = NaN): such results, and
     values beyond 1e30, are recomputed by the direct convolution, so masks equal eager's."""
-    x, weight, b = _inputs(1, 8, 37, 39, 6, seed=3)
+    x, weight, b = _inputs(1, 8, *size, 6, seed=3)
     x[0, 2, 10, 11] = value
     x[0, 5, 30, 3] = value
     with torch.no_grad():
@@ -88,7 +91,7 @@ def test_conv2d_nchw_dispatch():
         return ops._conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
 
     assert implementation() == "nnpack"
-    assert implementation(x=x[:, :, :20, :20]) != "nnpack"  # under MIN_PIXELS
+    assert implementation(x=x[:, :, :19, :20]) != "nnpack"  # under min_pixels
     assert implementation(x=x.double(), weight=weight.double(), bias=b.double()) != "nnpack"
     assert implementation(stride=(2, 2)) != "nnpack"
     assert implementation(dilation=(2, 2)) != "nnpack"
@@ -101,7 +104,7 @@ def test_conv2d_nchw_dispatch():
         assert implementation() != "nnpack"
     assert ops.conv2d_nchw_input_format(x.contiguous(memory_format=torch.channels_last), weight, b, (1, 1),
                                         (1, 1)) == torch.contiguous_format
-    small = x[:, :, :20, :20].contiguous(memory_format=torch.channels_last)
+    small = x[:, :, :15, :20].contiguous(memory_format=torch.channels_last)
     assert ops.conv2d_nchw_input_format(small, weight, b, (1, 1), (1, 1)) == torch.channels_last
     # a traced graph records no NNPACK call (the graph may run elsewhere)
     with torch.no_grad():
@@ -109,6 +112,41 @@ def test_conv2d_nchw_dispatch():
     assert "nnpack" not in str(traced.graph)
     with pytest.raises(RuntimeError, match="inference only"):
         ops.conv2d_nchw(x, weight.requires_grad_(), b, (1, 1), (1, 1))
+
+
+@pytest.mark.skipif(_nnpack.sliced_unavailable_reason() is not None,
+                    reason=f"the sliced NNPACK path is unavailable: {_nnpack.sliced_unavailable_reason()}")
+def test_sliced_nnpack_kernels_serve_every_size_and_bad_inputs_raise():
+    """pack() makes one set of kernel transforms for all image sizes: check the bytes agree for
+    sizes from 7x9 to 200x304 (an NNPACK build where they did not would fail here), and that the
+    op refuses bad inputs with a clear error before running."""
+    weight = torch.randn(12, 7, 3, 3)
+    base = torch.ops.fpn_fast.nnpack_pack_3x3(weight, 64, 64, [1, 1], 2)
+    for h, w in [(7, 9), (20, 20), (80, 80), (200, 304)]:
+        other = torch.ops.fpn_fast.nnpack_pack_3x3(weight, h, w, [1, 1], 2)
+        assert all(torch.equal(a, b) for a, b in zip(other, base))
+    x = torch.randn(1, 7, 30, 31)
+    op = torch.ops.fpn_fast.nnpack_conv_3x3_packed
+    with pytest.raises(TypeError, match="float32"):
+        op(x.double(), base, None, 12, [1, 1])
+    with pytest.raises(ValueError, match="contiguous"):
+        op(x.contiguous(memory_format=torch.channels_last), base, None, 12, [1, 1])
+    with pytest.raises(ValueError, match="padding"):
+        op(x, base, None, 12, [2, 2])
+    with pytest.raises(ValueError, match="bias"):
+        op(x, base, torch.randn(11), 12, [1, 1])
+    with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
+        op(torch.randn(1, 7, 1, 5), base, None, 12, [0, 0])
+    with pytest.raises(ValueError, match=r"weight must be \[K, C, 3, 3\]"):
+        torch.ops.fpn_fast.nnpack_pack_3x3(torch.randn(12, 7, 5, 5), 8, 8, [1, 1], 2)
+    with pytest.raises(ValueError, match="slices"):
+        torch.ops.fpn_fast.nnpack_pack_3x3(weight, 8, 8, [1, 1], 13)
+    # one slice per intra-op thread; any count gives the same result
+    want = F.conv2d(x, weight, None, 1, 1)
+    for count in (1, 3, 12):
+        kernels = torch.ops.fpn_fast.nnpack_pack_3x3(weight, 30, 31, [1, 1], count)
+        out, finite = op(x, kernels, None, 12, [1, 1])
+        assert finite and (out - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_nnpack_probe_reports_a_disagreeing_convolution(monkeypatch):

@@ -22,7 +22,7 @@ runs here and computes the call exactly. Choose with ``set_backend(name)`` (proc
 ``with use_backend(name):`` (this thread only) or FPN_FAST_BACKEND. Naming a backend that cannot
 run raises BackendUnavailableError saying why; it never silently falls back.
 """
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -273,7 +273,7 @@ def _conv2d_nchw_is_exact(implementation: str, x: torch.Tensor, weight: torch.Te
             and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and groups == 1 and all(p <= 1 for p in padding)
-            and x.shape[2] * x.shape[3] >= _nnpack.MIN_PIXELS)
+            and x.shape[2] * x.shape[3] >= _nnpack.min_pixels())
 
 
 def _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) -> str:
@@ -295,21 +295,25 @@ def conv2d_nchw_input_format(x: torch.Tensor, weight: torch.Tensor, bias: Option
 
 def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
-                groups: int = 1, *, packed_weight: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+                groups: int = 1, *, packed_weight: Optional[Callable[[], torch.Tensor]] = None,
+                nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` returned as a contiguous
     NCHW map, for inference: the FPN's 3x3 output convolutions, whose maps leave the backbone in NCHW.
 
     Implementations (TABLE["conv2d_nchw", device]): on CPU, for a float32 3x3 stride-1 convolution
-    (padding <= 1, no groups or dilation, no autocast) over at least 32x32 pixels, NNPACK's
-    Winograd convolution, which agrees with the direct one to ~1e-5 of the output's scale and
-    hands results with non-finite values back to it (``ops._nnpack``); else ``conv2d_act`` (oneDNN
-    on CPU) then ``to_nchw``; else F.conv2d then a contiguous copy.
+    (padding <= 1, no groups or dilation, no autocast) over at least 20x20 pixels (32x32 without
+    the extension), NNPACK's Winograd convolution, which agrees with the direct one to ~1e-5 of
+    the output's scale and hands results with non-finite values back to it (``ops._nnpack``);
+    else ``conv2d_act`` (oneDNN on CPU) then ``to_nchw``; else F.conv2d then a contiguous copy.
 
     Args:
         x: Tensor[N, C, H, W], any memory format (see ``conv2d_nchw_input_format``).
         weight: Tensor[O, C/groups, kh, kw]. bias: Tensor[O] or None.
         stride, padding, dilation, groups: as F.conv2d (padding as two ints).
         packed_weight: as ``conv2d_act``'s, for the oneDNN route.
+        nnpack_kernels: ``nnpack_kernels(slices)`` returns NNPACK's kernel transforms of
+            ``weight`` (``ops._nnpack.pack``; ``Conv2dAct`` caches them); without it they are
+            made for the call.
 
     Returns:
         Tensor[N, O, H', W'], contiguous (NCHW).
@@ -319,7 +323,7 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     _checks.check_inference_only("conv2d_nchw", x, weight, bias)
     if _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) == "nnpack":
-        out = _nnpack.conv2d(to_nchw(x), weight, bias, padding)
+        out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
         if out is not None:
             return out
     return to_nchw(conv2d_act(x, weight, bias, stride, padding, dilation, groups, packed_weight=packed_weight))
