@@ -102,7 +102,8 @@ class Conv2dAct(nn.Module):
     @torch.jit.unused
     def _forward_eager(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return ops.conv2d_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                              relu=self.relu, residual=residual, packed_weight=lambda: self._packed_weight(x))
+                              relu=self.relu, residual=residual, packed_weight=lambda: self._packed_weight(x),
+                              nnpack_kernels=self._nnpack_kernels)
 
     @torch.jit.unused
     def _packed_weight(self, x: Tensor) -> Tensor:

@@ -149,6 +149,51 @@ def test_sliced_nnpack_kernels_serve_every_size_and_bad_inputs_raise():
         assert finite and (out - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@NNPACK
+@pytest.mark.parametrize("shape", [(1, 128, 20, 21, 40), (2, 160, 23, 19, 8), (1, 128, 110, 95, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias,residual,relu", [(True, True, True), (True, False, True), (False, True, False),
+                                                (False, False, False)], ids=lambda v: str(int(v)))
+def test_conv2d_act_runs_nnpack_for_wide_3x3_convs(shape, channels_last, bias, residual, relu):
+    """The body's 3x3 convs of >= 128 channels over >= min_pixels: NNPACK in NCHW, then the tail
+    (residual, ReLU), returned in x's memory format; within 1e-4 of float64's scale."""
+    n, c, h, w, k = shape
+    x, weight, b = _inputs(n, c, h, w, k, seed=c + h, bias=bias, channels_last=channels_last)
+    r = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last) if residual else None
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+        impl, x, weight, b, (1, 1), (1, 1), (1, 1), relu, r)) == "nnpack"
+    with torch.no_grad():
+        out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=relu, residual=r)
+    want = _reference(x, weight, b, (1, 1)) + (r.double() if residual else 0)
+    want = want.relu() if relu else want
+    assert out.shape == want.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert (out.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    # not for narrower convs, strided ones, groups, or under 20x20 pixels
+    for args in [(x[:, :100], weight[:, :100]), (x[:, :, :19, :20], weight)]:
+        assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+            impl, args[0], args[1], b, (1, 1), (1, 1), (1, 1), relu, None)) != "nnpack"
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+        impl, x, weight, b, (2, 2), (1, 1), (1, 1), relu, None)) != "nnpack"
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+        impl, x, weight[:, : c // 2], b, (1, 1), (1, 1), (1, 1), relu, None)) != "nnpack"  # groups=2
+
+
+@NNPACK
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_conv2d_act_nnpack_hands_non_finite_results_to_the_direct_conv(value):
+    x, weight, b = _inputs(1, 128, 24, 25, 16, seed=5, channels_last=True)
+    x[0, 7, 3, 4] = value
+    r = torch.randn(1, 16, 24, 25).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=True, residual=r)
+        want = (F.conv2d(x, weight, b, 1, 1) + r).relu()
+    for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(mask(out), mask(want))
+    assert not want.isfinite().all()  # non-trivial
+
+
 def test_nnpack_probe_reports_a_disagreeing_convolution(monkeypatch):
     _nnpack.unavailable_reason.cache_clear()
     try:

@@ -292,16 +292,18 @@ def test_compiled_function_follows_use_backend_without_graph_break():
     assert counter.frame_count == 2  # recompiled for the other backend
 
 
-def _random_backbone():
+def _random_backbone(name="resnet18"):
     torch.manual_seed(0)
-    return randomise_(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18")).eval()
+    return randomise_(fpn_fast.resnet_fpn_backbone(backbone_name=name)).eval()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
-# 135x161: the finest FPN level is 34x41 pixels, where the output conv runs NNPACK's Winograd
-@pytest.mark.parametrize("size", [(67, 91), (135, 161)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_optimized_model_propagates_non_finite_input_as_eager(value, size):
-    model = _random_backbone()
+# 135x161: the finest FPN level is 34x41 pixels, where the output conv runs NNPACK's Winograd;
+# resnet50 at 167x175: layer2's 3x3 convs (128 channels, 21x22) run it too
+@pytest.mark.parametrize("name,size", [("resnet18", (67, 91)), ("resnet18", (135, 161)), ("resnet50", (167, 175))],
+                         ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
+def test_optimized_model_propagates_non_finite_input_as_eager(value, name, size):
+    model = _random_backbone(name)
     optimized = fpn_fast.optimize_for_inference(model)
     image = torch.randn(1, 3, *size)
     image[0, 1, 30, 40] = value

@@ -200,6 +200,10 @@ def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Ten
     if capturing_graph() or x.dim() != 4:
         return False
     residual_fits = residual is None or residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)
+    if implementation == "nnpack":
+        return (x.shape[1] >= _NNPACK_MIN_CHANNELS and residual_fits
+                and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))
+                and _nnpack_fits(x, weight, bias, stride, padding, dilation, groups=x.shape[1] // max(weight.shape[1], 1)))
     if implementation == "onednn":
         return (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
                 and _autocast_dtype("cpu") is None and residual_fits
@@ -213,12 +217,17 @@ def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Ten
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None,
-               packed_weight: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+               packed_weight: Optional[Callable[[], torch.Tensor]] = None,
+               nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None) -> torch.Tensor:
     """``relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` for
     inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
 
-    Implementations (TABLE["conv2d_act", device]): on CPU, float32 without autocast, oneDNN's
-    fused convolution with bias and residual add as post-ops of one call; on CUDA the
+    Implementations (TABLE["conv2d_act", device]): on CPU, float32 without autocast, for a 3x3
+    stride-1 convolution of at least 128 input channels over at least 20x20 pixels, NNPACK's
+    Winograd convolution in NCHW (``ops._nnpack``: ~1e-5 of the output's scale from the direct
+    sum; results with non-finite values are recomputed by the direct one), then the tail, back in
+    x's memory format; else oneDNN's fused convolution with bias and residual add as post-ops
+    of one call; on CUDA the
     convolution without bias, then one Triton pass that adds bias and residual and applies the
     ReLU in place; otherwise F.conv2d and the tail in place on its fresh output. The sums are
     done in the same order everywhere: (conv + bias) + residual. The ReLU keeps NaN as
@@ -231,6 +240,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         packed_weight: returns ``weight`` prepacked for oneDNN (``Conv2dAct`` caches one); used,
             and called, only when oneDNN runs a channels_last x of at most 128x128 pixels (see
             _PACK_MAX_PIXELS), for which it is bit-identical.
+        nnpack_kernels: ``nnpack_kernels(slices)`` returns NNPACK's kernel transforms of weight
+            (``Conv2dAct`` caches them), for the NNPACK route.
 
     Returns:
         The output, as F.conv2d lays it out for x's memory format.
@@ -241,6 +252,22 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _checks.check_inference_only("conv2d_act", x, weight, bias, residual)
     implementation = resolve("conv2d_act", x.device.type, lambda impl: _conv2d_act_is_exact(
         impl, x, weight, bias, stride, padding, dilation, relu, residual))
+    if implementation == "nnpack":
+        out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
+        if out is not None:
+            out = _tail(out, None, residual, relu)
+            return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+                memory_format=torch.channels_last) and not x.is_contiguous() else out
+        # non-finite values: the direct convolution decides how they propagate
+        implementation = resolve("conv2d_act", x.device.type, lambda impl: impl != "nnpack" and _conv2d_act_is_exact(
+            impl, x, weight, bias, stride, padding, dilation, relu, residual))
+    return _conv2d_act_direct(implementation, x, weight, bias, stride, padding, dilation, groups, relu, residual,
+                              packed_weight)
+
+
+def _conv2d_act_direct(implementation: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       stride, padding, dilation, groups: int, relu: bool, residual: Optional[torch.Tensor],
+                       packed_weight: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
     if implementation == "onednn":
         if (packed_weight is not None and _torch_impl.memory_format_of(x) == torch.channels_last
                 and x.shape[2] * x.shape[3] <= _PACK_MAX_PIXELS):
@@ -265,15 +292,28 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 _PACK_MAX_PIXELS = 128 * 128
 
 
-def _conv2d_nchw_is_exact(implementation: str, x: torch.Tensor, weight: torch.Tensor,
-                          bias: Optional[torch.Tensor], stride, padding, dilation, groups: int) -> bool:
-    if implementation != "nnpack":
-        return _conv2d_act_is_exact(implementation, x, weight, bias, stride, padding, dilation, False, None)
+# In the ResNet body NNPACK pays from 128 channels on (measured, 3x3 stride 1, conversions to and
+# from NCHW included: 128 channels at 40x40 1.43 vs 2.12 ms, 256 at 20x20 1.78 vs 2.06 ms, 64 at
+# 80x80 2.20 vs 2.16 ms; benchmarks/RESULTS.md).
+_NNPACK_MIN_CHANNELS = 128
+
+
+def _nnpack_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
+                 groups: int) -> bool:
+    """A float32 CPU 3x3 convolution NNPACK's Winograd computes (stride and dilation 1, no
+    groups, padding <= 1, no autocast, nothing captured) over a map of at least min_pixels."""
     return (not capturing_graph() and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and groups == 1 and all(p <= 1 for p in padding)
             and x.shape[2] * x.shape[3] >= _nnpack.min_pixels())
+
+
+def _conv2d_nchw_is_exact(implementation: str, x: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], stride, padding, dilation, groups: int) -> bool:
+    if implementation != "nnpack":
+        return _conv2d_act_is_exact(implementation, x, weight, bias, stride, padding, dilation, False, None)
+    return _nnpack_fits(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) -> str:
@@ -326,7 +366,10 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
         if out is not None:
             return out
-    return to_nchw(conv2d_act(x, weight, bias, stride, padding, dilation, groups, packed_weight=packed_weight))
+    implementation = resolve("conv2d_act", x.device.type, lambda impl: impl != "nnpack" and _conv2d_act_is_exact(
+        impl, x, weight, bias, stride, padding, dilation, False, None))
+    return to_nchw(_conv2d_act_direct(implementation, x, weight, bias, stride, padding, dilation, groups, False, None,
+                                      packed_weight))
 
 
 def empty_cpu_cache() -> int:

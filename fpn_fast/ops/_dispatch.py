@@ -51,9 +51,10 @@ TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {
     # The 'pool' level is a strided copy: only Triton has a kernel; the extension means ATen's copy.
     ("stride2_pool", "cpu"): _row(("torch",), extension=("torch",)),
     ("stride2_pool", "cuda"): _row(("triton", "torch"), extension=("torch",)),
-    # Inference only. A folded convolution's tail (bias, residual, ReLU): oneDNN post-ops on CPU,
+    # Inference only. A folded convolution and its tail (bias, residual, ReLU): oneDNN post-ops on CPU,
     # one Triton pass after cuDNN on CUDA; "extension" means oneDNN on CPU (the CPU fast path).
-    ("conv2d_act", "cpu"): _row(("onednn", "torch"), extension=("onednn", "torch")),
+    # NNPACK's Winograd first for 3x3 stride-1 convs of >= 128 channels over >= 20x20 pixels.
+    ("conv2d_act", "cpu"): _row(("nnpack", "onednn", "torch"), extension=("nnpack", "onednn", "torch")),
     ("conv2d_act", "cuda"): _row(("triton", "torch"), extension=("torch",)),
     # Inference only. Lateral 1x1 conv + top-down step: one Triton GEMM on CUDA; elsewhere
     # ("torch") the convolution, then upsample_add_ on whatever backend it resolves to.
