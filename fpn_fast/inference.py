@@ -10,6 +10,12 @@ Three changes, each optional, none touching the model passed in (it is copied):
   coarser level run as one ``ops.lateral_upsample_add`` (on a GPU a Triton GEMM whose epilogue
   does the top-down step, so the lateral map is never stored).
 
+On CPU (float32), wide 3x3 convolutions over maps of 20x20 pixels and more (the FPN's output
+convs; the body's stride-1 ones of >= 128 channels) run NNPACK's Winograd convolution
+(``ops.conv2d_nchw``, ``ops.conv2d_act``; ~1e-5 of a conv's scale, non-finite results recomputed
+directly), and the backbone's forward runs inside fpn_fast's CPU buffer pool (``ops._memory``), so
+its large maps reuse memory instead of being page-faulted in on every call.
+
 The optimized modules have no training semantics (folded norms cannot be trained as norms), so
 they refuse to run in training mode or with autograd enabled instead of computing gradients of
 something else.
@@ -499,8 +505,18 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
 
     Returns a new module in eval mode. Run it under ``torch.no_grad()`` or
     ``torch.inference_mode()``; its backbone raises in training mode or with grad enabled.
-    Folding and the reordered sums change rounding, not the math: float32 outputs agree with
-    the original model's to a few 1e-6 of each level's largest value (tests hold them to 1e-4).
+    Folding, the reordered sums and (on CPU) Winograd 3x3 convolutions change rounding, not the
+    math: float32 outputs agree with the original model's to a few 1e-6 of each level's largest
+    value (tests hold them to 1e-4); NaN and inf propagate as in the original.
+
+    On CPU the backbone's forward uses fpn_fast's buffer pool, which keeps up to
+    FPN_FAST_CPU_POOL_MB MiB (default 1024) of large blocks between calls
+    (``fpn_fast.ops.empty_cpu_cache()`` frees them).
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module.
+        ValueError: ``output_memory_format`` is neither contiguous nor channels_last, or the model
+            holds no ResNet-FPN backbone or FPN.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")

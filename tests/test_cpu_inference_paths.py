@@ -286,3 +286,34 @@ def test_cpu_pool_exit_without_enter_raises():
         torch.ops.fpn_fast._cpu_pool_exit()
     with pytest.raises(ValueError, match="limit_bytes"):
         torch.ops.fpn_fast._cpu_pool_enter(-1)
+
+
+@EXTENSION
+def test_cpu_pool_survives_fork(run_python):
+    """A process forked after the pool is installed (DataLoader workers) can still allocate."""
+    proc = run_python(textwrap.dedent("""
+        import os, threading, torch, fpn_fast
+        from fpn_fast.ops import _memory
+        m = fpn_fast.optimize_for_inference(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18"))
+        x = torch.randn(1, 3, 96, 96)
+        with torch.no_grad():
+            want = m(x)
+            stop = threading.Event()
+            def churn():  # another thread allocating and freeing pooled blocks meanwhile
+                while not stop.is_set():
+                    with _memory.pooled():
+                        torch.empty(2 << 20, dtype=torch.uint8)
+            t = threading.Thread(target=churn); t.start()
+            pids = []
+            for _ in range(5):
+                pid = os.fork()
+                if pid == 0:
+                    got = m(x)
+                    os._exit(0 if all(torch.equal(got[k], want[k]) for k in want) else 3)
+                pids.append(pid)
+            stop.set(); t.join()
+            codes = [os.waitpid(pid, 0)[1] for pid in pids]
+        print("codes", codes)
+        assert codes == [0] * 5
+    """), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

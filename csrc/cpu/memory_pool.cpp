@@ -17,6 +17,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -82,6 +84,11 @@ class PooledCPUAllocator final : public c10::Allocator {
   }
 
   static PooledCPUAllocator* instance;
+
+  // fork() while another thread holds the mutex would leave the child's copy locked forever:
+  // hold it across the fork and release it on both sides (as glibc does for malloc's locks).
+  static void before_fork() { instance->mutex_.lock(); }
+  static void after_fork() { instance->mutex_.unlock(); }
 
  private:
   void* take(size_t bytes) {
@@ -151,6 +158,8 @@ bool installed() {
   static std::once_flag once;
   std::call_once(once, [] {
     PooledCPUAllocator::instance = new PooledCPUAllocator(c10::GetCPUAllocator());  // never freed
+    pthread_atfork(&PooledCPUAllocator::before_fork, &PooledCPUAllocator::after_fork,
+                   &PooledCPUAllocator::after_fork);
     c10::SetCPUAllocator(PooledCPUAllocator::instance, /*priority=*/0);
   });
   return c10::GetCPUAllocator() == PooledCPUAllocator::instance;

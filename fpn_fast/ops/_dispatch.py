@@ -62,7 +62,8 @@ TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {
     ("lateral_upsample_add", "cuda"): _row(("triton", "torch"), extension=("torch",)),
     # Inference only. A convolution whose output is wanted in NCHW (the FPN's 3x3 output convs):
     # NNPACK's Winograd convolution on large CPU maps, else the conv2d_act route then to_nchw.
-    ("conv2d_nchw", "cpu"): _row(("nnpack", "onednn", "torch"), extension=("nnpack", "onednn", "torch")),
+    ("conv2d_nchw", "cpu"): _row(("nnpack", "onednn", "torch"), extension=("nnpack", "onednn", "torch"),
+                                 triton=("torch",)),
     ("conv2d_nchw", "cuda"): _row(("torch",), extension=("torch",), triton=("torch",)),
     # Inference only. NHWC -> NCHW output copy: the extension's blocked transpose on CPU.
     ("to_nchw", "cpu"): _row(("extension", "torch"), triton=("torch",)),
