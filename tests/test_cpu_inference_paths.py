@@ -290,7 +290,9 @@ def test_cpu_pool_exit_without_enter_raises():
 
 @EXTENSION
 def test_cpu_pool_survives_fork(run_python):
-    """A process forked after the pool is installed (DataLoader workers) can still allocate."""
+    """A process forked after the pool is installed, while another thread uses it, can still
+    allocate. The child runs on one thread, as DataLoader workers do: torch's OpenMP runtime
+    itself hangs in a forked child that uses more (checked here with a bare F.conv2d)."""
     proc = run_python(textwrap.dedent("""
         import os, threading, torch, fpn_fast
         from fpn_fast.ops import _memory
@@ -308,6 +310,7 @@ def test_cpu_pool_survives_fork(run_python):
             for _ in range(5):
                 pid = os.fork()
                 if pid == 0:
+                    torch.set_num_threads(1)
                     got = m(x)
                     os._exit(0 if all(torch.equal(got[k], want[k]) for k in want) else 3)
                 pids.append(pid)
