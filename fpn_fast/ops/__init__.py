@@ -197,6 +197,8 @@ def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Ten
     oneDNN ops have no fake kernels and no tracer support."""
     if implementation == "torch":
         return True
+    if implementation == "nnpack" and (weight.dim() != 4 or weight.shape[2] != 3 or weight.shape[3] != 3):
+        return False  # the common case (1x1 convs) decided first: this runs for every conv call
     if capturing_graph() or x.dim() != 4:
         return False
     residual_fits = residual is None or residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)
@@ -227,9 +229,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Winograd convolution in NCHW (``ops._nnpack``: ~1e-5 of the output's scale from the direct
     sum; results with non-finite values are recomputed by the direct one), then the tail, back in
     x's memory format; else oneDNN's fused convolution with bias and residual add as post-ops
-    of one call; on CUDA the
-    convolution without bias, then one Triton pass that adds bias and residual and applies the
-    ReLU in place; otherwise F.conv2d and the tail in place on its fresh output. The sums are
+    of one call; on CUDA the convolution without bias, then one Triton pass that adds bias and
+    residual and applies the ReLU in place; otherwise F.conv2d and the tail in place on its fresh output. The sums are
     done in the same order everywhere: (conv + bias) + residual. The ReLU keeps NaN as
     torch.relu does (oneDNN's ReLU post-op maps NaN to 0, so there it runs in place after).
 
