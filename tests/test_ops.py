@@ -298,7 +298,8 @@ def test_conv1x1_writes_channels_last_directly(shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 5, 9, 13), (1, 70, 33, 65), (0, 3, 4, 4), (2, 3, 1, 1), (1, 1, 7, 5),
+@pytest.mark.parametrize("shape", [(2, 5, 9, 13), (1, 70, 33, 65), (2, 136, 17, 9), (1, 256, 20, 20), (0, 3, 4, 4),
+                                   (2, 3, 1, 1), (1, 1, 7, 5),
                                    (2, 0, 3, 3)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_to_nchw_is_a_bit_exact_contiguous_copy(backend, shape, dtype):

@@ -13,6 +13,35 @@ namespace fpn_fast {
 namespace {
 
 constexpr int64_t kTile = 64;
+constexpr int64_t kBlock = 8;
+
+// One 8x8 block: 8 pixels' 8 channels (rows of src) become 8 channels' 8 pixels (rows of dst).
+// Contiguous 8-element loads and stores; the compiler turns the block into register shuffles.
+template <typename scalar_t>
+inline void transpose_block(const scalar_t* s, int64_t C, scalar_t* d, int64_t HW) {
+  scalar_t block[kBlock][kBlock];
+  for (int64_t i = 0; i < kBlock; ++i) {
+    for (int64_t j = 0; j < kBlock; ++j) block[j][i] = s[i * C + j];
+  }
+  for (int64_t j = 0; j < kBlock; ++j) {
+    for (int64_t i = 0; i < kBlock; ++i) d[j * HW + i] = block[j][i];
+  }
+}
+
+template <typename scalar_t>
+void transpose_tile(const scalar_t* s, scalar_t* d, int64_t HW, int64_t C, int64_t p0, int64_t p1, int64_t c0,
+                    int64_t c1) {
+  const int64_t pb = p0 + (p1 - p0) / kBlock * kBlock, cb = c0 + (c1 - c0) / kBlock * kBlock;
+  for (int64_t c = c0; c < cb; c += kBlock) {
+    for (int64_t p = p0; p < pb; p += kBlock) transpose_block(s + p * C + c, C, d + c * HW + p, HW);
+    for (int64_t cc = c; cc < c + kBlock; ++cc) {
+      for (int64_t p = pb; p < p1; ++p) d[cc * HW + p] = s[p * C + cc];
+    }
+  }
+  for (int64_t c = cb; c < c1; ++c) {
+    for (int64_t p = p0; p < p1; ++p) d[c * HW + p] = s[p * C + c];
+  }
+}
 
 template <typename scalar_t>
 void transpose_images(const scalar_t* src, scalar_t* dst, int64_t N, int64_t HW, int64_t C) {
@@ -26,10 +55,7 @@ void transpose_images(const scalar_t* src, scalar_t* dst, int64_t N, int64_t HW,
       const scalar_t* s = src + n * HW * C;
       scalar_t* d = dst + n * HW * C;
       for (int64_t ct = 0; ct < c_tiles; ++ct) {
-        const int64_t c0 = ct * kTile, c1 = std::min(c0 + kTile, C);
-        for (int64_t c = c0; c < c1; ++c) {
-          for (int64_t p = p0; p < p1; ++p) d[c * HW + p] = s[p * C + c];
-        }
+        transpose_tile(s, d, HW, C, p0, p1, ct * kTile, std::min(ct * kTile + kTile, C));
       }
     }
   });
