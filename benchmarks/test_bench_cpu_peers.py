@@ -196,11 +196,18 @@ def _torch_row(variant, h, w, benchmark):
     return forward, out, note
 
 
-def _onnxruntime_row(h, w, tmp_dir, benchmark):
-    ort = pytest.importorskip("onnxruntime", reason="optional peer: pip install onnxruntime")
+def _onnx_peer(package, h, w, tmp_dir, benchmark):
+    """(the peer's module, ONNX file, export info) for a peer that runs the ONNX export; skips
+    with a reason when the peer or onnx is missing."""
+    module = pytest.importorskip(package, reason=f"optional peer: pip install {package}")
     pytest.importorskip("onnx", reason="the ONNX export needs onnx: pip install onnx")
     path, info = _onnx_file(h, w, tmp_dir)
     benchmark.extra_info.update(info)
+    return module, path, info
+
+
+def _onnxruntime_row(h, w, tmp_dir, benchmark):
+    ort, path, info = _onnx_peer("onnxruntime", h, w, tmp_dir, benchmark)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
@@ -223,10 +230,7 @@ def _onnxruntime_row(h, w, tmp_dir, benchmark):
 
 
 def _openvino_row(h, w, tmp_dir, benchmark):
-    ov = pytest.importorskip("openvino", reason="optional peer: pip install openvino")
-    pytest.importorskip("onnx", reason="the ONNX export needs onnx: pip install onnx")
-    path, info = _onnx_file(h, w, tmp_dir)
-    benchmark.extra_info.update(info)
+    ov, path, info = _onnx_peer("openvino", h, w, tmp_dir, benchmark)
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": THREADS}
     core = ov.Core()

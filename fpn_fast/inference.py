@@ -360,8 +360,7 @@ class InferenceFPN(nn.Module):
         for level in range(last - 1, -1, -1):
             inners.insert(0, self._level(level, features[level], inners[0]))
         if torch.jit.is_scripting():
-            results = [inners[0]]
-            results.clear()
+            results: List[Tensor] = []
             for level, inner in enumerate(inners):
                 results.append(self._layer(level, inner))
         else:
@@ -382,9 +381,9 @@ class InferenceFPN(nn.Module):
     def _layers_eager(self, inners: List[Tensor]) -> List[Tensor]:
         """Every level's output convolution. With NCHW outputs a folded 3x3 conv runs as
         ``ops.conv2d_nchw`` (NNPACK on large CPU maps): the inputs it takes in NCHW are converted
-        first, then the convolutions run from the smallest map to the largest, so NNPACK's, on the
-        largest maps, run back to back (it has its own thread pool, and runs ~30% slower while
-        OpenMP's workers still spin after an ATen op)."""
+        first, then the convolutions run from the smallest map to the largest, so the largest,
+        where NNPACK runs on its own thread pool (over 100x100 pixels; ~30% slower while OpenMP's
+        workers still spin after an ATen op), run back to back."""
         blocks = list(self.layer_blocks)
         direct = [isinstance(block, Conv2dAct) and not block.relu and not self.output_channels_last
                   for block in blocks]

@@ -19,7 +19,6 @@
 
 #include <pthread.h>
 
-#include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>

@@ -5,8 +5,8 @@
 // runs it on NNPACK's own pthreadpool: right after an ATen op, those threads share the 2 cores
 // with OpenMP's workers, which spin for a few milliseconds before they sleep, and the convolution
 // runs ~30% slower. Here each of torch's intra-op (OpenMP) threads runs NNPACK single-threaded on
-// its own slice of output channels, with its own workspace, so no second thread pool is involved.
-// The kernel can also be transformed once ahead (nnpack_pack_3x3) instead of on every call.
+// its own slice of output channels, with its own workspace, so no second thread pool is involved,
+// and from kernel transforms made once ahead (nnpack_pack_3x3) instead of on every call.
 //
 // The NNPACK functions are looked up at run time (dlsym): a torch built without NNPACK makes the
 // ops report why they are unavailable instead of failing to load. The declarations follow
@@ -40,7 +40,6 @@ struct NnpPadding {
 // Values from NNPACK's nnpack.h.
 constexpr int kStatusSuccess = 0;
 constexpr int kAlgorithmWt8x8 = 3;
-constexpr int kStrategyCompute = 1;
 constexpr int kStrategyPrecompute = 2;
 constexpr int kStrategyReuse = 3;
 constexpr int kActivationIdentity = 0;
@@ -135,14 +134,16 @@ std::vector<at::Tensor> nnpack_pack_3x3(const at::Tensor& weight, int64_t H, int
   return packed;
 }
 
-// The convolution of a contiguous float32 NCHW x, stride 1, with `strategy`: kStrategyReuse with
-// the slices' kernel transforms, or kStrategyCompute with the slices' raw [K/slices, C, 3, 3]
-// weights. Slices run on torch's intra-op threads. Returns (out [N, K, H', W'] contiguous, finite):
-// finite is false when an output is NaN, +-inf or beyond 1e30 in magnitude, where Winograd and
-// the direct convolution part ways (the caller then runs the direct one).
-std::tuple<at::Tensor, bool> run_3x3(const char* name, const at::Tensor& x, int strategy,
-                                     const std::vector<const float*>& kernels, const std::optional<at::Tensor>& bias,
-                                     int64_t K, at::IntArrayRef padding) {
+// The convolution of a contiguous float32 NCHW x, stride 1, from the slices' kernel transforms
+// (nnpack_pack_3x3); the slices run on torch's intra-op threads. Returns (out [N, K, H', W']
+// contiguous, finite): finite is false when an output is NaN, +-inf or beyond 1e30 in magnitude,
+// where Winograd and the direct convolution part ways (the caller then runs the direct one).
+std::tuple<at::Tensor, bool> nnpack_conv_3x3_packed(const at::Tensor& x, at::TensorList packed,
+                                                    const std::optional<at::Tensor>& bias, int64_t K,
+                                                    at::IntArrayRef padding) {
+  const char* name = "nnpack_conv_3x3_packed";
+  std::vector<const float*> kernels;
+  for (const at::Tensor& p : packed) kernels.push_back(static_cast<const float*>(p.const_data_ptr()));
   const Nnpack& lib = nnpack();
   TORCH_CHECK(lib.inference != nullptr, "fpn_fast::", name, ": ", lib.error);
   TORCH_CHECK_VALUE(x.dim() == 4, "fpn_fast::", name, ": x must be 4-D (N, C, H, W), got ", x.sizes());
@@ -167,7 +168,7 @@ std::tuple<at::Tensor, bool> run_3x3(const char* name, const at::Tensor& x, int 
   std::vector<at::Tensor> workspaces;
   for (int64_t s = 0; s < slices; ++s) {
     const int64_t k0 = slice_begin(K, slices, s), k1 = slice_begin(K, slices, s + 1);
-    check_status(lib.inference(kAlgorithmWt8x8, strategy, C, k1 - k0, input_size, pad, NnpSize{3, 3}, NnpSize{1, 1},
+    check_status(lib.inference(kAlgorithmWt8x8, kStrategyReuse, C, k1 - k0, input_size, pad, NnpSize{3, 3}, NnpSize{1, 1},
                                nullptr, nullptr, nullptr, nullptr, nullptr, &sizes[s], kActivationIdentity, nullptr,
                                nullptr, nullptr),
                  "workspace size query");
@@ -184,7 +185,7 @@ std::tuple<at::Tensor, bool> run_3x3(const char* name, const at::Tensor& x, int 
       for (int64_t n = 0; n < N && status[s] == kStatusSuccess; ++n) {
         size_t size = sizes[s];
         float* y = output + (n * K + k0) * Ho * Wo;
-        status[s] = lib.inference(kAlgorithmWt8x8, strategy, C, k1 - k0, input_size, pad, NnpSize{3, 3},
+        status[s] = lib.inference(kAlgorithmWt8x8, kStrategyReuse, C, k1 - k0, input_size, pad, NnpSize{3, 3},
                                   NnpSize{1, 1}, input + n * C * H * W, kernels[s], bias_data + k0, y,
                                   workspaces[s].data_ptr(), &size, kActivationIdentity, nullptr, nullptr, nullptr);
         bool ok = true;  // NaN fails both comparisons
@@ -199,28 +200,6 @@ std::tuple<at::Tensor, bool> run_3x3(const char* name, const at::Tensor& x, int 
   return {out, all_finite};
 }
 
-std::tuple<at::Tensor, bool> nnpack_conv_3x3_packed(const at::Tensor& x, at::TensorList packed,
-                                                    const std::optional<at::Tensor>& bias, int64_t out_channels,
-                                                    at::IntArrayRef padding) {
-  std::vector<const float*> kernels;
-  for (const at::Tensor& p : packed) kernels.push_back(static_cast<const float*>(p.const_data_ptr()));
-  return run_3x3("nnpack_conv_3x3_packed", x, kStrategyReuse, kernels, bias, out_channels, padding);
-}
-
-std::tuple<at::Tensor, bool> nnpack_conv_3x3(const at::Tensor& x, const at::Tensor& weight,
-                                             const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
-                                             int64_t slices) {
-  check_weight("nnpack_conv_3x3", weight);
-  TORCH_CHECK_VALUE(x.dim() == 4 && weight.size(1) == x.size(1), "fpn_fast::nnpack_conv_3x3: weight ", weight.sizes(),
-                    " does not fit x ", x.sizes());
-  const at::Tensor kernel = weight.contiguous();
-  const int64_t K = weight.size(0), C = weight.size(1);
-  TORCH_CHECK_VALUE(slices >= 1 && slices <= K, "fpn_fast::nnpack_conv_3x3: need 1..", K, " slices, got ", slices);
-  std::vector<const float*> kernels;
-  for (int64_t s = 0; s < slices; ++s) kernels.push_back(kernel.const_data_ptr<float>() + slice_begin(K, slices, s) * C * 9);
-  return run_3x3("nnpack_conv_3x3", x, kStrategyCompute, kernels, bias, K, padding);
-}
-
 }  // namespace
 }  // namespace fpn_fast
 
@@ -231,6 +210,4 @@ TORCH_LIBRARY_FRAGMENT(fpn_fast, m) {
   m.def("nnpack_conv_3x3_packed(Tensor x, Tensor[] packed, Tensor? bias, int out_channels, int[2] padding) -> "
         "(Tensor, bool)",
         &fpn_fast::nnpack_conv_3x3_packed);
-  m.def("nnpack_conv_3x3(Tensor x, Tensor weight, Tensor? bias, int[2] padding, int slices) -> (Tensor, bool)",
-        &fpn_fast::nnpack_conv_3x3);
 }

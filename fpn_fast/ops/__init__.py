@@ -230,8 +230,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     sum; results with non-finite values are recomputed by the direct one), then the tail, back in
     x's memory format; else oneDNN's fused convolution with bias and residual add as post-ops
     of one call; on CUDA the convolution without bias, then one Triton pass that adds bias and
-    residual and applies the ReLU in place; otherwise F.conv2d and the tail in place on its fresh output. The sums are
-    done in the same order everywhere: (conv + bias) + residual. The ReLU keeps NaN as
+    residual and applies the ReLU in place; otherwise F.conv2d and the tail in place on its
+    fresh output. The sums are done in the same order everywhere: (conv + bias) + residual. The ReLU keeps NaN as
     torch.relu does (oneDNN's ReLU post-op maps NaN to 0, so there it runs in place after).
 
     Args:
@@ -259,16 +259,20 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             out = _tail(out, None, residual, relu)
             return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
                 memory_format=torch.channels_last) and not x.is_contiguous() else out
-        # non-finite values: the direct convolution decides how they propagate
+        implementation = None  # non-finite values: the direct convolution decides how they propagate
+    return _conv2d_act_direct(x, weight, bias, stride, padding, dilation, groups, relu, residual, packed_weight,
+                              implementation)
+
+
+def _conv2d_act_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                       dilation, groups: int, relu: bool, residual: Optional[torch.Tensor],
+                       packed_weight: Optional[Callable[[], torch.Tensor]],
+                       implementation: Optional[str] = None) -> torch.Tensor:
+    """conv2d_act by a direct convolution: ``implementation``, or the first one the table names
+    after NNPACK's (which hands results with non-finite values back here)."""
+    if implementation is None:
         implementation = resolve("conv2d_act", x.device.type, lambda impl: impl != "nnpack" and _conv2d_act_is_exact(
             impl, x, weight, bias, stride, padding, dilation, relu, residual))
-    return _conv2d_act_direct(implementation, x, weight, bias, stride, padding, dilation, groups, relu, residual,
-                              packed_weight)
-
-
-def _conv2d_act_direct(implementation: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       stride, padding, dilation, groups: int, relu: bool, residual: Optional[torch.Tensor],
-                       packed_weight: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
     if implementation == "onednn":
         if (packed_weight is not None and _torch_impl.memory_format_of(x) == torch.channels_last
                 and x.shape[2] * x.shape[3] <= _PACK_MAX_PIXELS):
@@ -327,8 +331,9 @@ def conv2d_nchw_input_format(x: torch.Tensor, weight: torch.Tensor, bias: Option
                              dilation: Sequence[int] = (1, 1), groups: int = 1) -> torch.memory_format:
     """The memory format ``conv2d_nchw`` takes this call's x in without converting it first:
     torch.contiguous_format where NNPACK runs it, else x's own. A caller with several such
-    convolutions converts their inputs first and runs them back to back (NNPACK has its own
-    thread pool, and runs ~30% slower while OpenMP's workers still spin after an ATen op)."""
+    convolutions converts their inputs first and runs them back to back (over 100x100 pixels
+    NNPACK runs on its own thread pool, ~30% slower while OpenMP's workers still spin after an
+    ATen op such as the conversion)."""
     if _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) == "nnpack":
         return torch.contiguous_format
     return _torch_impl.memory_format_of(x)
@@ -367,10 +372,7 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
         if out is not None:
             return out
-    implementation = resolve("conv2d_act", x.device.type, lambda impl: impl != "nnpack" and _conv2d_act_is_exact(
-        impl, x, weight, bias, stride, padding, dilation, False, None))
-    return to_nchw(_conv2d_act_direct(implementation, x, weight, bias, stride, padding, dilation, groups, False, None,
-                                      packed_weight))
+    return to_nchw(_conv2d_act_direct(x, weight, bias, stride, padding, dilation, groups, False, None, packed_weight))
 
 
 def empty_cpu_cache() -> int:
