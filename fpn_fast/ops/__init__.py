@@ -22,12 +22,12 @@ runs here and computes the call exactly. Choose with ``set_backend(name)`` (proc
 ``with use_backend(name):`` (this thread only) or FPN_FAST_BACKEND. Naming a backend that cannot
 run raises BackendUnavailableError saying why; it never silently falls back.
 """
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _extension, _memory, _nnpack, _onednn, _triton, _triton_epilogue, _triton_lateral
+from . import _checks, _extension, _memory, _nnpack, _onednn, _triton, _triton_epilogue, _triton_lateral, _winograd
 from . import reference as _torch_impl
 from ._extension import library_path
 from ._dispatch import (BACKENDS, TABLE, BackendUnavailableError, available_backends, capturing_graph,
@@ -197,11 +197,14 @@ def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Ten
     oneDNN ops have no fake kernels and no tracer support."""
     if implementation == "torch":
         return True
-    if implementation == "nnpack" and (weight.dim() != 4 or weight.shape[2] != 3 or weight.shape[3] != 3):
+    if implementation in _WINOGRAD and (weight.dim() != 4 or weight.shape[2] != 3 or weight.shape[3] != 3):
         return False  # the common case (1x1 convs) decided first: this runs for every conv call
     if capturing_graph() or x.dim() != 4:
         return False
     residual_fits = residual is None or residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)
+    if implementation == "winograd":
+        return (residual_fits and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))
+                and _winograd_fits(x, weight, bias, stride, padding, dilation, groups=x.shape[1] // max(weight.shape[1], 1)))
     if implementation == "nnpack":
         return (x.shape[1] >= _NNPACK_MIN_CHANNELS and residual_fits
                 and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))
@@ -220,7 +223,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None,
                packed_weight: Optional[Callable[[], torch.Tensor]] = None,
-               nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None) -> torch.Tensor:
+               nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None,
+               winograd_kernels: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None) -> torch.Tensor:
     """``relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` for
     inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
 
@@ -253,7 +257,13 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _checks.check_inference_only("conv2d_act", x, weight, bias, residual)
     implementation = resolve("conv2d_act", x.device.type, lambda impl: _conv2d_act_is_exact(
         impl, x, weight, bias, stride, padding, dilation, relu, residual))
-    if implementation == "nnpack":
+    if implementation == "winograd":
+        channels_last = _torch_impl.memory_format_of(x) == torch.channels_last
+        out = _winograd.conv2d(x, weight, bias, padding, relu and residual is None, channels_last, winograd_kernels)
+        if out is not None:
+            return out if residual is None else _tail(out, None, residual, relu)
+        implementation = None  # non-finite values: the direct convolution decides how they propagate
+    elif implementation == "nnpack":
         out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
         if out is not None:
             out = _tail(out, None, residual, relu)
@@ -271,8 +281,9 @@ def _conv2d_act_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """conv2d_act by a direct convolution: ``implementation``, or the first one the table names
     after NNPACK's (which hands results with non-finite values back here)."""
     if implementation is None:
-        implementation = resolve("conv2d_act", x.device.type, lambda impl: impl != "nnpack" and _conv2d_act_is_exact(
-            impl, x, weight, bias, stride, padding, dilation, relu, residual))
+        implementation = resolve("conv2d_act", x.device.type, lambda impl: impl not in _WINOGRAD
+                                 and _conv2d_act_is_exact(impl, x, weight, bias, stride, padding, dilation, relu,
+                                                          residual))
     if implementation == "onednn":
         if (packed_weight is not None and _torch_impl.memory_format_of(x) == torch.channels_last
                 and x.shape[2] * x.shape[3] <= _PACK_MAX_PIXELS):
@@ -297,6 +308,22 @@ def _conv2d_act_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 _PACK_MAX_PIXELS = 128 * 128
 
 
+# The Winograd implementations; they hand results with non-finite values to a direct one.
+_WINOGRAD = ("winograd", "nnpack")
+
+
+def _winograd_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
+                   groups: int) -> bool:
+    """A float32 CPU 3x3 convolution the extension's Winograd F(4x4, 3x3) computes (stride and
+    dilation 1, no groups, padding <= 1, no autocast, nothing captured), on a map where it pays."""
+    return (not capturing_graph() and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
+            and torch.backends.mkldnn.enabled  # its products run in oneDNN
+            and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and groups == 1 and all(p <= 1 for p in padding)
+            and _winograd.worthwhile(x.shape[1], weight.shape[0], _winograd.tiles(x.shape, padding)))
+
+
 # In the ResNet body NNPACK pays from 128 channels on (measured, 3x3 stride 1, conversions to and
 # from NCHW included: 128 channels at 40x40 1.43 vs 2.12 ms, 256 at 20x20 1.78 vs 2.06 ms, 64 at
 # 80x80 2.20 vs 2.16 ms; benchmarks/RESULTS.md).
@@ -316,6 +343,8 @@ def _nnpack_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def _conv2d_nchw_is_exact(implementation: str, x: torch.Tensor, weight: torch.Tensor,
                           bias: Optional[torch.Tensor], stride, padding, dilation, groups: int) -> bool:
+    if implementation == "winograd":
+        return _winograd_fits(x, weight, bias, stride, padding, dilation, groups)
     if implementation != "nnpack":
         return _conv2d_act_is_exact(implementation, x, weight, bias, stride, padding, dilation, False, None)
     return _nnpack_fits(x, weight, bias, stride, padding, dilation, groups)
@@ -334,15 +363,19 @@ def conv2d_nchw_input_format(x: torch.Tensor, weight: torch.Tensor, bias: Option
     convolutions converts their inputs first and runs them back to back (over 100x100 pixels
     NNPACK runs on its own thread pool, ~30% slower while OpenMP's workers still spin after an
     ATen op such as the conversion)."""
-    if _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) == "nnpack":
+    implementation = _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+    if implementation == "nnpack":
         return torch.contiguous_format
+    if implementation == "winograd":
+        return torch.channels_last
     return _torch_impl.memory_format_of(x)
 
 
 def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                 groups: int = 1, *, packed_weight: Optional[Callable[[], torch.Tensor]] = None,
-                nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None) -> torch.Tensor:
+                nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None,
+                winograd_kernels: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` returned as a contiguous
     NCHW map, for inference: the FPN's 3x3 output convolutions, whose maps leave the backbone in NCHW.
 
@@ -368,7 +401,12 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         RuntimeError: grad mode is on and an input requires grad (there is no backward).
     """
     _checks.check_inference_only("conv2d_nchw", x, weight, bias)
-    if _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) == "nnpack":
+    implementation = _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+    if implementation == "winograd":
+        out = _winograd.conv2d(x, weight, bias, padding, False, False, winograd_kernels)
+        if out is not None:
+            return out
+    elif implementation == "nnpack":
         out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
         if out is not None:
             return out

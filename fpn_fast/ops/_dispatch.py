@@ -53,17 +53,20 @@ TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {
     ("stride2_pool", "cuda"): _row(("triton", "torch"), extension=("torch",)),
     # Inference only. A folded convolution and its tail (bias, residual, ReLU): oneDNN post-ops on CPU,
     # one Triton pass after cuDNN on CUDA; "extension" means oneDNN on CPU (the CPU fast path).
-    # NNPACK's Winograd first for 3x3 stride-1 convs of >= 128 channels over >= 20x20 pixels.
-    ("conv2d_act", "cpu"): _row(("nnpack", "onednn", "torch"), extension=("nnpack", "onednn", "torch")),
+    # Winograd first for 3x3 stride-1 convs: the extension's F(4x4, 3x3) where it pays (ops._winograd),
+    # else NNPACK's for >= 128 channels over >= 20x20 pixels.
+    ("conv2d_act", "cpu"): _row(("winograd", "nnpack", "onednn", "torch"),
+                                extension=("winograd", "nnpack", "onednn", "torch")),
     ("conv2d_act", "cuda"): _row(("triton", "torch"), extension=("torch",)),
     # Inference only. Lateral 1x1 conv + top-down step: one Triton GEMM on CUDA; elsewhere
     # ("torch") the convolution, then upsample_add_ on whatever backend it resolves to.
     ("lateral_upsample_add", "cpu"): _row(("torch",), extension=("torch",)),
     ("lateral_upsample_add", "cuda"): _row(("triton", "torch"), extension=("torch",)),
     # Inference only. A convolution whose output is wanted in NCHW (the FPN's 3x3 output convs):
-    # NNPACK's Winograd convolution on large CPU maps, else the conv2d_act route then to_nchw.
-    ("conv2d_nchw", "cpu"): _row(("nnpack", "onednn", "torch"), extension=("nnpack", "onednn", "torch"),
-                                 triton=("torch",)),
+    # a Winograd convolution writing NCHW (the extension's, else NNPACK's), else the conv2d_act
+    # route then to_nchw.
+    ("conv2d_nchw", "cpu"): _row(("winograd", "nnpack", "onednn", "torch"),
+                                 extension=("winograd", "nnpack", "onednn", "torch"), triton=("torch",)),
     ("conv2d_nchw", "cuda"): _row(("torch",), extension=("torch",), triton=("torch",)),
     # Inference only. NHWC -> NCHW output copy: the extension's blocked transpose on CPU.
     ("to_nchw", "cpu"): _row(("extension", "torch"), triton=("torch",)),
@@ -95,8 +98,16 @@ def _nnpack_reason(device_type: str) -> Optional[str]:
     return _nnpack.unavailable_reason()
 
 
+def _winograd_reason(device_type: str) -> Optional[str]:
+    if device_type != "cpu":
+        return f"the extension's Winograd convolution runs on CPU tensors only, not {device_type}"
+    from . import _winograd
+    return _winograd.unavailable_reason()
+
+
 _PROBES: Dict[str, Callable[[str], Optional[str]]] = {
     "extension": _extension_reason, "triton": _triton_reason, "onednn": _onednn_reason, "nnpack": _nnpack_reason,
+    "winograd": _winograd_reason,
     "torch": lambda device_type: None,
 }
 
@@ -217,7 +228,7 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
             (dtype, layout, autocast...); implementations it rejects are skipped.
 
     Returns:
-        The implementation's name: "extension", "triton", "onednn", "nnpack" or "torch". While a model is
+        The implementation's name: "extension", "triton", "onednn", "winograd", "nnpack" or "torch". While a model is
         exported to ONNX (either exporter) always "torch": ONNX has no fpn_fast ops, and the
         pure-PyTorch forms translate to standard ONNX ops (Resize, Add, Conv...).
 
