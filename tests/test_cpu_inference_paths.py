@@ -1,5 +1,6 @@
-"""The CPU inference paths of issue 14: ``ops.conv2d_nchw`` (NNPACK's Winograd convolution for the
-FPN's 3x3 output convolutions on large maps) and the CPU buffer pool the optimized backbones run in.
+"""The CPU inference paths of issue 14: ``ops.conv2d_nchw`` (a Winograd convolution for the FPN's 3x3
+output convolutions: the extension's, tested in test_winograd.py, and NNPACK's, tested here with the
+extension's turned off) and the CPU buffer pool the optimized backbones run in.
 
 conv2d_nchw is compared with F.conv2d computed in float64 on fresh random inputs, odd sizes on both
 sides of NNPACK's size threshold, batch 1 and 2, both input memory formats: Winograd rounds
@@ -24,6 +25,16 @@ EXTENSION = pytest.mark.skipif(ops._extension.unavailable_reason("cpu") is not N
                                reason="the CPU buffer pool is part of the compiled extension")
 
 
+@pytest.fixture
+def no_winograd(monkeypatch):
+    """The extension's Winograd convolution turned off, so the NNPACK route it precedes runs."""
+    monkeypatch.setattr(ops._winograd, "unavailable_reason", lambda: "turned off by the test")
+    ops._dispatch._PROBED.clear()
+    yield
+    monkeypatch.undo()
+    ops._dispatch._PROBED.clear()
+
+
 def _reference(x, weight, bias, padding):
     return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), 1, padding)
 
@@ -38,9 +49,11 @@ def _inputs(n, c, h, w, k, seed, bias=True, channels_last=False):
     return x, weight, b
 
 
-# Both sides of min_pixels (20x20 with the extension) and of SLICED_MAX_PIXELS (100x100).
+# Both sides of min_pixels (20x20 with the extension) and of SLICED_MAX_PIXELS (100x100), and
+# channel counts the extension's Winograd takes (>= 32).
 @pytest.mark.parametrize("shape", [(1, 16, 33, 35, 24), (2, 8, 40, 41, 5), (1, 7, 32, 32, 9), (1, 16, 20, 23, 8),
-                                   (1, 3, 31, 33, 4), (1, 5, 19, 21, 6), (1, 4, 101, 103, 3), (2, 3, 120, 90, 5)],
+                                   (1, 3, 31, 33, 4), (1, 5, 19, 21, 6), (1, 4, 101, 103, 3), (2, 3, 120, 90, 5),
+                                   (1, 40, 23, 21, 33), (2, 64, 9, 13, 48)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -53,17 +66,19 @@ def test_conv2d_nchw_matches_conv2d(shape, channels_last, bias, padding):
     want = _reference(x, weight, b, padding)
     assert out.shape == want.shape and out.dtype == torch.float32 and out.is_contiguous()
     implementation = ops._conv2d_nchw_implementation(x, weight, b, (1, 1), padding, (1, 1), 1)
+    expect_winograd = (ops._winograd.unavailable_reason() is None
+                       and ops._winograd.worthwhile(c, k, ops._winograd.tiles(x.shape, padding)))
     expect_nnpack = h * w >= _nnpack.min_pixels() and _nnpack.unavailable_reason() is None
-    assert implementation == ("nnpack" if expect_nnpack else "onednn" if ops._onednn.unavailable_reason() is None
-                              else "torch")
-    bound = 1e-4 if implementation == "nnpack" else 1e-5
+    assert implementation == ("winograd" if expect_winograd else "nnpack" if expect_nnpack
+                              else "onednn" if ops._onednn.unavailable_reason() is None else "torch")
+    bound = 1e-4 if implementation in ("winograd", "nnpack") else 1e-5
     assert (out.double() - want).abs().max().item() <= bound * want.abs().max().item()
 
 
 @NNPACK
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 3e36], ids=str)
 @pytest.mark.parametrize("size", [(37, 39), (103, 101)], ids=["sliced", "torch_call"])
-def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value, size):
+def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value, size, no_winograd):
     """Winograd spreads a non-finite input over its tile (inf - inf = NaN): such results, and
     values beyond 1e30, are recomputed by the direct convolution, so masks equal eager's."""
     x, weight, b = _inputs(1, 8, *size, 6, seed=3)
@@ -84,7 +99,7 @@ def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value, size
 
 
 @NNPACK
-def test_conv2d_nchw_dispatch():
+def test_conv2d_nchw_dispatch(no_winograd):
     x, weight, b = _inputs(1, 8, 40, 40, 8, seed=1)
 
     def implementation(x=x, weight=weight, bias=b, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1):
@@ -155,7 +170,7 @@ def test_sliced_nnpack_kernels_serve_every_size_and_bad_inputs_raise():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("bias,residual,relu", [(True, True, True), (True, False, True), (False, True, False),
                                                 (False, False, False)], ids=lambda v: str(int(v)))
-def test_conv2d_act_runs_nnpack_for_wide_3x3_convs(shape, channels_last, bias, residual, relu):
+def test_conv2d_act_runs_nnpack_for_wide_3x3_convs(shape, channels_last, bias, residual, relu, no_winograd):
     """The body's 3x3 convs of >= 128 channels over >= min_pixels: NNPACK in NCHW, then the tail
     (residual, ReLU), returned in x's memory format; within 1e-4 of float64's scale."""
     n, c, h, w, k = shape
@@ -182,7 +197,7 @@ def test_conv2d_act_runs_nnpack_for_wide_3x3_convs(shape, channels_last, bias, r
 
 @NNPACK
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
-def test_conv2d_act_nnpack_hands_non_finite_results_to_the_direct_conv(value):
+def test_conv2d_act_nnpack_hands_non_finite_results_to_the_direct_conv(value, no_winograd):
     x, weight, b = _inputs(1, 128, 24, 25, 16, seed=5, channels_last=True)
     x[0, 7, 3, 4] = value
     r = torch.randn(1, 16, 24, 25).contiguous(memory_format=torch.channels_last)

@@ -603,11 +603,14 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
     torch.save(optimized, buffer)
     copied = copy.deepcopy(optimized)
     assert not any("_onednn_weight" in vars(m) for m in copied.modules())
-    if ops._nnpack.sliced_unavailable_reason() is None:  # the FPN's 24x32 level ran NNPACK's sliced path
-        assert any("_nnpack_weight" in vars(m) for m in optimized.modules())
-        assert not any("_nnpack_weight" in vars(m) for m in copied.modules())
-        assert not any("_nnpack_weight" in vars(m) for m in torch.load(io.BytesIO(buffer.getvalue()),
-                                                                       weights_only=False).modules())
+    # the FPN's 24x32 level ran the extension's Winograd convolution, else NNPACK's sliced path
+    cache = ("_winograd_weight" if ops._winograd.unavailable_reason() is None
+             else "_nnpack_weight" if ops._nnpack.sliced_unavailable_reason() is None else None)
+    if cache is not None:
+        assert any(cache in vars(m) for m in optimized.modules())
+        assert not any(cache in vars(m) for m in copied.modules())
+        assert not any(cache in vars(m) for m in torch.load(io.BytesIO(buffer.getvalue()),
+                                                            weights_only=False).modules())
     conv = next(m for m in optimized.modules() if isinstance(m, Conv2dAct) and "_onednn_weight" in vars(m))
     with torch.no_grad():
         conv.weight.mul_(2)  # the cached pack must follow the weight

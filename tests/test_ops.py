@@ -12,7 +12,7 @@ from fpn_fast.ops import _dispatch, _extension, _triton, reference
 from tests._cases import BACKENDS, DTYPES, require
 
 OPS = ("upsample_add", "stride2_pool", "conv2d_act", "conv2d_nchw", "lateral_upsample_add", "to_nchw")
-IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "torch"}
+IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "torch"}
 
 
 @pytest.fixture
@@ -43,8 +43,8 @@ def test_every_row_names_every_backend_and_ends_in_torch():
     ("stride2_pool", "cuda", "auto", ("triton", "torch")),
     # On CPU the inference convolution of the "extension" backend is NNPACK's Winograd where it
     # applies (wide 3x3 convs, extension-called), else oneDNN's fused one.
-    ("conv2d_act", "cpu", "extension", ("nnpack", "onednn", "torch")),
-    ("conv2d_nchw", "cpu", "auto", ("nnpack", "onednn", "torch")),
+    ("conv2d_act", "cpu", "extension", ("winograd", "nnpack", "onednn", "torch")),
+    ("conv2d_nchw", "cpu", "auto", ("winograd", "nnpack", "onednn", "torch")),
     ("conv2d_nchw", "cpu", "triton", ("torch",)),
     ("conv2d_nchw", "cuda", "auto", ("torch",)),
     ("conv2d_act", "cuda", "extension", ("torch",)),
