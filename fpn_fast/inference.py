@@ -10,10 +10,9 @@ Three changes, each optional, none touching the model passed in (it is copied):
   coarser level run as one ``ops.lateral_upsample_add`` (on a GPU a Triton GEMM whose epilogue
   does the top-down step, so the lateral map is never stored).
 
-On CPU (float32), wide 3x3 convolutions over maps of 20x20 pixels and more (the FPN's output
-convs; the body's stride-1 ones of >= 128 channels) run NNPACK's Winograd convolution
-(``ops.conv2d_nchw``, ``ops.conv2d_act``; ~1e-5 of a conv's scale, non-finite results recomputed
-directly), and the backbone's forward runs inside fpn_fast's CPU buffer pool (``ops._memory``), so
+On CPU (float32), the 3x3 stride-1 convolutions (the FPN's output convs, the body's) run a
+Winograd convolution where it pays (``ops.conv2d_nchw``, ``ops.conv2d_act``: the extension's
+F(4x4, 3x3), else NNPACK's; ~1e-5 of a conv's scale, non-finite results recomputed directly), and the backbone's forward runs inside fpn_fast's CPU buffer pool (``ops._memory``), so
 its large maps reuse memory instead of being page-faulted in on every call.
 
 The optimized modules have no training semantics (folded norms cannot be trained as norms), so
@@ -136,16 +135,20 @@ class Conv2dAct(nn.Module):
 
     @torch.jit.unused
     def _winograd_kernels(self, tiles: int) -> Tuple[int, Tensor]:
-        """The batch entry size and the Winograd kernel transforms, prepacked for oneDNN (4x the
-        weight's size: 9 MiB for a 256 -> 256 conv), made on first use, for the first map's
-        ``tiles`` (``ops._winograd.group_for``), and kept until the weight changes; not saved or
-        copied."""
+        """A batch entry size for a map of ``tiles`` tiles and the Winograd kernel transforms
+        prepacked for it (4x the weight's size: 9 MiB for a 256 -> 256 conv): the first map's
+        entry size, or the fallback one for maps it would pad too much
+        (``ops._winograd.group_to_use``; at most two packs). Made on first use, kept until the
+        weight changes; not saved or copied."""
         key = (self.weight.data_ptr(), self.weight._version)
         cached = self.__dict__.get("_winograd_weight")
         if cached is None or cached[0] != key:
-            group = ops._winograd.group_for(tiles)
-            cached = self.__dict__["_winograd_weight"] = (key, group, ops._winograd.pack(self.weight, group))
-        return cached[1], cached[2]
+            cached = self.__dict__["_winograd_weight"] = (key, ops._winograd.group_for(tiles), {})
+        group = ops._winograd.group_to_use(cached[1], tiles)
+        packs = cached[2]
+        if group not in packs:
+            packs[group] = ops._winograd.pack(self.weight, group)
+        return group, packs[group]
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
@@ -393,10 +396,10 @@ class InferenceFPN(nn.Module):
     @torch.jit.unused
     def _layers_eager(self, inners: List[Tensor]) -> List[Tensor]:
         """Every level's output convolution. With NCHW outputs a folded 3x3 conv runs as
-        ``ops.conv2d_nchw`` (NNPACK on large CPU maps): the inputs it takes in NCHW are converted
-        first, then the convolutions run from the smallest map to the largest, so the largest,
-        where NNPACK runs on its own thread pool (over 100x100 pixels; ~30% slower while OpenMP's
-        workers still spin after an ATen op), run back to back."""
+        ``ops.conv2d_nchw`` (a Winograd convolution on CPU maps that writes NCHW). Inputs it takes
+        in NCHW (NNPACK's route) are converted first, then the convolutions run from the smallest
+        map to the largest, so the largest, where NNPACK runs on its own thread pool (over 100x100
+        pixels; ~30% slower while OpenMP's workers still spin after an ATen op), run back to back."""
         blocks = list(self.layer_blocks)
         direct = [isinstance(block, Conv2dAct) and not block.relu and not self.output_channels_last
                   for block in blocks]

@@ -105,6 +105,12 @@ def test_a_pack_for_one_entry_size_serves_maps_of_every_size():
         assert finite and _error(out, _reference(x, weight, b, (1, 1))) <= BOUND
 
 
+def test_group_to_use_pads_at_most_an_eighth_or_falls_back():
+    for first, count, want in [(25, 25, 25), (25, 50, 25), (25, 26, 16), (100, 400, 100), (100, 380, 100), (100, 330, 16),
+                               (100, 3800, 100), (124, 3790, 124), (9, 10, 16), (128, 112, 16), (128, 120, 128)]:
+        assert _winograd.group_to_use(first, count) == want, (first, count)
+
+
 def test_group_and_chunk_choices():
     for count in [1, 9, 25, 100, 128]:
         assert _winograd.group_for(count) == count  # one exact entry up to 128 tiles
@@ -240,13 +246,15 @@ def test_conv2d_act_module_keeps_its_pack_and_follows_the_weight():
     x = _inputs(1, 64, 30, 30, 64, seed=2)[0]
     with torch.no_grad():
         conv(x)
-        key, group, packed = vars(conv)["_winograd_weight"]
-        assert group == _winograd.group_for(_winograd.tiles(x.shape, (1, 1)))
-        conv(_inputs(1, 64, 45, 41, 64, seed=3)[0])  # another size: the same pack
-        assert vars(conv)["_winograd_weight"][2] is packed
+        key, group, packs = vars(conv)["_winograd_weight"]
+        assert group == _winograd.group_for(_winograd.tiles(x.shape, (1, 1))) == 64 and list(packs) == [64]
+        packed = packs[64]
+        conv(_inputs(1, 64, 45, 41, 64, seed=3)[0])  # 132 tiles: padded to 192 by 64, too much
+        conv(_inputs(2, 64, 16, 15, 64, seed=3)[0])  # 32 tiles: not padded
+        assert sorted(packs) == [_winograd.FALLBACK_GROUP, 64] and packs[64] is packed
         conv.weight.mul_(-1)
         out = conv(x)
-    assert vars(conv)["_winograd_weight"][2] is not packed
+    assert 64 not in vars(conv)["_winograd_weight"][2] or vars(conv)["_winograd_weight"][2][64] is not packed
     assert _error(out, _reference(x, conv.weight, conv.bias, (1, 1), relu=True)) <= BOUND
     assert "_winograd_weight" not in vars(copy.deepcopy(conv))
     assert "_winograd_weight" not in vars(pickle.loads(pickle.dumps(conv)))

@@ -1,21 +1,23 @@
-// Winograd F(4x4, 3x3) convolution for float32 CPU maps in NHWC: the two transforms.
+// Winograd F(4x4, 3x3) convolution for float32 CPU maps in NHWC.
 //
 // A 3x3, stride-1 convolution computed tile by tile (Lavin & Gray, "Fast Algorithms for
 // Convolutional Neural Networks", 2016, section 4.2, the F(4x4, 3x3) matrices B^T, G, A^T with
 // interpolation points 0, +-1, +-2 and infinity): each 4x4 block of output pixels is
 //     Y = A^T [ (G g G^T) . (B^T d B) ] A
 // for its 6x6 input tile d and each 3x3 kernel g, "." elementwise. The 36 elementwise products,
-// summed over input channels, are 36 independent matrix products (tiles x C) @ (C x K): the
-// Python side (fpn_fast/ops/_winograd.py) runs them as one oneDNN grouped 1x1 convolution with
-// 36 groups and the kernel transforms G g G^T prepacked once. winograd_conv_3x3 runs the three
-// steps on chunks of tiles, so each chunk's transformed input and products stay in cache:
+// summed over input channels, are 36 independent matrix products (tiles x C) @ (C x K), run
+// here as one oneDNN grouped 1x1 convolution with 36 groups over the kernel transforms G g G^T,
+// which fpn_fast/ops/_winograd.py makes once per convolution (in float64, rounded once) and
+// prepacks. winograd_conv_3x3 runs the three steps on chunks of tiles, so each chunk's
+// transformed input and products stay in cache:
 //   input transform:  x [N, C, H, W] channels_last -> V, memory [tiles][36][C]
 //   tuple products:   V -> M, memory [tiles][36][K] (oneDNN)
 //   output transform: M -> y [N, K, Ho, Wo] (+ bias, ReLU), NHWC or NCHW
-// Both vectorise across channels, which NHWC keeps contiguous: every transform is the same few
-// adds and multiplies applied to a run of channels. 4.0x fewer multiplications than the direct
-// convolution (36 per 16 outputs instead of 144); about 1e-6 of the output's scale from it
-// (F(6x6, 3x3), NNPACK's, about 1e-5).
+// The transforms vectorise across channels, which NHWC keeps contiguous: every transform is the
+// same few adds and multiplies applied to a run of channels. 4x fewer multiplications than the
+// direct convolution (36 per 16 outputs instead of 144). It rounds differently: ~1e-5 of the
+// output's largest value from float64 on random data (6e-6 to 1.4e-5 measured; oneDNN's direct
+// convolution ~1.5e-6), as NNPACK's F(6x6, 3x3).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -11,7 +11,7 @@ Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
 ``lateral_upsample_add(x, weight, bias, top)``      -> upsample_add(conv1x1(x, weight), top, bias),
     on CUDA one Triton GEMM whose epilogue does the top-down step (the lateral map is never stored)
 ``conv2d_nchw(x, weight, bias, ...)``                -> F.conv2d(...) as a contiguous NCHW map,
-    NNPACK's Winograd convolution for 3x3 convs over large CPU maps
+    a Winograd convolution for 3x3 stride-1 convs on CPU (the extension's F(4x4, 3x3), else NNPACK's)
 ``conv1x1(x, weight, channels_last)``, ``to_nchw(x)``: the CPU inference layout helpers
 ``empty_cpu_cache()``, ``cpu_cache_stats()``: the CPU buffer pool the optimized backbones use
 
@@ -229,10 +229,12 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
 
     Implementations (TABLE["conv2d_act", device]): on CPU, float32 without autocast, for a 3x3
-    stride-1 convolution of at least 128 input channels over at least 20x20 pixels, NNPACK's
-    Winograd convolution in NCHW (``ops._nnpack``: ~1e-5 of the output's scale from the direct
-    sum; results with non-finite values are recomputed by the direct one), then the tail, back in
-    x's memory format; else oneDNN's fused convolution with bias and residual add as post-ops
+    stride-1 convolution (padding <= 1, no groups or dilation), a Winograd convolution (~1e-5 of
+    the output's scale from the direct sum; results with non-finite values are recomputed by the
+    direct one): the extension's F(4x4, 3x3) in x's memory format with bias and ReLU in its
+    output transform (``ops._winograd``; from 32 channels, on maps of enough 4x4 tiles to pay),
+    else NNPACK's in NCHW for >= 128 channels over >= 20x20 pixels (``ops._nnpack``), then the
+    tail, back in x's memory format; else oneDNN's fused convolution with bias and residual add as post-ops
     of one call; on CUDA the convolution without bias, then one Triton pass that adds bias and
     residual and applies the ReLU in place; otherwise F.conv2d and the tail in place on its
     fresh output. The sums are done in the same order everywhere: (conv + bias) + residual. The ReLU keeps NaN as
@@ -247,6 +249,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             _PACK_MAX_PIXELS), for which it is bit-identical.
         nnpack_kernels: ``nnpack_kernels(slices)`` returns NNPACK's kernel transforms of weight
             (``Conv2dAct`` caches them), for the NNPACK route.
+        winograd_kernels: ``winograd_kernels(tiles)`` returns a batch entry size and the
+            extension's Winograd kernel transforms of weight prepacked for it
+            (``ops._winograd.pack``; ``Conv2dAct`` caches them); without it they are made per call.
 
     Returns:
         The output, as F.conv2d lays it out for x's memory format.
@@ -359,7 +364,8 @@ def conv2d_nchw_input_format(x: torch.Tensor, weight: torch.Tensor, bias: Option
                              stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
                              dilation: Sequence[int] = (1, 1), groups: int = 1) -> torch.memory_format:
     """The memory format ``conv2d_nchw`` takes this call's x in without converting it first:
-    torch.contiguous_format where NNPACK runs it, else x's own. A caller with several such
+    torch.contiguous_format where NNPACK runs it, channels_last where the extension's Winograd
+    does, else x's own. A caller with several such
     convolutions converts their inputs first and runs them back to back (over 100x100 pixels
     NNPACK runs on its own thread pool, ~30% slower while OpenMP's workers still spin after an
     ATen op such as the conversion)."""
@@ -380,10 +386,12 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     NCHW map, for inference: the FPN's 3x3 output convolutions, whose maps leave the backbone in NCHW.
 
     Implementations (TABLE["conv2d_nchw", device]): on CPU, for a float32 3x3 stride-1 convolution
-    (padding <= 1, no groups or dilation, no autocast) over at least 20x20 pixels (32x32 without
-    the extension), NNPACK's Winograd convolution, which agrees with the direct one to ~1e-5 of
-    the output's scale and hands results with non-finite values back to it (``ops._nnpack``);
-    else ``conv2d_act`` (oneDNN on CPU) then ``to_nchw``; else F.conv2d then a contiguous copy.
+    (padding <= 1, no groups or dilation, no autocast), a Winograd convolution, which agrees with
+    the direct one to ~1e-5 of the output's scale and hands results with non-finite values back
+    to it: the extension's F(4x4, 3x3), from an NHWC x straight to NCHW (``ops._winograd``; from 32
+    channels, on maps of enough 4x4 tiles to pay), else NNPACK's over at least 20x20 pixels (32x32
+    without the extension; ``ops._nnpack``); else ``conv2d_act`` (oneDNN on CPU) then
+    ``to_nchw``; else F.conv2d then a contiguous copy.
 
     Args:
         x: Tensor[N, C, H, W], any memory format (see ``conv2d_nchw_input_format``).
@@ -393,6 +401,7 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         nnpack_kernels: ``nnpack_kernels(slices)`` returns NNPACK's kernel transforms of
             ``weight`` (``ops._nnpack.pack``; ``Conv2dAct`` caches them); without it they are
             made for the call.
+        winograd_kernels: as ``conv2d_act``'s.
 
     Returns:
         Tensor[N, O, H', W'], contiguous (NCHW).

@@ -1,4 +1,6 @@
-"""NNPACK's Winograd convolution for the FPN's 3x3 output convolutions on CPU maps.
+"""NNPACK's Winograd convolution for 3x3 convolutions on CPU maps: the route after the extension's
+own F(4x4, 3x3) (``_winograd``), which is faster in the model (benchmarks/RESULTS.md) and needs
+oneDNN; NNPACK runs where that one cannot (no extension, or oneDNN turned off).
 
 NNPACK ships inside torch (libtorch_cpu). For a 3x3, stride-1 convolution it computes in the
 Winograd domain, F(6x6, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
