@@ -192,18 +192,21 @@ def test_scripted_optimized_detector_equals_eager():
 
 # ---- tracing ----
 
-@pytest.mark.parametrize("kind", ["backbone", "detector backbone", "optimized"])
+@pytest.mark.parametrize("kind", ["backbone", "detector backbone", "optimized", "optimized without winograd"])
 def test_traced_backbone_matches_eager_at_another_size(kind):
+    """Bit for bit, except where the eager optimized model runs Winograd convolutions on CPU (a
+    traced graph records the direct ones): there within the inference mode's 1e-4 of each level's
+    scale."""
     if kind == "backbone":
         model = backbone()
     elif kind == "detector backbone":
         model = fpn_fast.convert(_detector("fasterrcnn_resnet50_fpn")).backbone
     else:
-        model = fpn_fast.optimize_for_inference(backbone())
+        model = fpn_fast.optimize_for_inference(backbone(), winograd=kind == "optimized")
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(1, 3, 64, 80), strict=False)
         image = torch.randn(2, 3, 75, 61)  # another batch and size than traced with
-        assert_close_to_scale(traced(image), model(image), rel=0)
+        assert_close_to_scale(traced(image), model(image), rel=1e-4 if kind == "optimized" else 0)
 
 
 # ---- ONNX ----

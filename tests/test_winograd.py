@@ -332,3 +332,28 @@ def test_probe_reports_a_disagreeing_convolution(monkeypatch):
         monkeypatch.undo()
         _winograd.unavailable_reason.cache_clear()
     assert _winograd.unavailable_reason() is None
+
+
+def test_optimize_for_inference_can_keep_every_convolution_direct():
+    """``winograd=False``: no Winograd route runs (no packs made) and the result equals the same
+    model's with every Winograd implementation unavailable, bit for bit."""
+    model = fpn_fast.resnet_fpn_backbone(backbone_name="resnet18").eval()
+    direct = fpn_fast.optimize_for_inference(model, winograd=False)
+    default = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        got, fast = direct(x), default(x)
+    assert not any("_winograd_weight" in vars(m) or "_nnpack_weight" in vars(m) for m in direct.modules())
+    assert any("_winograd_weight" in vars(m) for m in default.modules())
+    with ops.use_backend("auto"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_winograd, "unavailable_reason", lambda: "off")
+        patch.setattr(ops._nnpack, "unavailable_reason", lambda: "off")
+        ops._dispatch._PROBED.clear()
+        try:
+            with torch.no_grad():
+                want = fpn_fast.optimize_for_inference(model)(x)
+        finally:
+            ops._dispatch._PROBED.clear()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+        assert _error(fast[name], want[name].double()) <= BOUND

@@ -224,7 +224,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None,
                packed_weight: Optional[Callable[[], torch.Tensor]] = None,
                nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None,
-               winograd_kernels: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None) -> torch.Tensor:
+               winograd_kernels: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None,
+               winograd: bool = True) -> torch.Tensor:
     """``relu?(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` for
     inference: a convolution with its norm folded in, as the optimized ResNet blocks run it.
 
@@ -252,6 +253,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         winograd_kernels: ``winograd_kernels(tiles)`` returns a batch entry size and the
             extension's Winograd kernel transforms of weight prepacked for it
             (``ops._winograd.pack``; ``Conv2dAct`` caches them); without it they are made per call.
+        winograd: allow the Winograd routes; False keeps the convolution direct (bit-identical
+            to F.conv2d's oneDNN result, as traced, scripted and exported forms compute it).
 
     Returns:
         The output, as F.conv2d lays it out for x's memory format.
@@ -260,8 +263,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         RuntimeError: grad mode is on and an input requires grad (there is no backward).
     """
     _checks.check_inference_only("conv2d_act", x, weight, bias, residual)
-    implementation = resolve("conv2d_act", x.device.type, lambda impl: _conv2d_act_is_exact(
-        impl, x, weight, bias, stride, padding, dilation, relu, residual))
+    implementation = resolve("conv2d_act", x.device.type, lambda impl: (winograd or impl not in _WINOGRAD)
+                             and _conv2d_act_is_exact(impl, x, weight, bias, stride, padding, dilation, relu, residual))
     if implementation == "winograd":
         channels_last = _torch_impl.memory_format_of(x) == torch.channels_last
         out = _winograd.conv2d(x, weight, bias, padding, relu and residual is None, channels_last, winograd_kernels)
@@ -355,21 +358,22 @@ def _conv2d_nchw_is_exact(implementation: str, x: torch.Tensor, weight: torch.Te
     return _nnpack_fits(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups) -> str:
-    return resolve("conv2d_nchw", x.device.type, lambda impl: _conv2d_nchw_is_exact(
-        impl, x, weight, bias, stride, padding, dilation, groups))
+def _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups, winograd: bool = True) -> str:
+    return resolve("conv2d_nchw", x.device.type, lambda impl: (winograd or impl not in _WINOGRAD)
+                   and _conv2d_nchw_is_exact(impl, x, weight, bias, stride, padding, dilation, groups))
 
 
 def conv2d_nchw_input_format(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                              stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
-                             dilation: Sequence[int] = (1, 1), groups: int = 1) -> torch.memory_format:
+                             dilation: Sequence[int] = (1, 1), groups: int = 1, *,
+                             winograd: bool = True) -> torch.memory_format:
     """The memory format ``conv2d_nchw`` takes this call's x in without converting it first:
     torch.contiguous_format where NNPACK runs it, channels_last where the extension's Winograd
     does, else x's own. A caller with several such
     convolutions converts their inputs first and runs them back to back (over 100x100 pixels
     NNPACK runs on its own thread pool, ~30% slower while OpenMP's workers still spin after an
     ATen op such as the conversion)."""
-    implementation = _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+    implementation = _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups, winograd)
     if implementation == "nnpack":
         return torch.contiguous_format
     if implementation == "winograd":
@@ -381,7 +385,8 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                 groups: int = 1, *, packed_weight: Optional[Callable[[], torch.Tensor]] = None,
                 nnpack_kernels: Optional[Callable[[int], List[torch.Tensor]]] = None,
-                winograd_kernels: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None) -> torch.Tensor:
+                winograd_kernels: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None,
+                winograd: bool = True) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` returned as a contiguous
     NCHW map, for inference: the FPN's 3x3 output convolutions, whose maps leave the backbone in NCHW.
 
@@ -401,7 +406,7 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         nnpack_kernels: ``nnpack_kernels(slices)`` returns NNPACK's kernel transforms of
             ``weight`` (``ops._nnpack.pack``; ``Conv2dAct`` caches them); without it they are
             made for the call.
-        winograd_kernels: as ``conv2d_act``'s.
+        winograd_kernels, winograd: as ``conv2d_act``'s.
 
     Returns:
         Tensor[N, O, H', W'], contiguous (NCHW).
@@ -410,7 +415,7 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         RuntimeError: grad mode is on and an input requires grad (there is no backward).
     """
     _checks.check_inference_only("conv2d_nchw", x, weight, bias)
-    implementation = _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+    implementation = _conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups, winograd)
     if implementation == "winograd":
         out = _winograd.conv2d(x, weight, bias, padding, False, False, winograd_kernels)
         if out is not None:
