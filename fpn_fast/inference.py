@@ -114,10 +114,19 @@ class Conv2dAct(nn.Module):
                               winograd=getattr(self, "winograd", True))
 
     @torch.jit.unused
+    def _weight_key(self) -> Tuple[int, int]:
+        """What the cached packs of the weight are keyed by: its storage and version counter, so
+        they are remade when the weight is replaced or written in place (writes through ``.data``
+        bypass the counter). Inference tensors (weights made under torch.inference_mode) have no
+        version counter; they cannot be written outside inference mode."""
+        weight = self.weight
+        return weight.data_ptr(), -1 if weight.is_inference() else weight._version
+
+    @torch.jit.unused
     def _packed_weight(self, x: Tensor) -> Tensor:
         """The weight prepacked for oneDNN, made on first use for x's size and kept until the
         weight changes (another tensor, or written in place); not saved or copied with the module."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        key = self._weight_key()
         cached = self.__dict__.get("_onednn_weight")
         if cached is None or cached[0] != key:
             packed = ops._onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
@@ -129,7 +138,7 @@ class Conv2dAct(nn.Module):
     def _nnpack_kernels(self, slices: int) -> List[Tensor]:
         """NNPACK's kernel transforms of the weight in ``slices`` output-channel slices (16 MiB for
         a 256 -> 256 conv), made on first use and kept until the weight changes; not saved or copied."""
-        key = (self.weight.data_ptr(), self.weight._version, slices, self.padding)
+        key = (self._weight_key(), slices, self.padding)
         cached = self.__dict__.get("_nnpack_weight")
         if cached is None or cached[0] != key:
             kernels = ops._nnpack.pack(self.weight, self.padding, slices)
@@ -143,7 +152,7 @@ class Conv2dAct(nn.Module):
         entry size, or the fallback one for maps it would pad too much
         (``ops._winograd.group_to_use``; at most two packs). Made on first use, kept until the
         weight changes; not saved or copied."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        key = self._weight_key()
         cached = self.__dict__.get("_winograd_weight")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_winograd_weight"] = (key, ops._winograd.group_for(tiles), {})

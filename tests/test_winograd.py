@@ -127,10 +127,52 @@ def test_group_and_chunk_choices():
 
 
 def test_kernel_transforms_follow_the_published_matrices():
-    """G g G^T for a kernel of ones: row sums of G outer row sums of G (Lavin & Gray's F(4x4, 3x3) G)."""
-    u = _winograd.kernel_transforms(torch.ones(1, 1, 3, 3)).reshape(6, 6).double()
-    sums = torch.tensor([1 / 4, -1 / 2, -1 / 6, 7 / 24, 1 / 8, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(u, torch.outer(sums, sums).float().double(), rtol=0, atol=1e-7)
+    """G g G^T with Lavin & Gray's F(4x4, 3x3) G written out here, for random kernels."""
+    g = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+    weight = torch.randn(3, 2, 3, 3)
+    u = _winograd.kernel_transforms(weight).reshape(6, 6, 3, 2)  # rows (point, out channel), cols in
+    for k in range(3):
+        for c in range(2):
+            want = (g @ weight[k, c].double() @ g.T).float()
+            assert torch.equal(u[:, :, k, c], want)
+
+
+def test_prepacked_transforms_over_several_chunks_and_a_short_last_one():
+    """The opaque oneDNN pack run chunk by chunk, the last chunk narrower and its last entry padded."""
+    x, weight, b = _inputs(1, 48, 37, 29, 40, seed=13)  # 10 x 7 = 70 tiles
+    packed = _winograd.pack(weight, 8)
+    want = _reference(x, weight, b, (1, 1), relu=True)
+    for chunk in (8, 24, 64, 72):
+        out, finite = _op(x, weight, b, (1, 1), relu=True, group=8, chunk=chunk, packed=packed)
+        assert finite and _error(out, want) <= BOUND, chunk
+
+
+def test_thread_counts_and_concurrent_calls_agree():
+    """One or two intra-op threads, and two Python threads calling at once: the same map."""
+    import threading
+    x, weight, b = _inputs(2, 64, 45, 38, 64, seed=17)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single, _ = _op(x, weight, b, (1, 1))
+        torch.set_num_threads(2)
+        double, _ = _op(x, weight, b, (1, 1))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(double, single, rtol=0, atol=1e-5 * single.abs().max().item())
+    results = [None, None]
+
+    def run(i):
+        results[i] = _op(x, weight, b, (1, 1))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for out in results:
+        torch.testing.assert_close(out, single, rtol=0, atol=1e-5 * single.abs().max().item())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 3e36], ids=str)
@@ -173,6 +215,49 @@ def test_ops_hand_non_finite_results_to_the_direct_conv(value, route):
     torch.testing.assert_close(out[finite], want[finite], rtol=1e-5, atol=1e-5 * want[finite].abs().max().item())
 
 
+def test_conv2d_act_hands_non_finite_results_with_a_residual_to_the_direct_conv():
+    x, weight, b = _inputs(1, 64, 24, 25, 32, seed=5)
+    x[0, 7, 3, 4] = float("inf")
+    r = torch.randn(1, 32, 24, 25).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=True, residual=r)
+        want = (F.conv2d(x, weight, b, 1, 1) + r).relu()
+    for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(mask(out), mask(want))
+    assert not want.isfinite().all()
+
+
+def test_winograd_false_keeps_the_direct_convolution():
+    x, weight, b = _inputs(1, 64, 30, 30, 64, seed=6)
+    with torch.no_grad():
+        out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=True, winograd=False)
+        want = ops._conv2d_act_direct(x, weight, b, (1, 1), (1, 1), (1, 1), 1, True, None, None)
+        nchw = ops.conv2d_nchw(x, weight, b, (1, 1), (1, 1), winograd=False)
+        nchw_want = ops.to_nchw(ops._conv2d_act_direct(x, weight, b, (1, 1), (1, 1), (1, 1), 1, False, None, None))
+    assert torch.equal(out, want) and torch.equal(nchw, nchw_want)
+    assert ops.conv2d_nchw_input_format(x, weight, b, (1, 1), (1, 1), winograd=False) == torch.channels_last
+    assert ops._conv2d_nchw_implementation(x, weight, b, (1, 1), (1, 1), (1, 1), 1, False) not in ("winograd", "nnpack")
+
+
+def test_mismatched_channels_and_negative_padding_give_conv2d_errors():
+    """Calls F.conv2d would refuse are not taken by Winograd: they fail with F.conv2d's error."""
+    x, weight, b = _inputs(1, 64, 30, 30, 48, seed=6)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="channels"):
+            ops.conv2d_act(x, weight[:, :48], b, (1, 1), (1, 1))
+        with pytest.raises(RuntimeError, match="negative padding"):
+            ops.conv2d_act(x, weight, b, (1, 1), (-1, 1))
+
+
+def test_modules_made_under_inference_mode_run():
+    """Weights that are inference tensors have no version counter: the packs are keyed without it."""
+    with torch.inference_mode():
+        model = fpn_fast.optimize_for_inference(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18").eval())
+        out = model(torch.randn(1, 3, 96, 96))
+    assert any("_winograd_weight" in vars(m) for m in model.modules())
+    assert all(v.isfinite().all() for v in out.values())
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (True, False), (False, False)],
                          ids=lambda v: str(int(v)))
@@ -191,6 +276,18 @@ def test_conv2d_act_runs_winograd_with_the_tail(channels_last, residual, relu):
     want = want.relu() if relu else want
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert _error(out, want) <= BOUND
+
+
+def test_conv2d_act_lays_out_strided_views_as_conv2d_does():
+    base = _inputs(1, 96, 23, 26, 8, seed=9)[0]
+    weight = torch.randn(48, 64, 3, 3) / 24
+    for x in (base[:, :64], base.contiguous()[:, :64], base.contiguous()[:, :64, ::2]):
+        with torch.no_grad():
+            out = ops.conv2d_act(x, weight, None, (1, 1), (1, 1))
+            want = F.conv2d(x, weight, None, 1, 1)
+        assert out.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
+            memory_format=torch.channels_last) and out.is_contiguous() == want.is_contiguous()
+        assert _error(out, want.double()) <= BOUND
 
 
 def test_conv2d_nchw_takes_nhwc_input_and_writes_nchw():

@@ -259,7 +259,7 @@ std::tuple<at::Tensor, bool> winograd_conv_3x3(const at::Tensor& x, const at::Te
   const float* bias_data = b.const_data_ptr<float>();
   float* dst = y.data_ptr<float>();
   const int64_t tiles = g.tiles();
-  const int64_t padded = (tiles + group - 1) / group * group, step = std::min(chunk, padded);
+  const int64_t padded = tiles + (group - tiles % group) % group, step = std::min(chunk, padded);
   at::Tensor v = at::empty({step / group, kPoints * g.C, group, 1},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   std::atomic<bool> finite{true};

@@ -266,7 +266,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     implementation = resolve("conv2d_act", x.device.type, lambda impl: (winograd or impl not in _WINOGRAD)
                              and _conv2d_act_is_exact(impl, x, weight, bias, stride, padding, dilation, relu, residual))
     if implementation == "winograd":
-        channels_last = _torch_impl.memory_format_of(x) == torch.channels_last
+        channels_last = _channels_last_like(x)
         out = _winograd.conv2d(x, weight, bias, padding, relu and residual is None, channels_last, winograd_kernels)
         if out is not None:
             return out if residual is None else _tail(out, None, residual, relu)
@@ -316,6 +316,14 @@ def _conv2d_act_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 _PACK_MAX_PIXELS = 128 * 128
 
 
+def _channels_last_like(x: torch.Tensor) -> bool:
+    """Whether F.conv2d lays its output out channels_last for this 4-D x: an NHWC map, or a
+    strided view of one (a channel slice), whose channels are closer together than its columns."""
+    if x.is_contiguous():
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3)
+
+
 # The Winograd implementations; they hand results with non-finite values to a direct one.
 _WINOGRAD = ("winograd", "nnpack")
 
@@ -328,7 +336,7 @@ def _winograd_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
             and torch.backends.mkldnn.enabled  # its products run in oneDNN
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and groups == 1 and all(p <= 1 for p in padding)
+            and groups == 1 and weight.shape[1] == x.shape[1] and all(0 <= p <= 1 for p in padding)
             and _winograd.worthwhile(x.shape[1], weight.shape[0], _winograd.tiles(x.shape, padding)))
 
 

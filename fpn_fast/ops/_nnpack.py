@@ -1,6 +1,7 @@
 """NNPACK's Winograd convolution for 3x3 convolutions on CPU maps: the route after the extension's
 own F(4x4, 3x3) (``_winograd``), which is faster in the model (benchmarks/RESULTS.md) and needs
-oneDNN; NNPACK runs where that one cannot (no extension, or oneDNN turned off).
+oneDNN. NNPACK runs where that one cannot (no extension, or oneDNN turned off) or declines (an
+FPN output conv of under 32 channels over >= 20x20 pixels).
 
 NNPACK ships inside torch (libtorch_cpu). For a 3x3, stride-1 convolution it computes in the
 Winograd domain, F(6x6, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",

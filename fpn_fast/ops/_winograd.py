@@ -60,8 +60,9 @@ def worthwhile(in_channels: int, out_channels: int, count: int) -> bool:
     on the 2-core build machine (benchmarks/RESULTS.md), float32, batch 1, Winograd vs direct:
     16 channels at 80x80 0.27 vs 0.16 ms, 32 at 80x80 0.40 vs 0.55, 64 at 10x10 (9 tiles) 0.07 vs
     0.06, 64 at 20x20 0.12 vs 0.15, 128 at 10x10 0.13 vs 0.14, 256 at 7x7 (4 tiles) 0.25 vs 0.26,
-    256 at 10x10 0.31 vs 0.50, 512 at 7x7 2.0 vs 0.94, 512 at 10x10 1.55 vs 1.9 ms (taken from
-    16 tiles up), 2048 at 5x5 22.6 vs 10.4 ms."""
+    256 at 10x10 0.31 vs 0.50, 512 at 7x7 2.0 vs 0.94, 512 at 10x10 1.55 vs 1.9 ms with a pack
+    for its 9 tiles but 2.2 vs 1.9 ms in entries of 16 tiles (a model used at several sizes),
+    so over 256 channels from 16 tiles, 2048 at 5x5 22.6 vs 10.4 ms."""
     if min(in_channels, out_channels) < 32:
         return False
     if in_channels < 128:
