@@ -16,8 +16,8 @@ F(4x4, 3x3), else NNPACK's; ~1e-5 of a conv's scale, non-finite results recomput
 its large maps reuse memory instead of being page-faulted in on every call.
 
 The optimized modules have no training semantics (folded norms cannot be trained as norms), so
-they refuse to run in training mode or with autograd enabled instead of computing gradients of
-something else.
+they refuse to run in training mode, or with grad mode on and an input or parameter that
+requires grad, instead of computing gradients of something else.
 """
 import copy
 import functools
@@ -79,8 +79,14 @@ class Conv2dAct(nn.Module):
     """A convolution with its norm folded in: relu?(conv2d(x, weight, bias) + residual).
 
     ``weight`` and ``bias`` are parameters that require no grad; ``forward(x, residual=None)``.
-    Scripted (TorchScript), it runs F.conv2d and the tail as plain ops.
+    Scripted (TorchScript), it runs F.conv2d and the tail as plain ops. On CPU it keeps its weight
+    prepacked (oneDNN, Winograd transforms) between calls, remade when the weight is replaced or
+    written in place; writes through ``weight.data`` are not seen.
     """
+
+    # The prepacked weights are opaque oneDNN tensors: TorchScript must not copy them into a
+    # scripted module (torch.jit.save cannot write them), as pickling leaves them out.
+    __jit_ignored_attributes__ = ["_onednn_weight", "_nnpack_weight", "_winograd_weight"]
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, relu: bool):
@@ -114,11 +120,21 @@ class Conv2dAct(nn.Module):
                               winograd=getattr(self, "winograd", True))
 
     @torch.jit.unused
+    def _track_weight_versions(self) -> None:
+        """Make the weight a normal tensor when it is an inference tensor (a model optimized under
+        torch.inference_mode): inference tensors have no version counter, so an in-place edit of
+        the weight would go unseen by the cached packs; normal tensors count writes made inside
+        inference mode too."""
+        if self.weight.is_inference():
+            with torch.inference_mode(False):
+                self.weight = nn.Parameter(self.weight.clone(), requires_grad=False)
+
+    @torch.jit.unused
     def _weight_key(self) -> Tuple[int, int]:
         """What the cached packs of the weight are keyed by: its storage and version counter, so
         they are remade when the weight is replaced or written in place (writes through ``.data``
-        bypass the counter). Inference tensors (weights made under torch.inference_mode) have no
-        version counter; they cannot be written outside inference mode."""
+        bypass the counter). An inference tensor assigned as the weight has no version counter
+        (optimize_for_inference makes its weights normal tensors): only its storage counts."""
         weight = self.weight
         return weight.data_ptr(), -1 if weight.is_inference() else weight._version
 
@@ -461,6 +477,10 @@ class InferenceBackboneWithFPN(nn.Module):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         image: List[Optional[Tensor]] = [x]
         _check_inference(self.training, "InferenceBackboneWithFPN", image)
+        if x.dim() == 3:
+            # An unbatched [C, H, W] image: torchvision's backbone returns batched maps for it (its
+            # first norm broadcasts against [1, C, 1, 1]), so this one does too.
+            x = x.unsqueeze(0)
         if torch.jit.is_scripting():
             return self._run(x)
         return self._run_pooled(x)
@@ -533,10 +553,13 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
             (default: what the heads saw before) or torch.channels_last.
         winograd: on CPU, run 3x3 stride-1 convolutions as Winograd convolutions where they pay
             (~1e-5 of a conv's scale from the direct sum). False keeps every convolution direct:
-            eager float32 results then equal the traced, scripted and exported forms' bit for bit.
+            eager float32 results then agree with the traced, scripted and exported forms (which
+            call F.conv2d) to float rounding: bit for bit on most sizes, ~1e-6 of a level's scale
+            on some small maps, where oneDNN's fused and plain convolutions round apart.
 
     Returns a new module in eval mode. Run it under ``torch.no_grad()`` or
-    ``torch.inference_mode()``; its backbone raises in training mode or with grad enabled.
+    ``torch.inference_mode()``; its backbone raises in training mode, or with grad mode on and
+    an input or parameter that requires grad.
     Folding, the reordered sums and (on CPU) Winograd 3x3 convolutions change rounding, not the
     math: float32 outputs agree with the original model's to a few 1e-6 of each level's largest
     value (tests hold them to 1e-4); NaN and inf propagate as in the original.
@@ -570,4 +593,5 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
     for module in optimized.modules():
         if isinstance(module, Conv2dAct):
             module.winograd = bool(winograd)
+            module._track_weight_versions()
     return optimized.eval()

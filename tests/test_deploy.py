@@ -102,6 +102,22 @@ def test_scripted_small_modules():
     assert torch.equal(torch.jit.script(norm)(x), norm(x))
 
 
+def test_optimized_backbone_scripts_and_saves_after_eager_calls():
+    """The prepacked weights an eager CPU call leaves on the model (opaque oneDNN tensors) stay out
+    of the scripted module: torch.jit.save could not write them."""
+    import io
+    eager = fpn_fast.optimize_for_inference(backbone())
+    image = torch.randn(1, 3, 96, 112)
+    with torch.no_grad():
+        expected = eager(image)  # packs made
+        scripted = torch.jit.script(eager)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
+        # the eager model runs Winograd convolutions on CPU, the scripted one F.conv2d
+        assert_close_to_scale(loaded(image), expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("optimized", [False, True], ids=["backbone", "optimized"])
 def test_scripted_backbone_saves_and_loads_with_only_the_library(optimized, tmp_path):
     model = backbone()

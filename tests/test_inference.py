@@ -618,3 +618,20 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
         torch.testing.assert_close(conv(x), ops.conv2d_act(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                                           conv.dilation, conv.groups, relu=conv.relu),
                                    rtol=0, atol=0)
+
+
+def test_unbatched_image_gives_torchvision_batched_maps():
+    """torchvision's backbone takes a [C, H, W] image and returns [1, 256, h, w] maps (its first
+    norm broadcasts against [1, C, 1, 1]); the optimized one does the same."""
+    model = _backbone()
+    reference = tv_resnet_fpn_backbone(backbone_name="resnet18", weights=None).eval()
+    reference.load_state_dict(model.state_dict())
+    image = torch.randn(3, 75, 83)
+    for options in ({}, {"channels_last": False}):
+        optimized = fpn_fast.optimize_for_inference(model, **options)
+        with torch.no_grad():
+            got, want, batched = optimized(image), reference(image), optimized(image[None])
+        for name in want:
+            assert got[name].shape == want[name].shape == batched[name].shape
+            assert torch.equal(got[name], batched[name])
+            assert (got[name] - want[name]).abs().max() <= 1e-4 * want[name].abs().max()

@@ -249,13 +249,22 @@ def test_mismatched_channels_and_negative_padding_give_conv2d_errors():
             ops.conv2d_act(x, weight, b, (1, 1), (-1, 1))
 
 
-def test_modules_made_under_inference_mode_run():
-    """Weights that are inference tensors have no version counter: the packs are keyed without it."""
+def test_models_optimized_under_inference_mode_see_weight_edits():
+    """Optimized under torch.inference_mode, the folded weights are still normal tensors (inference
+    tensors have no version counter): an in-place edit, even inside inference mode, remakes the packs."""
+    x = torch.randn(1, 3, 96, 96)
     with torch.inference_mode():
         model = fpn_fast.optimize_for_inference(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18").eval())
-        out = model(torch.randn(1, 3, 96, 96))
-    assert any("_winograd_weight" in vars(m) for m in model.modules())
-    assert all(v.isfinite().all() for v in out.values())
+        model(x)
+        assert any("_winograd_weight" in vars(m) for m in model.modules())
+        convs = [m for m in model.modules() if isinstance(m, Conv2dAct)]
+        assert not any(m.weight.is_inference() for m in convs)
+        for m in convs:
+            m.weight.mul_(0.5)
+        got = model(x)
+        want = copy.deepcopy(model)(x)  # no packs copied: made afresh from the edited weights
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])

@@ -253,8 +253,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         winograd_kernels: ``winograd_kernels(tiles)`` returns a batch entry size and the
             extension's Winograd kernel transforms of weight prepacked for it
             (``ops._winograd.pack``; ``Conv2dAct`` caches them); without it they are made per call.
-        winograd: allow the Winograd routes; False keeps the convolution direct (bit-identical
-            to F.conv2d's oneDNN result, as traced, scripted and exported forms compute it).
+        winograd: allow the Winograd routes; False keeps the convolution direct (oneDNN's fused
+            call: the traced, scripted and exported forms' F.conv2d to float rounding).
 
     Returns:
         The output, as F.conv2d lays it out for x's memory format.
