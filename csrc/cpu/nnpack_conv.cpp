@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "conv3x3_checks.h"
+
 #include <dlfcn.h>
 
 #include <cstddef>
@@ -81,11 +83,6 @@ void check_status(int status, const char* what) {
 // First output channel of slice s when K channels are split into `slices` parts.
 int64_t slice_begin(int64_t K, int64_t slices, int64_t s) { return K * s / slices; }
 
-void check_padding(const char* name, at::IntArrayRef padding) {
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[0] <= 1 && padding[1] >= 0 && padding[1] <= 1,
-                    "fpn_fast::", name, ": padding must be two values in {0, 1}, got ", padding);
-}
-
 NnpPadding padding_of(at::IntArrayRef padding) {
   const size_t ph = static_cast<size_t>(padding[0]), pw = static_cast<size_t>(padding[1]);
   return NnpPadding{ph, pw, ph, pw};
@@ -109,7 +106,7 @@ std::vector<at::Tensor> nnpack_pack_3x3(const at::Tensor& weight, int64_t H, int
   const Nnpack& lib = nnpack();
   TORCH_CHECK(lib.inference != nullptr, "fpn_fast::nnpack_pack_3x3: ", lib.error);
   check_weight("nnpack_pack_3x3", weight);
-  check_padding("nnpack_pack_3x3", padding);
+  check_conv3x3_padding("nnpack_pack_3x3", padding);
   const int64_t K = weight.size(0), C = weight.size(1);
   TORCH_CHECK_VALUE(H > 0 && W > 0 && slices >= 1 && slices <= K, "fpn_fast::nnpack_pack_3x3: bad sizes (H=", H,
                     ", W=", W, ", slices=", slices, " for ", K, " output channels)");
@@ -150,7 +147,7 @@ std::tuple<at::Tensor, bool> nnpack_conv_3x3_packed(const at::Tensor& x, at::Ten
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && x.device().is_cpu(),
                    "fpn_fast::", name, ": x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.is_contiguous(), "fpn_fast::", name, ": x must be contiguous (NCHW)");
-  check_padding(name, padding);
+  check_conv3x3_padding(name, padding);
   const int64_t slices = static_cast<int64_t>(kernels.size());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK_VALUE(slices >= 1 && slices <= K, "fpn_fast::", name, ": need 1..", K, " kernel slices, got ", slices);

@@ -31,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "conv3x3_checks.h"
 #include "huge_pages.h"
 
 // Compiled for AVX-512, AVX2 + FMA and the baseline, picked at load time (GCC / clang ifunc).
@@ -187,11 +188,6 @@ bool output_transform(const float* m, const float* bias, float* y, const Geometr
   return finite;
 }
 
-void check_padding(const char* name, at::IntArrayRef padding) {
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[0] <= 1 && padding[1] >= 0 && padding[1] <= 1,
-                    "fpn_fast::", name, ": padding must be two values in {0, 1}, got ", padding);
-}
-
 // Tiles per parallel task of a transform: enough work to amortise the task, few enough to
 // balance 2-16 threads.
 constexpr int64_t kGrain = 8;
@@ -234,7 +230,7 @@ std::tuple<at::Tensor, bool> winograd_conv_3x3(const at::Tensor& x, const at::Te
                    "fpn_fast::", name, ": x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.is_contiguous(at::MemoryFormat::ChannelsLast),
                     "fpn_fast::", name, ": x must be channels_last (NHWC), got strides ", x.strides());
-  check_padding(name, padding);
+  check_conv3x3_padding(name, padding);
   const Geometry g = geometry(x.size(0), x.size(1), x.size(2), x.size(3), padding[0], padding[1]);
   TORCH_CHECK_VALUE(g.C > 0 && g.Ho > 0 && g.Wo > 0, "fpn_fast::", name, ": x ", x.sizes(),
                     " is smaller than the 3x3 kernel or has no channels");

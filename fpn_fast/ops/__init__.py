@@ -202,17 +202,18 @@ def _conv2d_act_is_exact(implementation: str, x: torch.Tensor, weight: torch.Ten
     if capturing_graph() or x.dim() != 4:
         return False
     residual_fits = residual is None or residual.shape == _conv_out_shape(x, weight, stride, padding, dilation)
-    if implementation == "winograd":
-        return (residual_fits and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))
-                and _winograd_fits(x, weight, bias, stride, padding, dilation, groups=x.shape[1] // max(weight.shape[1], 1)))
-    if implementation == "nnpack":
-        return (x.shape[1] >= _NNPACK_MIN_CHANNELS and residual_fits
-                and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu"))
-                and _nnpack_fits(x, weight, bias, stride, padding, dilation, groups=x.shape[1] // max(weight.shape[1], 1)))
-    if implementation == "onednn":
+    if implementation in ("winograd", "nnpack", "onednn"):  # the CPU float32 ones
+        if not residual_fits or (residual is not None and (residual.dtype != torch.float32
+                                                           or residual.device.type != "cpu")):
+            return False
+        groups = x.shape[1] // max(weight.shape[1], 1)
+        if implementation == "winograd":
+            return _winograd_fits(x, weight, bias, stride, padding, dilation, groups)
+        if implementation == "nnpack":
+            return x.shape[1] >= _NNPACK_MIN_CHANNELS and _nnpack_fits(x, weight, bias, stride, padding, dilation,
+                                                                        groups)
         return (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
-                and _autocast_dtype("cpu") is None and residual_fits
-                and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu")))
+                and _autocast_dtype("cpu") is None)
     # triton: the epilogue pass after the convolution, in the convolution's output dtype
     out_dtype = _autocast_dtype(x.device.type) or x.dtype
     return (out_dtype in _triton_epilogue.SUPPORTED_DTYPES and residual_fits
@@ -275,8 +276,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, nnpack_kernels)
         if out is not None:
             out = _tail(out, None, residual, relu)
-            return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-                memory_format=torch.channels_last) and not x.is_contiguous() else out
+            return out.contiguous(memory_format=torch.channels_last) if _channels_last_like(x) else out
         implementation = None  # non-finite values: the direct convolution decides how they propagate
     return _conv2d_act_direct(x, weight, bias, stride, padding, dilation, groups, relu, residual, packed_weight,
                               implementation)
@@ -328,15 +328,22 @@ def _channels_last_like(x: torch.Tensor) -> bool:
 _WINOGRAD = ("winograd", "nnpack")
 
 
-def _winograd_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
-                   groups: int) -> bool:
-    """A float32 CPU 3x3 convolution the extension's Winograd F(4x4, 3x3) computes (stride and
-    dilation 1, no groups, padding <= 1, no autocast, nothing captured), on a map where it pays."""
+def _winograd_shape_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                         dilation, groups: int) -> bool:
+    """A float32 CPU 3x3 convolution both Winograd routes compute: stride and dilation 1, no
+    groups, matching channels, padding 0 or 1, no autocast, nothing captured."""
     return (not capturing_graph() and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
-            and torch.backends.mkldnn.enabled  # its products run in oneDNN
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and groups == 1 and weight.shape[1] == x.shape[1] and all(0 <= p <= 1 for p in padding)
+            and groups == 1 and weight.shape[1] == x.shape[1] and all(0 <= p <= 1 for p in padding))
+
+
+def _winograd_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
+                   groups: int) -> bool:
+    """A convolution the extension's Winograd F(4x4, 3x3) computes (``_winograd_shape_fits``, with
+    oneDNN enabled for its products), on a map where it pays."""
+    return (_winograd_shape_fits(x, weight, bias, stride, padding, dilation, groups)
+            and torch.backends.mkldnn.enabled
             and _winograd.worthwhile(x.shape[1], weight.shape[0], _winograd.tiles(x.shape, padding)))
 
 
@@ -348,12 +355,9 @@ _NNPACK_MIN_CHANNELS = 128
 
 def _nnpack_fits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
                  groups: int) -> bool:
-    """A float32 CPU 3x3 convolution NNPACK's Winograd computes (stride and dilation 1, no
-    groups, padding <= 1, no autocast, nothing captured) over a map of at least min_pixels."""
-    return (not capturing_graph() and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32) and _autocast_dtype("cpu") is None
-            and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and groups == 1 and all(p <= 1 for p in padding)
+    """A convolution NNPACK's Winograd computes (``_winograd_shape_fits``) over a map of at least
+    min_pixels."""
+    return (_winograd_shape_fits(x, weight, bias, stride, padding, dilation, groups)
             and x.shape[2] * x.shape[3] >= _nnpack.min_pixels())
 
 
