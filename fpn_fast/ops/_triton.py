@@ -14,7 +14,7 @@ import contextlib
 import os
 import struct
 import types
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -295,6 +295,12 @@ def _empty(size: List[int], like: torch.Tensor, channels_last: bool) -> torch.Te
     return torch.empty(size, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+def _plain_launch(kernel):
+    """A kernel launched as it is: by ops defined with define_inference_op, which torch.compile
+    treats as opaque (wrap_triton is for a triton_op's body)."""
+    return kernel
+
+
 def registrar(namespace: str, as_triton_op: bool):
     """(register, launch) for ops under ``namespace``: ``register(name, mutates_args=())`` makes a
     triton_op (kernels visible to torch.compile) or an opaque custom_op, which then needs a fake
@@ -306,30 +312,56 @@ def registrar(namespace: str, as_triton_op: bool):
 
     def register(name, mutates_args=()):
         return torch.library.custom_op(f"{namespace}::{name}", mutates_args=mutates_args)
-    return register, lambda kernel: kernel
+    return register, _plain_launch
 
 
-_AUTOGRAD_LIBRARIES: List["torch.library.Library"] = []
+_LIBRARIES: List["torch.library.Library"] = []  # a registration lives as long as its Library
 
 
-def refuse_autograd(qualname: str) -> None:
-    """Give an op without a derivative (in place, or inference only) an Autograd kernel that
-    raises when grad mode is on and a tensor argument requires grad, and otherwise runs the op
-    below autograd. A custom op without one would let autograd drop those gradients silently
-    (seen when a graph traced or exported under no_grad is later trained)."""
+def define_inference_op(qualname: str, kernel: Callable, fake: Callable, mutates_args: Tuple[str, ...] = ()):
+    """Register ``kernel`` as the op ``qualname`` without a derivative (in place, or inference
+    only), with a fake kernel and an Autograd kernel that refuses inputs needing grad.
+
+    The op is defined with the plain ``torch.library.Library`` API (schema inferred from the
+    kernel's annotations) rather than as a ``custom_op``/``triton_op``: those register an Autograd
+    kernel of their own, and a second one, the refusing kernel, is an override that torch < 2.12
+    forbids and newer torch accepts only by replacing theirs. Here the refusing kernel is the only
+    Autograd kernel, so every supported torch takes the same registration, on a GPU and under the
+    interpreter alike. torch.compile sees the op as one opaque call (functionalised when it mutates).
+
+    Args:
+        qualname: "namespace::name".
+        kernel: runs the op on CPU and CUDA tensors; annotated like a custom_op's function.
+        fake: the fake (meta) kernel: output metadata only.
+        mutates_args: names of the arguments written in place (their version counters are bumped).
+
+    Raises:
+        RuntimeError (when the op is called): grad mode is on and a tensor argument requires grad;
+            a custom op without this kernel would let autograd drop those gradients silently.
+    """
     namespace, name = qualname.split("::")
+    library = torch.library.Library(namespace, "FRAGMENT")
+    library.define(name + torch.library.infer_schema(kernel, mutates_args=mutates_args))
+    for dispatch_key in ("CPU", "CUDA"):
+        library.impl(name, kernel, dispatch_key)
+    torch.library.register_fake(qualname, fake, lib=library)
     op = getattr(getattr(torch.ops, namespace), name).default
+    mutated = [i for i, argument in enumerate(op._schema.arguments) if argument.name in mutates_args]
 
-    def autograd_kernel(*args):
+    def autograd_kernel(keyset, *args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             raise RuntimeError(f"{qualname} has no gradient, but an input requires grad: run it under "
                                "torch.no_grad() or torch.inference_mode()")
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            result = op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+        for i in mutated:  # as ATen's in-place ops do (inference tensors have no counter)
+            if not args[i].is_inference():
+                torch.autograd.graph.increment_version(args[i])
+        return result
 
-    library = torch.library.Library(namespace, "IMPL")
-    library.impl(name, autograd_kernel, "Autograd")
-    _AUTOGRAD_LIBRARIES.append(library)  # the registration lives as long as its Library
+    library.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    _LIBRARIES.append(library)
+    return op
 
 
 def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
@@ -338,7 +370,7 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
     register, launch = registrar(namespace, as_triton_op)
 
     def upsample_add_into(out: torch.Tensor, lateral: torch.Tensor, top: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> None:
+                          bias: Optional[torch.Tensor], launch: Callable = launch) -> None:
         n, c, h, w = _ints(lateral.shape)
         th, tw = _ints(top.shape[2:])
         if out.numel() == 0:
@@ -358,10 +390,12 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
         upsample_add_into(out, lateral, top, bias)
         return out
 
-    @register("upsample_add_", mutates_args=("lateral",))
     def upsample_add_(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         # Each element is read then written by the same lane: in place is safe.
-        upsample_add_into(lateral, lateral, top, bias)
+        upsample_add_into(lateral, lateral, top, bias, launch=_plain_launch)
+
+    upsample_add_ = define_inference_op(f"{namespace}::upsample_add_", upsample_add_, lambda lateral, top, bias: None,
+                                        mutates_args=("lateral",))
 
     @register("upsample_add_backward_top")
     def upsample_add_backward_top(grad: torch.Tensor, top_size: List[int], channels_last: bool) -> torch.Tensor:
@@ -409,10 +443,6 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
         @upsample_add.register_fake
         def _(lateral, top, bias):
             return torch.empty_like(lateral, memory_format=memory_format_of(lateral))
-
-        @upsample_add_.register_fake
-        def _(lateral, top, bias):
-            return None
 
         @upsample_add_backward_top.register_fake
         def _(grad, top_size, channels_last):
@@ -465,7 +495,6 @@ def _define_ops(namespace: str, as_triton_op: bool) -> types.SimpleNamespace:
     upsample_add_backward_top.register_autograd(backward_top_grad, setup_context=backward_top_setup)
     stride2_pool_backward.register_autograd(pool_backward_grad, setup_context=lambda ctx, inputs, output: None)
 
-    refuse_autograd(f"{namespace}::upsample_add_")
     return types.SimpleNamespace(
         upsample_add=upsample_add, upsample_add_=upsample_add_,
         upsample_add_backward_top=upsample_add_backward_top,

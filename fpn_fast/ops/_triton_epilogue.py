@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ._triton import (_AS_TRITON_OP, _NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
-                      _precision, on_device_of, refuse_autograd, registrar, triton)
+from ._triton import (_NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
+                      _precision, define_inference_op, on_device_of, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -56,37 +56,25 @@ if triton is not None:
         tl.store(ptrs, _round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
-def _define_op(namespace: str, as_triton_op: bool):
-    """Register bias_act_ (mutates ``out``) as a triton_op on a GPU, or as an opaque custom_op
-    under the interpreter (see fpn_fast.ops._triton)."""
-    register, launch = registrar(namespace, as_triton_op)
-
-    @register("bias_act_", mutates_args=("out",))
-    def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  relu: bool) -> None:
-        if out.numel() == 0:
-            return
-        n, c, h, w = _ints(out.shape)
-        grid, meta = _grid_and_meta(n, c, h, w, _is_channels_last(out))
-        no_residual = (0, 0, 0, 0)
-        launch(_bias_act_kernel)[grid](
-            out, out if bias is None else bias.contiguous(), out if residual is None else residual,
-            n, c, h, w, *out.stride(), *(no_residual if residual is None else residual.stride()),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-            **_precision(out.dtype),
-            INT64=_needs_int64(*(t for t in (out, residual) if t is not None)), num_warps=_NUM_WARPS, **meta)
-
-    if not as_triton_op:
-        @bias_act_.register_fake
-        def _(out, bias, residual, relu):
-            return None
-
-    refuse_autograd(f"{namespace}::bias_act_")
-    return bias_act_
+def _bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+               relu: bool) -> None:
+    """The registered op's kernel (CPU under the interpreter, CUDA)."""
+    if out.numel() == 0:
+        return
+    n, c, h, w = _ints(out.shape)
+    grid, meta = _grid_and_meta(n, c, h, w, _is_channels_last(out))
+    no_residual = (0, 0, 0, 0)
+    _bias_act_kernel[grid](
+        out, out if bias is None else bias.contiguous(), out if residual is None else residual,
+        n, c, h, w, *out.stride(), *(no_residual if residual is None else residual.stride()),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+        **_precision(out.dtype),
+        INT64=_needs_int64(*(t for t in (out, residual) if t is not None)), num_warps=_NUM_WARPS, **meta)
 
 
-if triton is not None:
-    _op = _define_op("fpn_fast_triton", _AS_TRITON_OP)
+if triton is not None:  # one registration on a GPU and under the interpreter (see define_inference_op)
+    _op = define_inference_op("fpn_fast_triton::bias_act_", _bias_act_, lambda out, bias, residual, relu: None,
+                              mutates_args=("out",))
 
 
 def bias_act_(out: torch.Tensor, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,

@@ -8,9 +8,9 @@ the epilogue adds bias and the nearest-upsampled top (exact ATen indices, DESIGN
 ``out`` once. Every operand is read through its strides: for channels_last x, A is a row-major
 [M, K] matrix and out a row-major [M, O] one (the fast case); NCHW works through the same code.
 
-Inference only: the op has no autograd (its backward would need the lateral map it never stores).
-Registered like fpn_fast.ops._triton: a triton_op on a GPU, an opaque custom_op under
-TRITON_INTERPRET=1.
+Inference only: the op has no autograd (its backward would need the lateral map it never stores);
+registered by ``fpn_fast.ops._triton.define_inference_op``, one opaque op on a GPU and under
+TRITON_INTERPRET=1 alike.
 """
 import os
 from typing import Optional
@@ -19,8 +19,8 @@ import torch
 
 from ._checks import check_lateral_upsample_add
 from ._triton import (
-    _AS_TRITON_OP, _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
-    _precision, _resize_mode, on_device_of, refuse_autograd, registrar, triton)
+    _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
+    _precision, _resize_mode, define_inference_op, on_device_of, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -172,48 +172,35 @@ def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _empty([n, weight.shape[0], h, w], x, _is_channels_last(x))
 
 
-def _define_op(namespace: str, as_triton_op: bool):
-    """Register lateral_upsample_add under ``namespace``, as a triton_op (kernel visible to
-    torch.compile) or as an opaque custom_op with a fake kernel (what works under the interpreter).
-    No register_autograd: inference only."""
-    register, launch = registrar(namespace, as_triton_op)
-
-    @register("lateral_upsample_add")
-    def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             top: Optional[torch.Tensor]) -> torch.Tensor:
-        _check_dtype(x.dtype)
-        out = _out_like(x, weight)
-        if out.numel() == 0:
-            return out
-        n, k, h, w = _ints(x.shape)
-        o = int(weight.shape[0])
-        m = n * h * w
-        th, tw = _ints(top.shape[2:]) if top is not None else (h, w)
-        no_top = (0, 0, 0, 0)
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"]),)  # noqa: E731
-        launch(_KERNEL)[grid](
-            x, weight, x if bias is None else bias.contiguous(), x if top is None else top, out,
-            m, o, k, h, w, th, tw, _float32_scale(th, h), _float32_scale(tw, w), _next_pow2(m),
-            *x.stride(), weight.stride(0), weight.stride(1),
-            *(no_top if top is None else top.stride()), *out.stride(),
-            HAS_BIAS=bias is not None, HAS_TOP=top is not None,
-            MODE_H=_resize_mode(h, th), MODE_W=_resize_mode(w, tw),
-            DOT_PRECISION=_dot_precision(x.dtype), SOFT_BF16=_precision(x.dtype)["SOFT_BF16"],
-            INT64=_needs_int64(*(t for t in (x, weight, top, out) if t is not None)),
-            **(_INTERPRETER_BLOCKS if _INTERPRET else {}))
+def _lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          top: Optional[torch.Tensor]) -> torch.Tensor:
+    """The registered op's kernel (CPU under the interpreter, CUDA)."""
+    _check_dtype(x.dtype)
+    out = _out_like(x, weight)
+    if out.numel() == 0:
         return out
+    n, k, h, w = _ints(x.shape)
+    o = int(weight.shape[0])
+    m = n * h * w
+    th, tw = _ints(top.shape[2:]) if top is not None else (h, w)
+    no_top = (0, 0, 0, 0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"]),)  # noqa: E731
+    _KERNEL[grid](
+        x, weight, x if bias is None else bias.contiguous(), x if top is None else top, out,
+        m, o, k, h, w, th, tw, _float32_scale(th, h), _float32_scale(tw, w), _next_pow2(m),
+        *x.stride(), weight.stride(0), weight.stride(1),
+        *(no_top if top is None else top.stride()), *out.stride(),
+        HAS_BIAS=bias is not None, HAS_TOP=top is not None,
+        MODE_H=_resize_mode(h, th), MODE_W=_resize_mode(w, tw),
+        DOT_PRECISION=_dot_precision(x.dtype), SOFT_BF16=_precision(x.dtype)["SOFT_BF16"],
+        INT64=_needs_int64(*(t for t in (x, weight, top, out) if t is not None)),
+        **(_INTERPRETER_BLOCKS if _INTERPRET else {}))
+    return out
 
-    if not as_triton_op:  # a triton_op derives its fake kernel by tracing its body
-        @lateral_upsample_add.register_fake
-        def _(x, weight, bias, top):
-            return _out_like(x, weight)
 
-    refuse_autograd(f"{namespace}::lateral_upsample_add")
-    return lateral_upsample_add
-
-
-if triton is not None:  # registered as fpn_fast.ops._triton registers its ops
-    _op = _define_op("fpn_fast_triton", _AS_TRITON_OP)
+if triton is not None:  # one registration on a GPU and under the interpreter (see define_inference_op)
+    _op = define_inference_op("fpn_fast_triton::lateral_upsample_add", _lateral_upsample_add,
+                              lambda x, weight, bias, top: _out_like(x, weight))
 
 
 def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
