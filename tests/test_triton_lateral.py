@@ -307,17 +307,6 @@ def test_compile_fullgraph(device):
     assert torch.equal(compiled(*args), lateral_step(*args))
 
 
-@pytest.mark.skipif(not hasattr(torch.library, "triton_op")
-                    or _triton.unavailable_reason("cpu") is not None,
-                    reason="needs torch.library.triton_op and the interpreter")
-def test_triton_op_registration_eager():
-    """The GPU registration (triton_op + wrap_triton) runs eagerly under the interpreter too, so
-    its launch code is exercised here; compiling it needs a GPU (test_compile_inductor_cuda)."""
-    op = _triton_lateral._define_op("fpn_fast_triton_lateral_test", as_triton_op=True)
-    for args in _opcheck_samples("cpu"):
-        assert torch.equal(op(*args), torch.ops.fpn_fast_triton.lateral_upsample_add(*args))
-
-
 # ----------------------------------------------------------------------------- GPU only
 
 # The FPN's laterals at batch 2, 800x1216 (C2..C5 -> 256 channels), with a smaller odd-sized one.
@@ -365,8 +354,8 @@ def test_float32_ieee_fpn_sized_cuda(case, monkeypatch):
 
 @pytest.mark.cuda
 def test_compile_inductor_cuda():
-    """On a GPU the op is a triton_op around an autotuned kernel: inductor takes the kernel itself
-    (wrap_triton accepts triton.autotune with configs and key only) and must give the same result."""
+    """Inductor calls the inference-only op as one opaque kernel (define_inference_op) around the
+    autotuned GEMM and must give the same result."""
     def lateral_step(x, weight, bias, top):
         return _triton_lateral.lateral_upsample_add(x, weight, bias, top)
 
