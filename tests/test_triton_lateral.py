@@ -17,6 +17,7 @@ Tolerances (the GEMM sums in another order than a convolution, so nothing is bit
   worse than the same torch reference run in that dtype (which rounds after the conv, the bias
   and the add), with one ulp of the output's largest value as slack.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -185,15 +186,42 @@ def test_dot_precision_follows_cudnn_tf32_flag(monkeypatch):
         assert _triton_lateral._dot_precision(torch.bfloat16) == "tf32"
 
 
-def test_autotune_config_choice(monkeypatch):
+def test_autotune_mode_choice(monkeypatch):
     monkeypatch.delenv("FPN_FAST_AUTOTUNE", raising=False)
-    assert _triton_lateral._autotune_configs() == _triton_lateral._GPU_CONFIGS
-    monkeypatch.setenv("FPN_FAST_AUTOTUNE", "quick")
-    quick = _triton_lateral._autotune_configs()
-    assert len(quick) == 2 and set(quick) <= set(_triton_lateral._GPU_CONFIGS)
-    monkeypatch.setenv("FPN_FAST_AUTOTUNE", "fast")
-    with pytest.raises(ValueError, match="FPN_FAST_AUTOTUNE"):
-        _triton_lateral._autotune_configs()
+    assert _triton_lateral._autotune_mode() == "heuristic"
+    monkeypatch.setenv("FPN_FAST_AUTOTUNE", "full")
+    assert _triton_lateral._autotune_mode() == "full"
+    for wrong in ("quick", "fast"):
+        monkeypatch.setenv("FPN_FAST_AUTOTUNE", wrong)
+        with pytest.raises(ValueError, match="FPN_FAST_AUTOTUNE must be 'heuristic' or 'full'"):
+            _triton_lateral._autotune_mode()
+
+
+H200 = dict(sm_count=132, shared_memory=227 * 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_heuristic_config_for_the_fpn_laterals(dtype):
+    """Batch 2, 800x1216, 256 out channels: wide tiles on the large maps, smaller ones where a
+    wide tile would leave SMs idle (C4, C5), and every pick's pipeline fits shared memory."""
+    pick = functools.partial(_triton_lateral._heuristic_config, dtype=dtype, **H200)
+    levels = {"C2": (121600, 256), "C3": (30400, 512), "C4": (7600, 1024), "C5": (1900, 2048)}
+    configs = {name: pick(m, 256, k) for name, (m, k) in levels.items()}
+    assert configs["C2"] == (128, 256, 32, 8, 3)
+    for name, (m, _) in levels.items():
+        bm, bn, bk, _, stages = configs[name]
+        tiles = -(-m // bm) * -(-256 // bn)
+        assert (bm + bn) * bk * dtype.itemsize * stages <= H200["shared_memory"], name
+        if name != "C5":
+            assert tiles >= H200["sm_count"], (name, configs[name])
+    assert configs["C5"][0] * configs["C5"][1] < configs["C2"][0] * configs["C2"][1]
+
+
+def test_heuristic_config_fits_small_shared_memory():
+    """A GPU with ~100 KB per block (consumer cards) gets configs whose float32 stages fit."""
+    for m in (1, 1900, 121600):
+        bm, bn, bk, _, stages = _triton_lateral._heuristic_config(m, 256, 512, torch.float32, 40, 99 * 1024)
+        assert (bm + bn) * bk * 4 * stages <= 99 * 1024, (m, bm, bn, bk, stages)
 
 
 def test_dot_precision_reads_the_newer_precision_flags():

@@ -12,8 +12,9 @@ Inference only: the op has no autograd (its backward would need the lateral map 
 registered by ``fpn_fast.ops._triton.define_inference_op``, one opaque op on a GPU and under
 TRITON_INTERPRET=1 alike.
 """
+import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -52,15 +53,53 @@ _GPU_CONFIGS = (
 )
 
 
-def _autotune_configs():
-    """All of _GPU_CONFIGS, or with FPN_FAST_AUTOTUNE=quick (read at import) only two: the
-    widest tile and the one with the least shared memory. Every autotuned shape compiles each
-    config once per process, which a test run covering many shapes and dtypes (the GPU check's
-    time-limited step) cannot afford nine times over."""
-    choice = os.environ.get("FPN_FAST_AUTOTUNE") or "all"
-    if choice not in ("all", "quick"):
-        raise ValueError(f"FPN_FAST_AUTOTUNE must be 'all' or 'quick', not {choice!r}")
-    return _GPU_CONFIGS if choice == "all" else (_GPU_CONFIGS[0], _GPU_CONFIGS[-1])
+def _autotune_mode() -> str:
+    """FPN_FAST_AUTOTUNE, read at import: "heuristic" (default) launches the one config
+    ``_heuristic_config`` picks, so a first call compiles one kernel per specialisation and times
+    nothing; "full" autotunes every config of _GPU_CONFIGS per GEMM shape (several seconds a
+    shape; the choice is cached on disk with Triton's kernels, ``cache_results``)."""
+    choice = os.environ.get("FPN_FAST_AUTOTUNE") or "heuristic"
+    if choice not in ("heuristic", "full"):
+        raise ValueError(f"FPN_FAST_AUTOTUNE must be 'heuristic' or 'full', not {choice!r}")
+    return choice
+
+
+# Bytes of shared memory per operand element in a pipeline stage, by dtype.
+_ELEMENT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def _heuristic_config(m: int, o: int, k: int, dtype: torch.dtype, sm_count: int,
+                      shared_memory: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an [m, k] x [k, o] GEMM: the
+    largest tile of _GPU_CONFIGS (fewest re-reads of A and B) that still gives every SM a tile
+    and whose pipeline stages fit in ``shared_memory`` bytes; the smallest fitting tile when none
+    fills the SMs (a short map with long K, e.g. C5). A rule, not a measurement: FPN_FAST_AUTOTUNE=full
+    measures instead.
+
+    Args:
+        m: rows (N*H*W). o: output channels. k: input channels (the reduction).
+        dtype: the operands' dtype (sizes the stages). sm_count: the GPU's multiprocessors.
+        shared_memory: shared memory a block may use, in bytes.
+
+    Returns:
+        One entry of _GPU_CONFIGS.
+    """
+    element = _ELEMENT_BYTES.get(dtype, 4)
+    fitting = [c for c in _GPU_CONFIGS if (c[0] + c[1]) * c[2] * element * c[4] <= shared_memory] or \
+        [min(_GPU_CONFIGS, key=lambda c: (c[0] + c[1]) * c[2] * c[4])]
+    by_size = sorted(fitting, key=lambda c: (-c[0] * c[1], -c[2]))
+    for config in by_size:
+        if -(-m // config[0]) * -(-o // config[1]) >= sm_count:
+            return config
+    return by_size[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> Tuple[int, int]:
+    """(multiprocessors, shared memory per block in bytes) of CUDA device ``index``."""
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return props.multi_processor_count, shared
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -155,16 +194,17 @@ if triton is not None:
         tl.store(out_ptr + (n * out_sn + h * out_sh + w * out_sw)[:, None] + cols[None, :] * out_sc,
                  _round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
-    if _INTERPRET:
-        _KERNEL = _lateral_upsample_add_kernel
-    else:
+    _AUTOTUNE = _autotune_mode() == "full" and not _INTERPRET
+    if _AUTOTUNE:
         # Keyed on the GEMM's shape (the autotuner adds the tensors' dtypes itself) and the dot
         # precision (IEEE float32 runs on the CUDA cores, TF32 on the tensor cores).
         _KERNEL = triton.autotune(
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=nw, num_stages=ns)
-                     for bm, bn, bk, nw, ns in _autotune_configs()],
-            key=["M_BUCKET", "O", "K", "DOT_PRECISION"],
+                     for bm, bn, bk, nw, ns in _GPU_CONFIGS],
+            key=["M_BUCKET", "O", "K", "DOT_PRECISION"], cache_results=True,
         )(_lateral_upsample_add_kernel)
+    else:
+        _KERNEL = _lateral_upsample_add_kernel
 
 
 def _out_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -194,8 +234,18 @@ def _lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         MODE_H=_resize_mode(h, th), MODE_W=_resize_mode(w, tw),
         DOT_PRECISION=_dot_precision(x.dtype), SOFT_BF16=_precision(x.dtype)["SOFT_BF16"],
         INT64=_needs_int64(*(t for t in (x, weight, top, out) if t is not None)),
-        **(_INTERPRETER_BLOCKS if _INTERPRET else {}))
+        **_launch_config(m, o, k, x))
     return out
+
+
+def _launch_config(m: int, o: int, k: int, x: torch.Tensor) -> dict:
+    """The block sizes (and on a GPU warps and stages) of one launch; none when autotuning."""
+    if _INTERPRET:
+        return _INTERPRETER_BLOCKS
+    if _AUTOTUNE:
+        return {}
+    bm, bn, bk, warps, stages = _heuristic_config(m, o, k, x.dtype, *_device_limits(torch.cuda.current_device() if x.device.index is None else x.device.index))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 if triton is not None:  # one registration on a GPU and under the interpreter (see define_inference_op)
