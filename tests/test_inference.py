@@ -543,10 +543,38 @@ def test_cuda_float64_model_runs_unfused():
         _assert_outputs_close(optimized(x), model(x), rel=1e-10)
 
 
+def _damp_residual_branches_(model: nn.Module, scale: float = 0.3) -> nn.Module:
+    """Scale the last norm of every bottleneck's residual branch (bn3) by ``scale``.
+
+    The randomised frozen norms do not normalise: their statistics are not the activations'. So
+    each undamped bottleneck about doubles the activations' variance. At 2x3x256x384, ResNet50's
+    float32 activations reach 1.6e5 in layer4, past float16's 65504, and a float16 autocast run is
+    NaN on both sides. With the branches scaled by 0.3, the largest float32 activation of any
+    module is 141 (an FPN output conv; the body's largest is 81). Trained ResNets also have small
+    last branch norms; torchvision's zero_init_residual starts them at 0. Rounding every weight and
+    activation to float16 (bfloat16) then moves each level by about 2e-3 (1.5e-2) of its scale.
+    (Matching the norms' statistics to the activations instead keeps them small too, but the
+    random network then amplifies rounding to 7e-2 (float16) and 0.6 (bfloat16) of the scale.)
+    """
+    damped = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(".bn3"):
+                module.weight.mul_(scale)
+                damped += 1
+    assert damped > 0, "no bottleneck norms found"
+    return model
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_autocast_within_low_precision_error(dtype):
-    model = _backbone("resnet50").cuda()
+def test_cuda_autocast_within_low_precision_error(dtype, monkeypatch):
+    """Under autocast the optimized model's error stays within twice eager's own low-precision
+    error. Both are measured against eager IEEE float32 (TF32 off) on a model whose activations fit
+    float16 (_damp_residual_branches_). Every result is finite, and eager's error is a few eps: low
+    precision is a small perturbation of this model, so the comparison means something."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference is IEEE float32
+    model = _damp_residual_branches_(_backbone("resnet50")).cuda()
     optimized = fpn_fast.optimize_for_inference(model)
     x = torch.randn(2, 3, 256, 384, device="cuda")
     with torch.inference_mode():
@@ -557,9 +585,12 @@ def test_cuda_autocast_within_low_precision_error(dtype):
     eps = torch.finfo(dtype).eps
     for name, e in exact.items():
         scale = e.abs().max().item()
+        assert torch.isfinite(e).all() and 0 < scale < torch.finfo(torch.float16).max / 64, (name, scale)
+        assert torch.isfinite(original[name]).all() and torch.isfinite(fast[name]).all(), name
+        assert fast[name].dtype == original[name].dtype
         err_original = (original[name].float() - e).abs().max().item() / scale
         err_fast = (fast[name].float() - e).abs().max().item() / scale
-        assert fast[name].dtype == original[name].dtype
+        assert err_original <= 8 * eps, (name, err_original)
         assert err_fast <= 2 * err_original + eps, (name, err_fast, err_original)
 
 

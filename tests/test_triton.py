@@ -54,9 +54,8 @@ def test_many_small_tiles(triton_device, int64, monkeypatch):
         assert torch.equal(out, reference.upsample_add(lateral, top.detach(), bias)), layout
         grad = torch.randn_like(out)
         out.backward(grad)
-        ref_top = top.detach().clone().requires_grad_()
-        reference.upsample_add(lateral, ref_top, bias).backward(grad)
-        assert torch.equal(top.grad, ref_top.grad), layout
+        # the forward map's own backward (ATen's CUDA backward differs at 46x69 <- 14x21)
+        assert torch.equal(top.grad, reference.nearest_upsample_backward(grad, 14, 21)), layout
         x = lateral.clone().requires_grad_()
         pooled = _triton.stride2_pool(x)
         assert torch.equal(pooled, F.max_pool2d(x.detach(), 1, 2, 0)), layout

@@ -67,6 +67,111 @@ def test_float32_scale_case_is_not_the_exact_ratio():
         assert not torch.equal(reference.nearest_source_index(out_size, in_size), exact)
 
 
+def _forward_map_scatter(grad: torch.Tensor, top_h: int, top_w: int) -> torch.Tensor:
+    """The definition, in float64: out[d] reads top[src[d]], so top's gradient at s is the sum of
+    grad over the destinations d with src[d] == s (index_add_ over the forward's own map)."""
+    n, c, h, w = grad.shape
+    src_h = reference.nearest_source_index(h, top_h).to(grad.device)
+    src_w = reference.nearest_source_index(w, top_w).to(grad.device)
+    by_row = torch.zeros(n, c, top_h, w, dtype=torch.float64, device=grad.device).index_add_(2, src_h, grad.double())
+    return torch.zeros(n, c, top_h, top_w, dtype=torch.float64, device=grad.device).index_add_(3, src_w, by_row)
+
+
+def _atens_cuda_window_starts(out_size: int, in_size: int) -> torch.Tensor:
+    """Where ATen's CUDA nearest backward starts each source's window (UpSample.cuh,
+    nearest_neighbor_bw_compute_source_index, scale from compute_scales_value_backwards with no
+    scale_factor): min(ceilf((float)s * ((float)out / (float)in)), out), float32 throughout; the
+    forward map is min(floorf((float)d * ((float)in / (float)out)), in - 1). Equal sizes copy."""
+    if out_size == in_size:
+        return torch.arange(in_size + 1)
+    scale = torch.tensor(out_size, dtype=torch.float32) / torch.tensor(in_size, dtype=torch.float32)
+    return torch.ceil(torch.arange(in_size + 1, dtype=torch.float32) * scale).long().clamp_(max=out_size)
+
+
+def _forward_map_window_starts(out_size: int, in_size: int) -> torch.Tensor:
+    """Each source's window under the forward map: the first destination that reads it."""
+    return torch.searchsorted(reference.nearest_source_index(out_size, in_size), torch.arange(in_size + 1))
+
+
+@pytest.mark.parametrize("case", [c for c in SHAPES if c[0][2] * c[0][3] and c[1][0] * c[1][1]], ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_map_backward_is_the_definition(case, dtype):
+    """reference.nearest_upsample_backward sums what the forward read: with small integer
+    gradients every sum is exact in every dtype, so it equals the float64 scatter-add over the
+    forward's own index map whatever the order."""
+    (n, c, h, w), (th, tw) = case
+    grad = torch.randint(-2, 3, (n, c, h, w)).to(dtype)
+    expected = _forward_map_scatter(grad, th, tw)
+    for layout in ("contiguous", "channels_last", "sliced"):
+        got = reference.nearest_upsample_backward(laid_out(grad, layout), th, tw)
+        assert got.dtype == dtype and torch.equal(got.double(), expected), layout
+
+
+@pytest.mark.parametrize("case", [c for c in SHAPES if c[0][2] * c[0][3] and c[1][0] * c[1][1] and c[0][0] * c[0][1]],
+                         ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_map_backward_is_atens_cpu_backward(case, dtype, layout):
+    """On CPU, ATen's nearest backward scatters each destination into the source the forward read,
+    in destination order (float32 accumulation for half types): the same bits as the forward-map
+    reference, 46x69 <- 14x21 included."""
+    (n, c, h, w), (th, tw) = case
+    grad = laid_out(torch.randn(n, c, h, w).to(dtype), layout)
+    top = torch.randn(n, c, th, tw).to(dtype).requires_grad_()
+    F.interpolate(top, size=(h, w), mode="nearest").backward(grad)
+    assert torch.equal(reference.nearest_upsample_backward(grad, th, tw), top.grad)
+
+
+def test_atens_cuda_backward_windows_differ_from_the_forward_map_in_float32():
+    """The emulation behind docs/design.md: float32(14/46) * 23 = 6.9999995, so the forward reads
+    top row 6 at destination 23 (and row 13 at 46 of 69), while ATen's CUDA backward, starting
+    windows at ceilf(s * float32(46/14)), gives destination 23 to source 7 (and 46 to 14). At the
+    FPN's own ratios (out = 2 * in, 2 * in - 1) the two agree."""
+    expected = {(46, 14): {6: ((20, 24), (20, 23)), 7: ((24, 27), (23, 27))},
+                (69, 21): {6: ((20, 24), (20, 23)), 7: ((24, 27), (23, 27)),
+                           13: ((43, 47), (43, 46)), 14: ((47, 50), (46, 50))}}
+    for (out_size, in_size), differing in expected.items():
+        ours, atens = _forward_map_window_starts(out_size, in_size), _atens_cuda_window_starts(out_size, in_size)
+        windows = {s: ((int(ours[s]), int(ours[s + 1])), (int(atens[s]), int(atens[s + 1])))
+                   for s in range(in_size) if ours[s] != atens[s] or ours[s + 1] != atens[s + 1]}
+        assert windows == differing, (out_size, in_size, windows)
+    for in_size in range(1, 257):
+        for out_size in (2 * in_size - 1, 2 * in_size):
+            assert torch.equal(_forward_map_window_starts(out_size, in_size),
+                               _atens_cuda_window_starts(out_size, in_size)), (out_size, in_size)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_kernels_follow_the_forward_map_where_atens_cuda_backward_does_not(dtype):
+    """At 46x69 <- 14x21 on CUDA: the extension's and Triton's top gradient is the forward map's
+    (the bits of the CPU kernels and of ATen's CPU backward); ATen's CUDA backward sums the windows
+    the emulation above predicts, which credit destination row 23 and column 23 / 46 to the
+    neighbouring source. If ATen's assertion fails, torch changed its CUDA backward: update
+    docs/design.md."""
+    (n, c, h, w), (th, tw) = (1, 2, 46, 69), (14, 21)
+    grad = torch.randint(-2, 3, (n, c, h, w), device="cuda").to(dtype)  # exact sums in any order
+    lateral, top, bias = make_inputs(((n, c, h, w), (th, tw)), dtype, device="cuda")
+    forward_map = reference.nearest_upsample_backward(grad, th, tw)
+    assert torch.equal(forward_map.double(), _forward_map_scatter(grad, th, tw))
+    for backend in ("extension", "triton"):
+        if ops.available_backends()[backend]["cuda"] is not None:
+            continue
+        leaf = top.clone().requires_grad_()
+        with running("upsample_add", backend, "cuda"):
+            ops.upsample_add(lateral, leaf, bias).backward(grad)
+        assert torch.equal(leaf.grad, forward_map), backend
+    leaf = top.clone().requires_grad_()
+    F.interpolate(leaf, size=(h, w), mode="nearest").backward(grad)
+    starts_h, starts_w = _atens_cuda_window_starts(h, th).tolist(), _atens_cuda_window_starts(w, tw).tolist()
+    owner_h = torch.tensor([s for s in range(th) for _ in range(starts_h[s], starts_h[s + 1])], device="cuda")
+    owner_w = torch.tensor([s for s in range(tw) for _ in range(starts_w[s], starts_w[s + 1])], device="cuda")
+    by_row = torch.zeros(n, c, th, w, dtype=torch.float64, device="cuda").index_add_(2, owner_h, grad.double())
+    atens = torch.zeros(n, c, th, tw, dtype=torch.float64, device="cuda").index_add_(3, owner_w, by_row)
+    assert torch.equal(leaf.grad.double(), atens), "ATen's CUDA nearest backward changed: update docs/design.md"
+    assert not torch.equal(leaf.grad, forward_map)
+
+
 # ----------------------------------------------------------------------------- every backend
 
 @pytest.mark.parametrize("backend,case", backend_cases())
@@ -75,8 +180,9 @@ def test_float32_scale_case_is_not_the_exact_ratio():
 def test_forward_backward_in_place_bit_exact(backend, case, dtype, layout, device, on_backend, request):
     """Same operations in the same precision and order as the reference, so the same bits:
     - forward, with and without bias: laid out like lateral, inputs untouched;
-    - backward: all three gradients equal the reference's autograd (each top window summed in
-      destination order, float32 for half types; the bias gradient an ATen sum);
+    - backward: lateral's and bias's gradients equal the reference's autograd (the bias gradient
+      an ATen sum); top's equals the forward map's own backward (each top window summed in
+      destination order, float32 for half types: reference.nearest_upsample_backward);
     - in place: the same bits written through lateral's view, nothing around it touched."""
     leaves = make_inputs(case, dtype, layout, device=device, requires_grad=True)
     lateral, top, bias = (t.detach() for t in leaves)
@@ -91,9 +197,15 @@ def test_forward_backward_in_place_bit_exact(backend, case, dtype, layout, devic
     ops.upsample_add(*leaves).backward(grad)
     ref_leaves = _detached_leaves(*leaves)
     reference.upsample_add(*ref_leaves).backward(grad)
+    top_grad = reference.nearest_upsample_backward(grad, top.shape[2], top.shape[3])
+    if backend == "torch" and device == "cuda":
+        # The torch backend is ATen's backward, torchvision's own; on CUDA its windows differ from
+        # the forward map at some non-integer ratios (docs/design.md, test_atens_cuda_backward_*).
+        top_grad = ref_leaves[1].grad
     assert torch.equal(leaves[0].grad, grad)
-    for name, ours, theirs in zip(("lateral", "top", "bias"), leaves, ref_leaves):
-        assert torch.equal(ours.grad, theirs.grad), ("backward", name)
+    for name, i in (("lateral", 0), ("bias", 2)):
+        assert torch.equal(leaves[i].grad, ref_leaves[i].grad), ("backward", name)
+    assert torch.equal(leaves[1].grad, top_grad), ("backward", "top")
     _assert_laid_out_like(leaves[1].grad, ref_leaves[1].grad)
 
     for b in (bias, None):

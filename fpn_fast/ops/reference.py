@@ -28,6 +28,42 @@ def nearest_source_index(out_size: int, in_size: int) -> torch.Tensor:
     return src.clamp_(max=in_size - 1)
 
 
+def nearest_upsample_backward(grad: torch.Tensor, top_h: int, top_w: int) -> torch.Tensor:
+    """top's gradient through ``nearest_upsample(top, grad's H x W)`` as the forward map defines
+    it: each top element sums grad over the destinations that read it (its window, the preimage
+    of ``nearest_source_index``), in destination order row by row, in float32 for float16/bfloat16
+    (rounded once), laid out like grad. ATen's CPU backward gives these bits; ATen's CUDA backward
+    derives its windows from the reciprocal scale instead and credits some destinations to a
+    neighbouring source at non-integer ratios (docs/design.md, exact op semantics).
+
+    Args:
+        grad (Tensor[N, C, H, W]): the gradient of the upsampled map, any floating dtype.
+        top_h, top_w: top's spatial size (at least 1 each when H x W is not empty).
+    Returns:
+        Tensor[N, C, top_h, top_w] of grad's dtype and memory format (zeros where no
+        destination reads a top element, e.g. when top is larger than grad).
+    """
+    n, c, h, w = grad.shape
+    low_precision = grad.dtype in (torch.float16, torch.bfloat16)
+    g = grad.float() if low_precision else grad
+    acc = torch.zeros([n, c, top_h, top_w], dtype=g.dtype, device=grad.device)
+    # starts[s] .. starts[s + 1] is source s's window: the forward map is non-decreasing.
+    starts_h = torch.searchsorted(nearest_source_index(h, top_h), torch.arange(top_h + 1)).to(grad.device)
+    starts_w = torch.searchsorted(nearest_source_index(w, top_w), torch.arange(top_w + 1)).to(grad.device)
+    span_h = int((starts_h[1:] - starts_h[:-1]).max()) if top_h > 0 else 0
+    span_w = int((starts_w[1:] - starts_w[:-1]).max()) if top_w > 0 else 0
+    for i in range(span_h):  # window row i, then window column j: destination order
+        rows = starts_h[:-1] + i
+        rows_in = rows < starts_h[1:]
+        g_rows = g.index_select(2, rows.clamp(max=max(h - 1, 0)))
+        for j in range(span_w):
+            cols = starts_w[:-1] + j
+            inside = rows_in.view(-1, 1) & (cols < starts_w[1:]).view(1, -1)
+            term = g_rows.index_select(3, cols.clamp(max=max(w - 1, 0)))
+            acc = acc + term.masked_fill(~inside, 0.0)  # + 0 leaves a partial sum's bits as they are
+    return acc.to(grad.dtype).contiguous(memory_format=memory_format_of(grad))
+
+
 def _upsampled(top: torch.Tensor, size: List[int]) -> torch.Tensor:
     if top.shape[2] == size[0] and top.shape[3] == size[1]:
         return top
