@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp)
 DEMO_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-pinned test-oldest gpu-check-dry bench install clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,45 @@ demo: install
 	mkdir -p $(DEMO_OUT)
 	$(PY) -m fpn_fast --json $(DEMO_OUT)/result.json --report $(DEMO_OUT)/report.png $(DEMO_ARGS)
 
-test: install
+# Everything CI checks (.ci/run): the suite on the pinned torch, the oldest supported torch's
+# suites, and the GPU check's dry run (every step on CPU at tiny sizes).
+test: test-pinned test-oldest gpu-check-dry
+
+test-pinned: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The oldest torch of the supported range (requirements-oldest.txt) in a venv of its own. The
+# extension is built (CPU kernels) in a copy of the tree, so the pinned venv's in-place build
+# stays; the suites below (ops, modules, convert, optimize_for_inference, deploy) run there.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY   := $(abspath $(OLDEST_VENV))/bin/python
+OLDEST_SRC  := build/oldest-torch
+OLDEST_TESTS ?= tests/test_ops.py tests/test_upsample_add.py tests/test_stride2_pool.py tests/test_extension.py \
+	tests/test_triton.py tests/test_triton_lateral.py tests/test_triton_registration.py tests/test_modules.py \
+	tests/test_torchvision_api.py tests/test_faithful.py tests/test_inference.py tests/test_cpu_inference_paths.py \
+	tests/test_winograd.py tests/test_deploy.py tests/test_compile.py
+
+$(OLDEST_VENV)/.deps: requirements-oldest.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q -r requirements-oldest.txt
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.deps
+	mkdir -p $(OLDEST_SRC)
+	find $(OLDEST_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+	git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST_SRC)
+	cd $(OLDEST_SRC) && FPN_FAST_CUDA=0 $(OLDEST_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(OLDEST_SRC) && $(OLDEST_PY) -c 'import torch; print("oldest supported torch:", torch.__version__)' \
+		&& $(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
+# benchmarks/gpu_check.sh with GPU_CHECK_DRY=1: its every step on CPU at tiny sizes, so the
+# script cannot break unseen between the sessions that have a GPU.
+gpu-check-dry: install
+	GPU_CHECK_DRY=1 PYTHON=$(PY) OUT=build/gpu_check_dry bash benchmarks/gpu_check.sh
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,min,max,rounds --benchmark-sort=name
 
 clean:
-	rm -rf build *.egg-info fpn_fast/*.so
+	rm -rf build *.egg-info fpn_fast/*.so $(OLDEST_VENV)

@@ -98,7 +98,8 @@ setup(
     description="Drop-in ResNet-FPN backbone for torchvision detection models with fused FPN kernels",
     packages=find_packages(include=["fpn_fast", "fpn_fast.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.6"],
+    # The tested range: CI runs torch 2.11.0 (requirements-oldest.txt) and the pinned 2.14.1.
+    install_requires=["torch>=2.11,<2.15"],
     extras_require={
         "plot": ["matplotlib"], "triton": ["triton"],
         # python -m fpn_fast (the main job): detectors, bundled photos, decoding, progress, report

@@ -3,6 +3,7 @@
 Compare rows only within a pytest-benchmark group: a group holds one shape, device, dtype and
 memory format, measured side by side in the same run.
 """
+import os
 import time
 from contextlib import nullcontext
 
@@ -23,6 +24,16 @@ DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16
 # Lines printed after the benchmark tables (compile times, peak memory).
 SUMMARY = []
 
+# FPN_FAST_BENCH_DRY=1 (benchmarks/gpu_check.sh's dry run): every shape tiny and one round, so
+# a CPU machine runs each step of the GPU check quickly; the numbers then mean nothing.
+DRY = os.environ.get("FPN_FAST_BENCH_DRY") == "1"
+DRY_IMAGES = (1, 3, 64, 96)
+
+
+def images_shape(shape):
+    """``shape`` (N, 3, H, W) of a benchmark's images, or DRY_IMAGES in a dry run."""
+    return DRY_IMAGES if DRY else tuple(shape)
+
 
 def kernel_backends(device: str):
     """fpn_fast backends that can run on ``device`` ('torch' is the pure-PyTorch reference)."""
@@ -40,6 +51,8 @@ def skip_low_precision_on_cpu(device: str, dtype: torch.dtype) -> None:
 
 
 def rounds(cpu: int, cuda: int, device: str) -> int:
+    if DRY:
+        return 1
     return cuda if device == "cuda" else cpu
 
 

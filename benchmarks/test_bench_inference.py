@@ -27,12 +27,12 @@ import torch.nn.functional as F
 import fpn_fast
 from fpn_fast import ops
 from fpn_fast.measure import build_models
-from _bench import (DEVICES, DTYPES, SUMMARY, autocast_context, kernel_backends, rotation_count, rounds,
-                    run_benchmark, skip_low_precision_on_cpu, timed_seconds)
+from _bench import (DEVICES, DRY, DTYPES, SUMMARY, autocast_context, images_shape, kernel_backends, rotation_count,
+                    rounds, run_benchmark, skip_low_precision_on_cpu, timed_seconds)
 
 pytest.importorskip("torchvision")  # the comparisons need it
 
-BACKBONE_SHAPE = (2, 3, 800, 1216)
+BACKBONE_SHAPE = images_shape((2, 3, 800, 1216))
 BACKBONE_VARIANTS = ["torchvision eager", "torchvision max-autotune", "fpn_fast auto", "fpn_fast optimized",
                      "no-triton optimized"]
 
@@ -113,6 +113,9 @@ CHANNELS, BATCH = 256, 2
 # level adds (None at C5, the top of the top-down path).
 LATERAL_LEVELS = [(256, 200, 304, (100, 152)), (512, 100, 152, (50, 76)), (1024, 50, 76, (25, 38)),
                   (2048, 25, 38, None)]
+if DRY:  # the GPU check's dry run: the same levels at an eighth of the size
+    LATERAL_LEVELS = [(c, -(-h // 8), -(-w // 8), top and (-(-top[0] // 8), -(-top[1] // 8)))
+                      for c, h, w, top in LATERAL_LEVELS]
 LATERAL_VARIANTS = ["torchvision eager", "extension unfused", "triton fused"]
 
 
