@@ -75,18 +75,53 @@ def _check_inference(training: bool, name: str, tensors: List[Optional[Tensor]])
                            "torch.inference_mode(), or use the original model to train")
 
 
+# Conv2dAct's caches of its weight in other layouts (oneDNN's prepacked weight, NNPACK's and the
+# Winograd kernel transforms), and what they were made from (Conv2dAct._pack_token).
+_PACK_SLOTS = ("_onednn_weight", "_nnpack_weight", "_winograd_weight")
+_PACKED_FROM = "_packed_from"
+
+
+def _normal_tensor(tensor: Tensor) -> Tensor:
+    """``tensor``, or a normal copy of it (same type, requires_grad and memory format) when it is an
+    inference tensor: those count no in-place writes, so nothing made from one can be kept."""
+    if not tensor.is_inference():
+        return tensor
+    with torch.inference_mode(False):
+        normal = tensor.clone()
+        return nn.Parameter(normal, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else normal
+
+
 class Conv2dAct(nn.Module):
     """A convolution with its norm folded in: relu?(conv2d(x, weight, bias) + residual).
 
     ``weight`` and ``bias`` are parameters that require no grad; ``forward(x, residual=None)``.
     Scripted (TorchScript), it runs F.conv2d and the tail as plain ops. On CPU it keeps its weight
-    prepacked (oneDNN, Winograd transforms) between calls, remade when the weight is replaced or
-    written in place; writes through ``weight.data`` are not seen.
+    prepacked (oneDNN, NNPACK and Winograd kernel transforms) between calls, valid only for the
+    weight tensor, contents and generation they were made from (``_pack_token``):
+
+    - ``weight`` and ``bias`` are always normal tensors: one that arrives as an inference tensor
+      (assigned, loaded with ``assign=True``, converted by ``.to()`` under ``torch.inference_mode``,
+      deep-copied or unpickled there) is replaced by a normal copy, since inference tensors count
+      no writes; later writes to the inference tensor itself are then not the module's.
+    - Every path that can replace them bumps a generation: assignment (``__setattr__``, which
+      ``load_state_dict(assign=True)`` uses), ``_load_from_state_dict``, ``_apply`` (``.to``,
+      ``.half``, ``.float``, ``.cuda``, also with ``torch.__future__``'s swap_tensors), unpickling
+      and deepcopy (``__setstate__``).
+    - In-place writes (``weight.mul_``, ``load_state_dict`` without ``assign``, also inside
+      ``torch.inference_mode``) bump the weight's version counter.
+    - A weight put in place some other way (``_parameters`` written directly, ``register_parameter``,
+      ``weight.data = t``, ``torch.utils.swap_tensors``) is another tensor object, an inference
+      tensor, or at another address (the packed weight's storage is held with its packs), and the
+      next call sees it.
+
+    In-place writes through ``weight.data`` (``weight.data.mul_(2)``) bypass the version counter
+    and are not seen. The packs are not saved, pickled or copied.
     """
 
-    # The prepacked weights are opaque oneDNN tensors: TorchScript must not copy them into a
-    # scripted module (torch.jit.save cannot write them), as pickling leaves them out.
-    __jit_ignored_attributes__ = ["_onednn_weight", "_nnpack_weight", "_winograd_weight"]
+    # The prepacked weights are opaque oneDNN tensors: TorchScript must not copy them (nor what
+    # validates them) into a scripted module (torch.jit.save cannot write them), as pickling leaves
+    # them out.
+    __jit_ignored_attributes__ = [*_PACK_SLOTS, _PACKED_FROM, "_weights_generation"]
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, relu: bool):
@@ -119,68 +154,105 @@ class Conv2dAct(nn.Module):
                               nnpack_kernels=self._nnpack_kernels, winograd_kernels=self._winograd_kernels,
                               winograd=getattr(self, "winograd", True))
 
-    @torch.jit.unused
-    def _track_weight_versions(self) -> None:
-        """Make the weight a normal tensor when it is an inference tensor (a model optimized under
-        torch.inference_mode): inference tensors have no version counter, so an in-place edit of
-        the weight would go unseen by the cached packs; normal tensors count writes made inside
-        inference mode too."""
-        if self.weight.is_inference():
-            with torch.inference_mode(False):
-                self.weight = nn.Parameter(self.weight.clone(), requires_grad=False)
+    # The entry points through which weight and bias may be replaced: each makes them normal
+    # tensors and bumps the generation (_weights_replaced).
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("weight", "bias"):
+            self._weights_replaced()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._weights_replaced()
+
+    def _apply(self, *args, **kwargs):
+        result = super()._apply(*args, **kwargs)
+        self._weights_replaced()
+        return result
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k not in (*_PACK_SLOTS, _PACKED_FROM)}
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._weights_replaced()
 
     @torch.jit.unused
-    def _weight_key(self) -> Tuple[int, int]:
-        """What the cached packs of the weight are keyed by: its storage and version counter, so
-        they are remade when the weight is replaced or written in place (writes through ``.data``
-        bypass the counter). An inference tensor assigned as the weight has no version counter
-        (optimize_for_inference makes its weights normal tensors): only its storage counts."""
+    def _weights_replaced(self) -> None:
+        """Make weight and bias normal tensors and start a new generation of packs."""
+        for name in ("weight", "bias"):
+            tensor = self._parameters.get(name)
+            if tensor is not None and tensor.is_inference():
+                self._parameters[name] = _normal_tensor(tensor)
+        self.__dict__["_weights_generation"] = self.__dict__.get("_weights_generation", 0) + 1
+
+    @torch.jit.unused
+    def _pack_token(self) -> object:
+        """The token the cached packs are keyed by (compared with ``is``), the one place their
+        validity is decided. It stays the same object while the weight is the same tensor object
+        with the same version counter and data pointer, in the same generation; otherwise a new
+        token is made and every pack is dropped. The weight tensor and its storage are held with
+        the token (strong references: a weak one would make ``torch.utils.swap_tensors`` refuse
+        the weight), so no other tensor can take the weight's identity or address while its
+        packs are kept: ``weight.data = t`` and ``swap_tensors``, which keep the object and its
+        version counter, always move the data pointer. An inference tensor found here (put in
+        place by a path no entry point sees) is replaced by a normal copy first."""
         weight = self.weight
-        return weight.data_ptr(), -1 if weight.is_inference() else weight._version
+        bias = self.bias
+        if weight.is_inference() or (bias is not None and bias.is_inference()):
+            self._weights_replaced()
+            weight = self.weight
+        made_from = (self.__dict__.get("_weights_generation", 0), weight._version, weight.data_ptr())
+        state = self.__dict__.get(_PACKED_FROM)
+        if state is None or state[0] != made_from or state[1] is not weight:
+            for slot in _PACK_SLOTS:
+                self.__dict__.pop(slot, None)
+            state = self.__dict__[_PACKED_FROM] = (made_from, weight, weight.untyped_storage(), object())
+        return state[3]
 
     @torch.jit.unused
     def _packed_weight(self, x: Tensor) -> Tensor:
-        """The weight prepacked for oneDNN, made on first use for x's size and kept until the
-        weight changes (another tensor, or written in place); not saved or copied with the module."""
-        key = self._weight_key()
+        """The weight prepacked for oneDNN, made on first use for x's size and kept while the
+        weight is unchanged (``_pack_token``); not saved or copied with the module."""
+        token = self._pack_token()
         cached = self.__dict__.get("_onednn_weight")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not token:
             packed = ops._onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
                                              x.shape)
-            cached = self.__dict__["_onednn_weight"] = (key, packed)
+            cached = self.__dict__["_onednn_weight"] = (token, packed)
         return cached[1]
 
     @torch.jit.unused
     def _nnpack_kernels(self, slices: int) -> List[Tensor]:
         """NNPACK's kernel transforms of the weight in ``slices`` output-channel slices (16 MiB for
-        a 256 -> 256 conv), made on first use and kept until the weight changes; not saved or copied."""
-        key = (self._weight_key(), slices, self.padding)
+        a 256 -> 256 conv), made on first use and kept while the weight is unchanged
+        (``_pack_token``); not saved or copied."""
+        token = self._pack_token()
+        made_for = (slices, self.padding)
         cached = self.__dict__.get("_nnpack_weight")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not token or cached[1] != made_for:
             kernels = ops._nnpack.pack(self.weight, self.padding, slices)
-            cached = self.__dict__["_nnpack_weight"] = (key, kernels)
-        return cached[1]
+            cached = self.__dict__["_nnpack_weight"] = (token, made_for, kernels)
+        return cached[2]
 
     @torch.jit.unused
     def _winograd_kernels(self, tiles: int) -> Tuple[int, Tensor]:
         """A batch entry size for a map of ``tiles`` tiles and the Winograd kernel transforms
         prepacked for it (4x the weight's size: 9 MiB for a 256 -> 256 conv): the first map's
         entry size, or the fallback one for maps it would pad too much
-        (``ops._winograd.group_to_use``; at most two packs). Made on first use, kept until the
-        weight changes; not saved or copied."""
-        key = self._weight_key()
+        (``ops._winograd.group_to_use``; at most two packs). Made on first use, kept while the
+        weight is unchanged (``_pack_token``); not saved or copied."""
+        token = self._pack_token()
         cached = self.__dict__.get("_winograd_weight")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_winograd_weight"] = (key, ops._winograd.group_for(tiles), {})
+        if cached is None or cached[0] is not token:
+            cached = self.__dict__["_winograd_weight"] = (token, ops._winograd.group_for(tiles), {})
         group = ops._winograd.group_to_use(cached[1], tiles)
         packs = cached[2]
         if group not in packs:
             packs[group] = ops._winograd.pack(self.weight, group)
         return group, packs[group]
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_onednn_weight", "_nnpack_weight", "_winograd_weight")}
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kh, kw = self.weight.shape
@@ -593,5 +665,4 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
     for module in optimized.modules():
         if isinstance(module, Conv2dAct):
             module.winograd = bool(winograd)
-            module._track_weight_versions()
     return optimized.eval()

@@ -300,7 +300,7 @@ def test_cpu_pool_exit_without_enter_raises():
     with pytest.raises(RuntimeError, match="without a matching"):
         torch.ops.fpn_fast._cpu_pool_exit()
     with pytest.raises(ValueError, match="limit_bytes"):
-        torch.ops.fpn_fast._cpu_pool_enter(-1)
+        torch.ops.fpn_fast._cpu_pool_set_limit(-1)
 
 
 @EXTENSION

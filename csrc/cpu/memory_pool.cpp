@@ -11,6 +11,8 @@
 // and for blocks under 1 MiB, it hands the request to that allocator unchanged. Pooled blocks come
 // back to the pool whenever and on whichever thread their tensor dies, up to a byte limit; above
 // it they are freed. cpu_pool_release() frees the cached ones (like torch.cuda.empty_cache).
+// The limit is process-wide and can change at any time (cpu_pool_set_limit): a lower one frees
+// cached blocks at once, 0 turns pooling off (no scope pools, every block that comes back is freed).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -19,7 +21,9 @@
 
 #include <pthread.h>
 
+#include <atomic>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -34,6 +38,10 @@ constexpr size_t kMinPooledBytes = size_t(1) << 20;
 constexpr size_t kGranule = size_t(1) << 16;
 
 thread_local int64_t pool_depth = 0;
+
+// The bytes of free blocks the pool keeps; 1 GiB until Python sets it (FPN_FAST_CPU_POOL_MB or
+// fpn_fast.ops.set_cpu_cache_limit). Changed under the pool's mutex once the pool exists.
+std::atomic<size_t> pool_limit{size_t(1) << 30};
 
 class PooledCPUAllocator final : public c10::Allocator {
  public:
@@ -54,18 +62,23 @@ class PooledCPUAllocator final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  int64_t free_cached() {
+  // Frees cached blocks, the largest first, until at most `keep` bytes stay cached; with
+  // `new_limit` set, makes it the limit first (under the same lock, so no block is cached above
+  // it afterwards). Returns the bytes freed.
+  int64_t trim(size_t keep, bool new_limit) {
     std::vector<void*> blocks;
     int64_t bytes = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (const auto& entry : cached_) {
-        blocks.push_back(entry.second);
-        bytes += static_cast<int64_t>(entry.first);
-        live_.erase(entry.second);
+      if (new_limit) pool_limit.store(keep);
+      while (cached_bytes_ > keep) {
+        auto largest = std::prev(cached_.end());
+        blocks.push_back(largest->second);
+        bytes += static_cast<int64_t>(largest->first);
+        cached_bytes_ -= largest->first;
+        live_.erase(largest->second);
+        cached_.erase(largest);
       }
-      cached_.clear();
-      cached_bytes_ = 0;
     }
     for (void* block : blocks) c10::free_cpu(block);
     return bytes;
@@ -74,12 +87,8 @@ class PooledCPUAllocator final : public c10::Allocator {
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     return {static_cast<int64_t>(cached_bytes_), static_cast<int64_t>(cached_.size()),
-            static_cast<int64_t>(live_.size() - cached_.size()), static_cast<int64_t>(limit_), hits_, misses_};
-  }
-
-  void set_limit(int64_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    limit_ = static_cast<size_t>(bytes);
+            static_cast<int64_t>(live_.size() - cached_.size()), static_cast<int64_t>(pool_limit.load()), hits_,
+            misses_};
   }
 
   static PooledCPUAllocator* instance;
@@ -121,7 +130,7 @@ class PooledCPUAllocator final : public c10::Allocator {
         fallback_block = true;
       } else {
         const size_t size = found->second;
-        if (self->cached_bytes_ + size <= self->limit_) {
+        if (self->cached_bytes_ + size <= pool_limit.load()) {
           self->cached_.emplace(size, data);
           self->cached_bytes_ += size;
           return;
@@ -143,7 +152,6 @@ class PooledCPUAllocator final : public c10::Allocator {
   std::multimap<size_t, void*> cached_;       // size -> free block
   std::unordered_map<void*, size_t> live_;     // every block we own (cached or in use) -> size
   size_t cached_bytes_ = 0;
-  size_t limit_ = size_t(1) << 30;
   int64_t hits_ = 0;
   int64_t misses_ = 0;
 };
@@ -164,10 +172,10 @@ bool installed() {
   return c10::GetCPUAllocator() == PooledCPUAllocator::instance;
 }
 
-bool cpu_pool_enter(int64_t limit_bytes) {
-  TORCH_CHECK_VALUE(limit_bytes >= 0, "fpn_fast::_cpu_pool_enter: limit_bytes must be >= 0, got ", limit_bytes);
-  if (!installed()) return false;
-  PooledCPUAllocator::instance->set_limit(limit_bytes);
+// Opens a pooled scope on this thread; false (no scope opened) when the limit is 0 or another
+// allocator is in force.
+bool cpu_pool_enter() {
+  if (pool_limit.load() == 0 || !installed()) return false;
   ++pool_depth;
   return true;
 }
@@ -177,12 +185,23 @@ void cpu_pool_exit() {
   --pool_depth;
 }
 
+// Sets the limit and frees cached blocks above it; returns the bytes freed.
+int64_t cpu_pool_set_limit(int64_t limit_bytes) {
+  TORCH_CHECK_VALUE(limit_bytes >= 0, "fpn_fast::_cpu_pool_set_limit: limit_bytes must be >= 0, got ", limit_bytes);
+  if (PooledCPUAllocator::instance == nullptr) {
+    // Not installed yet: nothing is cached, the limit is all there is to set.
+    pool_limit.store(static_cast<size_t>(limit_bytes));
+    return 0;
+  }
+  return PooledCPUAllocator::instance->trim(static_cast<size_t>(limit_bytes), /*new_limit=*/true);
+}
+
 int64_t cpu_pool_release() {
-  return PooledCPUAllocator::instance == nullptr ? 0 : PooledCPUAllocator::instance->free_cached();
+  return PooledCPUAllocator::instance == nullptr ? 0 : PooledCPUAllocator::instance->trim(0, /*new_limit=*/false);
 }
 
 std::vector<int64_t> cpu_pool_stats() {
-  if (PooledCPUAllocator::instance == nullptr) return {0, 0, 0, 0, 0, 0};
+  if (PooledCPUAllocator::instance == nullptr) return {0, 0, 0, static_cast<int64_t>(pool_limit.load()), 0, 0};
   return PooledCPUAllocator::instance->stats();
 }
 
@@ -190,8 +209,9 @@ std::vector<int64_t> cpu_pool_stats() {
 }  // namespace fpn_fast
 
 TORCH_LIBRARY_FRAGMENT(fpn_fast, m) {
-  m.def("_cpu_pool_enter(int limit_bytes) -> bool", &fpn_fast::cpu_pool_enter);
+  m.def("_cpu_pool_enter() -> bool", &fpn_fast::cpu_pool_enter);
   m.def("_cpu_pool_exit() -> ()", &fpn_fast::cpu_pool_exit);
+  m.def("_cpu_pool_set_limit(int limit_bytes) -> int", &fpn_fast::cpu_pool_set_limit);
   m.def("_cpu_pool_release() -> int", &fpn_fast::cpu_pool_release);
   m.def("_cpu_pool_stats() -> int[]", &fpn_fast::cpu_pool_stats);
 }

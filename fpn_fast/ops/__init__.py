@@ -13,7 +13,8 @@ Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
 ``conv2d_nchw(x, weight, bias, ...)``                -> F.conv2d(...) as a contiguous NCHW map,
     a Winograd convolution for 3x3 stride-1 convs on CPU (the extension's F(4x4, 3x3), else NNPACK's)
 ``conv1x1(x, weight, channels_last)``, ``to_nchw(x)``: the CPU inference layout helpers
-``empty_cpu_cache()``, ``cpu_cache_stats()``: the CPU buffer pool the optimized backbones use
+``empty_cpu_cache()``, ``set_cpu_cache_limit(mb)``, ``cpu_cache_stats()``: the CPU buffer pool the
+    optimized backbones use
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1, which must be set before import), "torch" (pure PyTorch, always there),
@@ -36,7 +37,7 @@ from .reference import nearest_source_index
 
 __all__ = [
     "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
-    "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "cpu_cache_stats",
+    "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "set_cpu_cache_limit", "cpu_cache_stats",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
     "TABLE", "nearest_source_index", "decompositions", "library_path",
 ]
@@ -444,15 +445,45 @@ def empty_cpu_cache() -> int:
     use stay), as torch.cuda.empty_cache does for CUDA. Returns the bytes freed.
 
     The pool (``csrc/cpu/memory_pool.cpp``) serves CPU allocations of 1 MiB and more made inside
-    an optimized backbone's forward, and keeps up to FPN_FAST_CPU_POOL_MB MiB (default 1024; 0
-    turns it off) of them for the next call: glibc returns such blocks to the system on free, and
-    faulting a fresh 62 MB map in again costs ~13 ms on the 2-core build machine."""
+    an optimized backbone's forward, and keeps up to a limit of them for the next call: glibc
+    returns such blocks to the system on free, and faulting a fresh 62 MB map in again costs
+    ~13 ms on the 2-core build machine. The limit is FPN_FAST_CPU_POOL_MB MiB (default 1024; 0
+    turns the pool off), read once, the first time the pool is used or queried; change it at run
+    time with ``set_cpu_cache_limit``. Blocks in use now come back to the pool when they die,
+    up to that limit."""
     return _memory.empty_cache()
+
+
+def set_cpu_cache_limit(megabytes: int) -> int:
+    """Set how much the optimized backbones' CPU buffer pool keeps between calls, at run time
+    (it replaces FPN_FAST_CPU_POOL_MB's value, for the whole process).
+
+    Args:
+        megabytes: the limit in MiB, a whole number >= 0. A lower limit than the pool holds
+            frees cached blocks (the largest first) until what stays fits; 0 turns the pool off:
+            every cached block is freed, no later forward pools, and blocks still in use are freed
+            when they die instead of being cached.
+
+    Returns:
+        The bytes freed now (0 without the compiled extension, which holds the pool).
+
+    Raises:
+        TypeError: ``megabytes`` is not an int.
+        ValueError: ``megabytes`` is negative.
+    """
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int):
+        raise TypeError(f"set_cpu_cache_limit takes a whole number of MiB, got {type(megabytes).__name__}")
+    if megabytes < 0:
+        raise ValueError(f"set_cpu_cache_limit takes a limit >= 0 MiB (0 turns the pool off), got {megabytes}")
+    return _memory.set_limit(megabytes << 20)
 
 
 def cpu_cache_stats() -> Dict[str, int]:
     """The CPU buffer pool's counters: cached_bytes, cached_blocks, blocks_in_use, limit_bytes,
-    hits and misses (all 0 without the extension or before first use)."""
+    hits and misses (all 0 without the extension; the counts 0 before first use).
+
+    Raises:
+        ValueError: FPN_FAST_CPU_POOL_MB, read on first use, is not a whole number >= 0."""
     return _memory.stats()
 
 

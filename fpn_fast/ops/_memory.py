@@ -3,11 +3,13 @@ every call (the C++ side, ``csrc/cpu/memory_pool.cpp``, says why and how).
 
 ``pooled()`` opens a scope on the current thread in which CPU allocations of 1 MiB and more are
 served from, and go back to, the pool; ``optimize_for_inference``'s backbones run their CPU
-forward in one. ``FPN_FAST_CPU_POOL_MB`` bounds the bytes the pool keeps between calls (default
-1024; 0 turns the pool off); ``empty_cache()`` gives the kept blocks back to the system.
+forward in one. The pool keeps up to a limit of free blocks between calls: FPN_FAST_CPU_POOL_MB
+(default 1024; 0 turns the pool off), read once, the first time the pool is used or queried;
+``set_limit`` changes it at run time. ``empty_cache()`` gives the kept blocks back to the system.
 """
 import contextlib
 import os
+import threading
 from typing import Dict, Iterator
 
 import torch
@@ -17,12 +19,15 @@ from . import _extension
 _ENV = "FPN_FAST_CPU_POOL_MB"
 _DEFAULT_MB = 1024
 
+_configure_lock = threading.Lock()
+_configured = False  # whether the limit has been set (from the environment, or by set_limit)
 
-def limit_bytes() -> int:
-    """The pool's limit from FPN_FAST_CPU_POOL_MB (read on every scope, so it can change).
+
+def _limit_from_environment() -> int:
+    """The limit FPN_FAST_CPU_POOL_MB asks for, in bytes (the default when it is unset or empty).
 
     Raises:
-        ValueError: the variable is not a non-negative integer.
+        ValueError: the variable is not a whole number of MiB >= 0.
     """
     text = os.environ.get(_ENV, "").strip()
     if not text:
@@ -37,14 +42,30 @@ def limit_bytes() -> int:
     return megabytes << 20
 
 
+def _available() -> bool:
+    """Whether the pool exists: it is part of the compiled extension. Its first use applies
+    FPN_FAST_CPU_POOL_MB, once (ValueError when the variable is malformed)."""
+    global _configured
+    if _extension.unavailable_reason("cpu") is not None:
+        return False
+    if not _configured:
+        with _configure_lock:
+            if not _configured:
+                torch.ops.fpn_fast._cpu_pool_set_limit(_limit_from_environment())
+                _configured = True
+    return True
+
+
 @contextlib.contextmanager
 def pooled() -> Iterator[bool]:
     """Serve this thread's large CPU allocations from the pool while the block runs; yields
-    whether it does (False without the extension, with FPN_FAST_CPU_POOL_MB=0, or when another
-    CPU allocator with a higher priority is installed). Nests."""
-    limit = limit_bytes()
-    active = (limit > 0 and _extension.unavailable_reason("cpu") is None
-              and torch.ops.fpn_fast._cpu_pool_enter(limit))
+    whether it does (False without the extension, with a limit of 0, or when another CPU
+    allocator with a higher priority is installed). Nests.
+
+    Raises:
+        ValueError: on first use, FPN_FAST_CPU_POOL_MB is not a whole number of MiB >= 0.
+    """
+    active = _available() and torch.ops.fpn_fast._cpu_pool_enter()
     try:
         yield active
     finally:
@@ -52,16 +73,41 @@ def pooled() -> Iterator[bool]:
             torch.ops.fpn_fast._cpu_pool_exit()
 
 
+def set_limit(limit_bytes: int) -> int:
+    """Set the bytes of free blocks the pool keeps between calls (replacing FPN_FAST_CPU_POOL_MB's
+    value), freeing the cached blocks above it at once, the largest first; 0 turns the pool off:
+    it frees every cached block, no later scope pools, and blocks still in use are freed when
+    they die. Returns the bytes freed (0 without the extension).
+
+    Raises:
+        ValueError: ``limit_bytes`` is negative (with the extension; ``ops.set_cpu_cache_limit``
+            checks its argument itself).
+    """
+    global _configured
+    if _extension.unavailable_reason("cpu") is not None:
+        return 0
+    with _configure_lock:
+        freed = int(torch.ops.fpn_fast._cpu_pool_set_limit(limit_bytes))
+        _configured = True
+    return freed
+
+
 def empty_cache() -> int:
-    """Free the blocks the pool keeps (those in use stay). Returns the bytes freed."""
+    """Free the blocks the pool keeps (those in use stay, and come back to it when they die, up
+    to the limit). Returns the bytes freed."""
     if _extension.unavailable_reason("cpu") is not None:
         return 0
     return int(torch.ops.fpn_fast._cpu_pool_release())
 
 
 def stats() -> Dict[str, int]:
-    """The pool's counters: cached_bytes, cached_blocks, blocks_in_use, limit_bytes, hits, misses."""
+    """The pool's counters: cached_bytes, cached_blocks, blocks_in_use, limit_bytes, hits, misses
+    (all 0 without the extension).
+
+    Raises:
+        ValueError: on first use, FPN_FAST_CPU_POOL_MB is not a whole number of MiB >= 0.
+    """
     keys = ("cached_bytes", "cached_blocks", "blocks_in_use", "limit_bytes", "hits", "misses")
-    if _extension.unavailable_reason("cpu") is not None:
+    if not _available():
         return dict.fromkeys(keys, 0)
     return dict(zip(keys, (int(v) for v in torch.ops.fpn_fast._cpu_pool_stats())))
