@@ -10,10 +10,11 @@
 #      (benchmarks/first_call.py; targets 15 s / 3 s, second shape 1 s)
 #   4. training step, fpn_fast vs torchvision: float32 and bfloat16 autocast, NCHW and
 #      channels_last, with a profile of the bfloat16 steps
-#   5. float32 inference: the optimized backbone against torchvision eager, fpn_fast auto and the
-#      no-Triton A/B; the fused lateral kernel per FPN level
+#   5. float32 inference: the optimized backbone (CUDA graphs) against torchvision eager, fpn_fast
+#      auto, the optimized backbone without graphs and the no-Triton A/B; the fused lateral kernel
+#      per FPN level
 #   6. the main job, float32, with --optimize
-#   7. the float32 backbone group's torch.compile(mode="max-autotune") row (a long compile)
+#   7. the float32 backbone group's torch.compile rows, default mode and max-autotune (long compiles)
 #   8. bfloat16 inference, in the time left
 #   9. the summary: last, so that the tail of the output holds it
 # Output in $OUT (8 files at most, what a GPU session brings back): gpu_check.log (everything),
@@ -125,7 +126,7 @@ run_step "training step: fpn_fast vs torchvision (float32, bfloat16; NCHW, chann
 # the lateral group then runs.
 run_step "float32 inference: optimized backbone (no max-autotune), fused lateral" "$T_INFER" "$T_MAIN" \
     "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_inference.py \
-    -k "(test_backbone_optimized and $DEV and float32 and not max-autotune) or (test_lateral_fused and $DEV)" \
+    -k "(test_backbone_optimized and $DEV and float32 and not max-autotune and not torchvision_compiled) or (test_lateral_fused and $DEV)" \
     --benchmark-json "$OUT/bench_inference.json"
 
 run_step "main job, float32, --optimize" "$T_MAIN" 0 \
@@ -135,9 +136,9 @@ if [ "$DRY" = 1 ]; then
     NOTES+=("max-autotune row: not run in the dry run (its CPU compile alone takes a minute)")
 else
     # The group repeats eager and optimized so that its ratios come from one run.
-    OPTIONAL=1 run_step "optimized backbone vs torchvision max-autotune, float32" "$T_AUTOTUNE" 0 \
+    OPTIONAL=1 run_step "optimized backbone vs torch.compile (default, max-autotune), float32" "$T_AUTOTUNE" 0 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_inference.py \
-        -k "test_backbone_optimized and cuda and float32 and (torchvision_eager or max-autotune or fpn_fast_optimized)" \
+        -k "test_backbone_optimized and cuda and float32 and (torchvision_eager or max-autotune or torchvision_compiled or fpn_fast_optimized)" \
         --benchmark-json "$OUT/bench_autotune.json"
 fi
 
@@ -146,7 +147,7 @@ if [ "$DRY" = 1 ]; then
 else
     OPTIONAL=1 run_step "bfloat16 autocast inference (no max-autotune), in the time left" "$T_EXTRA" 0 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_inference.py \
-        -k "test_backbone_optimized and cuda and bfloat16 and not max-autotune" \
+        -k "test_backbone_optimized and cuda and bfloat16 and not max-autotune and not torchvision_compiled" \
         --benchmark-json "$OUT/bench_bf16.json"
 fi
 

@@ -20,6 +20,8 @@ interpreter), the same op with ``fuse=False`` under "extension" (cuDNN/oneDNN 1x
 extension's in-place fused step), and torchvision's eager ``F.conv2d`` + ``F.interpolate`` + add.
 extra_info has TFLOP/s and % of the copy bandwidth (least bytes: x, top, weight read, out written).
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,11 @@ from _bench import (DEVICES, DRY, DTYPES, SUMMARY, autocast_context, images_shap
 pytest.importorskip("torchvision")  # the comparisons need it
 
 BACKBONE_SHAPE = images_shape((2, 3, 800, 1216))
-BACKBONE_VARIANTS = ["torchvision eager", "torchvision max-autotune", "fpn_fast auto", "fpn_fast optimized",
-                     "no-triton optimized"]
+BACKBONE_VARIANTS = ["torchvision eager", "torchvision max-autotune", "torchvision compiled", "fpn_fast auto",
+                     "fpn_fast optimized", "optimized no-graphs", "no-triton optimized"]
+# CUDA only: the default-mode compile (the CPU groups keep max-autotune, their stated peer) and the
+# A/B of the engine's CUDA graphs.
+CUDA_ONLY = ("torchvision compiled", "optimized no-graphs", "no-triton optimized")
 
 
 def _ids(variants):
@@ -57,17 +62,17 @@ def _models(device: str):
     return _MODELS[device]
 
 
-def _compiled(theirs, images, device: str, dtype: torch.dtype):
-    """torch.compile(torchvision backbone, mode="max-autotune"), compiled by its first call here.
-    On CUDA, mode="max-autotune" also runs it as CUDA graphs: recorded on the next call, which is
+def _compiled(theirs, images, device: str, dtype: torch.dtype, mode: str = "max-autotune"):
+    """torch.compile(torchvision backbone, mode=mode), compiled by its first call here. On CUDA,
+    mode="max-autotune" also runs it as CUDA graphs: recorded on the next call, which is
     run_benchmark's warm-up round, so the timed rounds replay them."""
-    key = (device, dtype)
+    key = (device, dtype, mode)
     if key not in _COMPILED:
         # dynamic=False: one static graph for this size, never a shape-generic recompile.
-        compiled = torch.compile(theirs, mode="max-autotune", dynamic=False)
+        compiled = torch.compile(theirs, mode=mode, dynamic=False)
         with torch.inference_mode(), autocast_context(device, dtype):
             seconds = timed_seconds(lambda: compiled(images))
-        SUMMARY.append(f"torch.compile(torchvision backbone, max-autotune) {device} {str(dtype)[6:]}: "
+        SUMMARY.append(f"torch.compile(torchvision backbone, {mode}) {device} {str(dtype)[6:]}: "
                        f"compile (first call) {seconds:.1f} s")
         _COMPILED[key] = compiled, seconds
     return _COMPILED[key]
@@ -78,9 +83,9 @@ def _compiled(theirs, images, device: str, dtype: torch.dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_backbone_optimized(benchmark, device, dtype, variant):
     skip_low_precision_on_cpu(device, dtype)
+    if variant in CUDA_ONLY and device != "cuda":
+        pytest.skip(f"{variant}: a CUDA row")
     if variant == "no-triton optimized":
-        if device != "cuda":
-            pytest.skip("on CPU the optimized model runs no Triton kernel anyway")
         if "extension" not in kernel_backends(device):
             pytest.skip("the A/B runs under the extension backend, which has no CUDA build here")
     ours, theirs, optimized = _models(device)
@@ -89,11 +94,16 @@ def test_backbone_optimized(benchmark, device, dtype, variant):
     benchmark.group = f"backbone optimized {device} {str(dtype)[6:]} batch {n} {h}x{w}"
     module = {"torchvision eager": theirs, "fpn_fast auto": ours, "fpn_fast optimized": optimized,
               "no-triton optimized": optimized}.get(variant)
+    if variant == "optimized no-graphs":
+        module = copy.deepcopy(optimized)  # its own engine, planned but never captured
+        module.set_engine(cuda_graphs=False)
     # The A/B of the Triton kernels on CUDA: under "extension" the optimized model runs cuDNN
     # convolutions with torch's bias/residual/ReLU passes and the unfused lateral step.
     backend = "extension" if variant == "no-triton optimized" else "auto"
     if variant == "torchvision max-autotune":
         module, benchmark.extra_info["compile_s"] = _compiled(theirs, images, device, dtype)
+    elif variant == "torchvision compiled":
+        module, benchmark.extra_info["compile_s"] = _compiled(theirs, images, device, dtype, "default")
 
     def forward():
         # A set backend, whatever FPN_FAST_BACKEND says: "auto" is what a user gets by default.

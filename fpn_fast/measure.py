@@ -803,6 +803,7 @@ class _Capture:
     def __init__(self, model: nn.Module, device: torch.device):
         self.device, self.keep = device, False
         self.backbone_s, self.pyramid, self.image_sizes, self.padded = 0.0, None, None, None
+        self.first_by_shape: Dict[str, float] = OrderedDict()  # the backbone's first call per input shape
         self._start = 0.0
         self._handles = [model.backbone.register_forward_pre_hook(self._before),
                          model.backbone.register_forward_hook(self._after),
@@ -814,7 +815,9 @@ class _Capture:
 
     def _after(self, module, inputs, output):
         _sync(self.device)
-        self.backbone_s += time.perf_counter() - self._start
+        elapsed = time.perf_counter() - self._start
+        self.backbone_s += elapsed
+        self.first_by_shape.setdefault("x".join(str(size) for size in inputs[0].shape), elapsed)
         if self.keep:  # clones: a CUDA-graphed (max-autotune) backbone reuses its output buffers
             self.pyramid = OrderedDict((k, v.clone()) for k, v in output.items())
 
@@ -969,7 +972,8 @@ def run_detector(job: DetectorJob) -> Tuple[Dict[str, object], Dict[str, object]
                 "per_image_ms": median / n * 1e3, "images_per_s": n / median,
                 "backbone_per_image_ms": statistics.median(backbone_passes[label]) / n * 1e3,
                 "backbone_share": statistics.median(b / p for b, p in zip(backbone_passes[label], passes[label])),
-                "first_call_s": first_call_s[label]}
+                "first_call_s": first_call_s[label],
+                "backbone_first_call_s": dict(captures[label].first_by_shape)}
 
     levels = list(next(iter(per_image[0]["pyramid"].values()), {}))
     compared = [label for label in variants if label != TORCHVISION]

@@ -161,6 +161,10 @@ def print_detector(result: Dict[str, object], out=None) -> None:
                 f"{t['backbone_per_image_ms']:>12.0f} {t['backbone_share']:>6.0%} {s['detector']:>8.2f}x "
                 f"{s['backbone']:>8.2f}x {t['first_call_s']:>13.2f}")
         say(line + (f" {vs_compiled[label]['detector']:>15.2f}x" if vs_compiled else ""))
+    say("  backbone's first call per padded input shape (each a new plan for the optimized row):")
+    for label, t in result["timings"].items():
+        shapes = t.get("backbone_first_call_s") or {}
+        say(f"    {label:<24} " + ", ".join(f"{shape} {seconds:.2f} s" for shape, seconds in shapes.items()))
     say(f"\nruntime {result['runtime_s']:.1f} s")
 
 

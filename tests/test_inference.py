@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpn_fast
 from fpn_fast import ops
 from fpn_fast.inference import (Conv2dAct, FoldedResidualBlock, InferenceBackboneWithFPN, InferenceFPN,
                                 fold_conv_norm, fold_norms)
+from tests._cases import require
 from tests.test_modules import randomise_
 
 torchvision = pytest.importorskip("torchvision")
@@ -475,27 +477,37 @@ def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse, monkeypat
 
 @pytest.mark.skipif(ops.available_backends()["triton"]["cpu"] is not None,
                     reason=str(ops.available_backends()["triton"]["cpu"]))
-def test_fused_lateral_kernel_in_the_optimized_model_under_the_interpreter(monkeypatch):
-    """The whole optimized backbone with the Triton backend named on CPU tensors: every FPN level
-    runs the fused GEMM kernel (interpreted), small image to keep the interpreter quick."""
-    from fpn_fast.ops import _triton_lateral
+class _CountOp(TorchDispatchMode):
+    """Counts the calls of one op, whoever makes them (a module or the engine's plan)."""
 
-    calls = []
-    kernel = _triton_lateral.lateral_upsample_add
-    monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", lambda *args: calls.append(1) or kernel(*args))
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.calls = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_lateral_kernel_in_the_optimized_model_under_the_interpreter():
+    """The whole optimized backbone with the Triton backend named on CPU tensors: every FPN level
+    runs the fused GEMM kernel (interpreted), small image to keep the interpreter quick; the
+    first call plans, the second runs the plan."""
+    require("triton", "cpu")
     model = _backbone("resnet18")
     optimized = fpn_fast.optimize_for_inference(model)
     x = torch.randn(1, 3, 64, 96)
+    fused = torch.ops.fpn_fast_triton.lateral_upsample_add.default
     with torch.no_grad():
         expected = model(x)
-        with ops.use_backend("triton"):
-            actual = optimized(x)
-    assert len(calls) == 4  # one fused call per FPN level
-    _assert_outputs_close(actual, expected)
-    calls.clear()
-    with torch.no_grad(), ops.use_backend("triton"):
+        for _ in range(2):
+            with ops.use_backend("triton"), _CountOp(fused) as counted:
+                actual = optimized(x)
+            assert counted.calls == 4  # one fused call per FPN level
+            _assert_outputs_close(actual, expected)
+    with torch.no_grad(), ops.use_backend("triton"), _CountOp(fused) as counted:
         fpn_fast.optimize_for_inference(model, fuse_lateral=False)(x)
-    assert not calls
+    assert counted.calls == 0
 
 
 @pytest.fixture
@@ -613,7 +625,8 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
     copied, and is remade when the weight changes."""
     if ops._onednn.unavailable_reason() is not None:
         pytest.skip("needs oneDNN's fused convolution")
-    optimized = fpn_fast.optimize_for_inference(_backbone())
+    # The modules' own caches (plan=False): a plan holds the packs it was made with.
+    optimized = fpn_fast.optimize_for_inference(_backbone(), plan=False)
     sizes = [(1, 3, 96, 128), (2, 3, 67, 91)]
     with torch.no_grad():
         packed = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))

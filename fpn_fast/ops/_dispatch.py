@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "TABLE", "set_backend", "get_backend", "use_backend",
-           "available_backends", "unavailable_reason", "resolve", "capturing_graph"]
+           "available_backends", "unavailable_reason", "resolve", "resolution_count", "capturing_graph"]
 
 BACKENDS = ("auto", "extension", "triton", "torch")
 
@@ -218,6 +218,15 @@ def _exporting_to_onnx() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+_resolutions = [0]  # resolve() calls so far (resolution_count): the inference engine's plans make none
+
+
+def resolution_count() -> int:
+    """How many times ``resolve`` has run in this process (a counter for tests and the engine:
+    a planned forward resolves nothing)."""
+    return _resolutions[0]
+
+
 def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = None) -> str:
     """The implementation that runs ``op`` on ``device_type`` tensors under the current backend.
 
@@ -235,6 +244,7 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
     Raises:
         BackendUnavailableError: a named backend cannot run on ``device_type`` here.
     """
+    _resolutions[0] += 1
     if _exporting_to_onnx():
         return "torch"
     backend = get_backend()

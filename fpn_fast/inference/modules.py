@@ -1,61 +1,23 @@
-"""An explicit inference mode for ResNet-FPN backbones: ``optimize_for_inference(model)``.
+"""The optimized backbone's modules: folded convolutions, folded residual blocks, the inference
+FPN and the backbone that runs its forward through the engine's plans (``plan.py``).
 
-Three changes, each optional, none touching the model passed in (it is copied):
-- norm folding: every frozen batch norm (and BatchNorm2d with running statistics) right after a
-  convolution becomes part of that convolution's weight and bias, computed in float64 and cast
-  back; the body then runs conv(+bias)(+residual)(+ReLU) only (``ops.conv2d_act``).
-- channels_last: body and FPN weights and activations in channels_last (the image is converted
-  once at the backbone's entry); the outputs come back in ``output_memory_format``.
-- lateral fusion: each FPN level's lateral 1x1 convolution, bias, and upsample-add of the
-  coarser level run as one ``ops.lateral_upsample_add`` (on a GPU a Triton GEMM whose epilogue
-  does the top-down step, so the lateral map is never stored).
-
-On CPU (float32), the 3x3 stride-1 convolutions (the FPN's output convs, the body's) run a
-Winograd convolution where it pays (``ops.conv2d_nchw``, ``ops.conv2d_act``: the extension's
-F(4x4, 3x3), else NNPACK's; ~1e-5 of a conv's scale, non-finite results recomputed directly), and the backbone's forward runs inside fpn_fast's CPU buffer pool (``ops._memory``), so
-its large maps reuse memory instead of being page-faulted in on every call.
-
-The optimized modules have no training semantics (folded norms cannot be trained as norms), so
-they refuse to run in training mode, or with grad mode on and an input or parameter that
-requires grad, instead of computing gradients of something else.
+They have no training semantics (folded norms cannot be trained as norms), so they refuse to run
+in training mode, or with grad mode on and an input or parameter that requires grad, instead of
+computing gradients of something else.
 """
-import copy
 import functools
-import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from . import ops
-from .ops import _memory, _script
-from ._fast_path import has_hooks, runs_as_written
-from .backbone import BackboneWithFPN, IntermediateLayerGetter
-from .convert import convert
-from .fpn import FeaturePyramidNetwork, check_fpn_inputs
-from .resnet import BasicBlock, Bottleneck, FrozenBatchNorm2d, ResNet
+from .. import ops
+from ..fpn import check_fpn_inputs
+from ..ops import _memory, _script
 
-__all__ = ["optimize_for_inference", "Conv2dAct", "FoldedResidualBlock", "InferenceFPN",
-           "InferenceBackboneWithFPN"]
-
-_OUTPUT_FORMATS = (torch.contiguous_format, torch.channels_last)
-
-
-@functools.lru_cache(maxsize=None)
-def _torchvision_classes():
-    """torchvision's counterparts of our block, norm and container classes (empty without it)."""
-    try:
-        from torchvision.models import resnet as tv_resnet
-        from torchvision.models._utils import IntermediateLayerGetter as TvGetter
-        from torchvision.models.detection.backbone_utils import BackboneWithFPN as TvBackbone
-        from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBN
-    except ImportError:
-        return dict(blocks=(), frozen_norms=(), ordered=(), backbones=())
-    return dict(blocks=(tv_resnet.Bottleneck, tv_resnet.BasicBlock), frozen_norms=(TvFrozenBN,),
-                ordered=(TvGetter, tv_resnet.ResNet), backbones=(TvBackbone,))
+__all__ = ["Conv2dAct", "FoldedResidualBlock", "InferenceFPN", "InferenceBackboneWithFPN"]
 
 
 def _check_inference(training: bool, name: str, tensors: List[Optional[Tensor]]) -> None:
@@ -73,6 +35,7 @@ def _check_inference(training: bool, name: str, tensors: List[Optional[Tensor]])
         raise RuntimeError(name + " comes from fpn_fast.optimize_for_inference and computes no gradients (its "
                            "norms are folded into the convolutions): run it under torch.no_grad() or "
                            "torch.inference_mode(), or use the original model to train")
+
 
 
 # Conv2dAct's caches of its weight in other layouts (oneDNN's prepacked weight, NNPACK's and the
@@ -260,66 +223,6 @@ class Conv2dAct(nn.Module):
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, relu={self.relu}")
 
 
-def _is_foldable_norm(norm: nn.Module, channels: int) -> bool:
-    """An exact frozen / running-statistics batch norm over ``channels``, with nothing attached
-    (see _fast_path.runs_as_written): its eval forward is then an affine map we can fold."""
-    if runs_as_written(norm, (FrozenBatchNorm2d, *_torchvision_classes()["frozen_norms"])):
-        return norm.weight.shape[0] == channels
-    if runs_as_written(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-        # In eval mode only running statistics make it an affine map of its input.
-        return (norm.track_running_stats and norm.running_mean is not None
-                and norm.num_features == channels)
-    return False
-
-
-def _attached(module: nn.Module) -> bool:
-    """Whether a hook or a parametrization is attached to the module itself."""
-    return has_hooks(module) or parametrize.is_parametrized(module)
-
-
-def _left_alone(model: nn.Module) -> List[str]:
-    """Paths of the modules optimize_for_inference leaves as they are although their type is
-    one it rewrites: subclasses of those types, or modules with hooks or parametrizations."""
-    rewritten = (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d, nn.ReLU, nn.Sequential, Bottleneck, BasicBlock,
-                 FeaturePyramidNetwork, BackboneWithFPN, *_torchvision_classes()["blocks"],
-                 *_torchvision_classes()["frozen_norms"], *_torchvision_classes()["backbones"])
-    return [name or type(model).__name__ for name, module in model.named_modules(remove_duplicate=False)
-            if isinstance(module, rewritten) and (_attached(module) or type(module) not in rewritten)
-            and not (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-                     and not _attached(module))]
-
-
-def _is_plain_conv(module: nn.Module) -> bool:
-    return (runs_as_written(module, nn.Conv2d) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
-
-
-def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module], relu: bool) -> Conv2dAct:
-    """conv followed by norm (None: conv alone) as one Conv2dAct, folded in float64.
-
-    norm(y) = y * scale + shift per channel with scale = gamma / sqrt(var + eps) and
-    shift = beta - mean * scale, so conv-then-norm is a convolution with weight * scale and
-    bias * scale + shift. Rounding the folded values once to the weight's dtype changes the
-    results by float rounding only (a few 1e-6 of each level's scale in float32 over a ResNet50).
-    """
-    weight = conv.weight.detach().double()
-    bias = (conv.bias.detach().double() if conv.bias is not None
-            else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
-    if norm is not None:
-        gamma = norm.weight.detach().double() if norm.weight is not None else 1.0
-        beta = norm.bias.detach().double() if norm.bias is not None else 0.0
-        scale = gamma * (norm.running_var.detach().double() + norm.eps).rsqrt()
-        shift = beta - norm.running_mean.detach().double() * scale
-        weight = weight * scale.view(-1, 1, 1, 1)
-        bias = bias * scale + shift
-    if norm is None and conv.bias is None:
-        folded_bias = None
-    else:
-        folded_bias = bias.to(conv.weight.dtype)
-    return Conv2dAct(weight.to(conv.weight.dtype), folded_bias, conv.stride, conv.padding, conv.dilation,
-                     conv.groups, relu)
-
-
 class FoldedResidualBlock(nn.Module):
     """A ResNet block (Bottleneck or BasicBlock) with its norms folded:
     ``last(convs(x), residual=shortcut(x))``, every conv with ReLU, the last one after the add."""
@@ -335,109 +238,35 @@ class FoldedResidualBlock(nn.Module):
         return self.last(self.convs(x), residual=shortcut)
 
 
-def _fold_block(block: nn.Module) -> Optional[FoldedResidualBlock]:
-    """The folded version of a torchvision-style ResNet block, or None when some part of it
-    does not fold (a norm of another kind, an unusual downsample)."""
-    depth = 3 if hasattr(block, "conv3") else 2
-    if not runs_as_written(block.relu, nn.ReLU):
-        return None
-    pairs = [(getattr(block, f"conv{k}"), getattr(block, f"bn{k}")) for k in range(1, depth + 1)]
-    if not all(_is_plain_conv(conv) and _is_foldable_norm(norm, conv.out_channels) for conv, norm in pairs):
-        return None
-    downsample = None
-    if block.downsample is not None:
-        parts = list(block.downsample.children()) if runs_as_written(block.downsample, nn.Sequential) else []
-        if not (len(parts) == 2 and _is_plain_conv(parts[0])
-                and _is_foldable_norm(parts[1], parts[0].out_channels)):
-            return None
-        downsample = fold_conv_norm(parts[0], parts[1], relu=False)
-    convs = [fold_conv_norm(conv, norm, relu=True) for conv, norm in pairs[:-1]]
-    return FoldedResidualBlock(convs, fold_conv_norm(*pairs[-1], relu=True), downsample)
-
-
-def _runs_children_in_order(module: nn.Module) -> bool:
-    """Containers whose forward feeds each child's output to the next one, in registration
-    order (so a conv child followed by a norm child is conv-then-norm)."""
-    if isinstance(module, nn.Sequential):
-        return type(module).forward is nn.Sequential.forward
-    return type(module) in (IntermediateLayerGetter, ResNet, *_torchvision_classes()["ordered"])
-
-
-def fold_norms(module: nn.Module) -> int:
-    """Fold, in place, every norm that directly follows a convolution inside ``module``:
-    ResNet blocks become FoldedResidualBlocks; in ordered containers (Sequential, the body's
-    layer getter, the ResNet stem) a (Conv2d, norm[, ReLU]) run becomes (Conv2dAct, Identity
-    [, Identity]). Returns how many norms were folded."""
-    blocks = (Bottleneck, BasicBlock, *_torchvision_classes()["blocks"])
-    folded = 0
-    # _modules, not named_children(): a module registered twice (one ReLU used at two places)
-    # must keep both of its places, or the pairs around it would look adjacent.
-    children = [(name, child) for name, child in module._modules.items() if child is not None]
-    for name, child in children:
-        new = _fold_block(child) if runs_as_written(child, blocks) else None
-        if new is not None:
-            setattr(module, name, new)
-            folded += 3 if hasattr(child, "conv3") else 2
-            folded += child.downsample is not None
-        else:
-            folded += fold_norms(child)
-    if _runs_children_in_order(module):
-        children = [(name, child) for name, child in module._modules.items() if child is not None]
-        # A layer getter's returned children must keep their own outputs.
-        returned = set(getattr(module, "return_layers", {}))
-        for i, (name, child) in enumerate(children[:-1]):
-            norm_name, norm = children[i + 1]
-            if not (_is_plain_conv(child) and _is_foldable_norm(norm, child.out_channels)) or \
-                    {name, norm_name} & returned:
-                continue
-            relu = (i + 2 < len(children) and runs_as_written(children[i + 2][1], nn.ReLU)
-                    and children[i + 2][0] not in returned)
-            setattr(module, name, fold_conv_norm(child, norm, relu=relu))
-            setattr(module, norm_name, nn.Identity())
-            if relu:
-                setattr(module, children[i + 2][0], nn.Identity())
-            folded += 1
-    return folded
-
-
-
 
 class InferenceFPN(nn.Module):
     """A FeaturePyramidNetwork for inference: per level, ``lateral_upsample_add`` (the lateral
     1x1 conv and the whole top-down step, fused on GPU) then the 3x3 output conv; the extra
-    block; then every output in ``output_memory_format``.
+    block; then every output in ``output_memory_format``. Built by ``fold.inference_fpn``.
 
     Levels whose conv has a norm that is not folded keep the original conv+norm block and
     use the plain fused step (``ops.upsample_add``) after it.
+
+    Args:
+        inner_blocks, layer_blocks: per level, a Conv2dAct (folded) or the original block.
+        extra_blocks: the FPN's extra block, or None. in_channels_list: as the FPN's.
+        fuse_lateral: allow ``ops.lateral_upsample_add``'s fused GEMM.
+        output_memory_format: torch.contiguous_format or torch.channels_last.
     """
 
     __jit_ignored_attributes__ = ["in_channels_list"]  # the eager input check's only
 
-    def __init__(self, fpn: FeaturePyramidNetwork, *, fold_norm: bool = True, fuse_lateral: bool = True,
-                 output_memory_format: torch.memory_format = torch.contiguous_format):
+    def __init__(self, inner_blocks: List[nn.Module], layer_blocks: List[nn.Module],
+                 extra_blocks: Optional[nn.Module], in_channels_list: List[Optional[int]], *,
+                 fuse_lateral: bool = True, output_memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
-        self.in_channels_list = fpn.in_channels_list
-        self.inner_blocks = nn.ModuleList(self._convert_block(b, fold_norm) for b in fpn.inner_blocks)
-        self.layer_blocks = nn.ModuleList(self._convert_block(b, fold_norm) for b in fpn.layer_blocks)
-        self.extra_blocks = fpn.extra_blocks
+        self.in_channels_list = in_channels_list
+        self.inner_blocks = nn.ModuleList(inner_blocks)
+        self.layer_blocks = nn.ModuleList(layer_blocks)
+        self.extra_blocks = extra_blocks
         self.fuse_lateral = fuse_lateral
         # A bool, not the torch.memory_format (which does not pickle): torch.save must work.
         self.output_channels_last = output_memory_format == torch.channels_last
-
-    @staticmethod
-    def _convert_block(block: nn.Module, fold_norm: bool) -> nn.Module:
-        """A (conv[, norm]) block as one Conv2dAct when it provably computes conv-then-norm
-        (a Sequential's forward, nothing attached); anything else is kept as it is."""
-        if not (isinstance(block, nn.Sequential) and type(block).forward is nn.Sequential.forward
-                and not _attached(block) and 1 <= len(block) <= 2):
-            return block
-        conv = block[0]
-        norm = block[1] if len(block) > 1 else None
-        if not _is_plain_conv(conv):
-            return block
-        if norm is None or (fold_norm and _is_foldable_norm(norm, conv.out_channels)):
-            return fold_conv_norm(conv, norm, relu=False)
-        return block
 
     @torch.jit.unused
     def _top_down(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
@@ -537,30 +366,109 @@ class InferenceFPN(nn.Module):
 
 class InferenceBackboneWithFPN(nn.Module):
     """body + InferenceFPN; the image goes to channels_last first when ``channels_last``.
-    Keeps ``out_channels``, so detection models use it as they used the original backbone."""
+    Keeps ``out_channels``, so detection models use it as they used the original backbone.
 
-    def __init__(self, body: nn.Module, fpn: InferenceFPN, out_channels: int, channels_last: bool):
+    Eager calls run through the inference engine (``plan.Engine``): the first call with an input
+    signature plans the forward (implementations resolved, weights packed, on CUDA captured as a
+    CUDA graph), later calls with it only run the plan. ``plans()`` lists what is cached;
+    ``set_engine(...)`` configures or turns it off. Scripted, traced, compiled and exported forms
+    run the modules as written.
+
+    Args:
+        body: the ResNet body (folded), returning its stages. fpn: the InferenceFPN.
+        out_channels: the FPN's channels. channels_last: convert the image to channels_last first.
+    """
+
+    # The engine holds plans, packs and CUDA graphs: never scripted, pickled or copied.
+    __jit_ignored_attributes__ = ["_engine", "engine_options"]
+
+    def __init__(self, body: nn.Module, fpn: "InferenceFPN", out_channels: int, channels_last: bool):
         super().__init__()
         self.body = body
         self.fpn = fpn
         self.out_channels = out_channels
         self.channels_last = channels_last
+        self.engine_options = dict(enabled=True, max_plans=8, cuda_graphs=True, static_outputs=False)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        if torch.jit.is_scripting():
+            image: List[Optional[Tensor]] = [x]
+            _check_inference(self.training, "InferenceBackboneWithFPN", image)
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            return self._run(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Dict[str, Tensor]:
+        engine = self.__dict__.get("_engine")
+        if engine is None:
+            if not getattr(self, "engine_options", {}).get("enabled", False) or not isinstance(x, Tensor) \
+                    or ops.capturing_graph():
+                return self._run_as_written(x)
+            engine = self._make_engine()
+        elif not isinstance(x, Tensor) or ops.capturing_graph():
+            return self._run_as_written(x)
+        if x.device.type == "cpu":
+            with _memory.pooled():
+                return engine(self, x)
+        if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):  # Triton launches and graphs on x's device
+                return engine(self, x)
+        return engine(self, x)
+
+    @torch.jit.unused
+    def _make_engine(self):
+        from .plan import Engine
+        options = self.engine_options
+        engine = self.__dict__["_engine"] = Engine(options["max_plans"], options["cuda_graphs"],
+                                                   options["static_outputs"])
+        return engine
+
+    @torch.jit.unused
+    def set_engine(self, enabled: bool = True, *, max_plans: int = 8, cuda_graphs: bool = True,
+                   static_outputs: bool = False) -> None:
+        """Configure the inference engine (drops every cached plan and graph).
+
+        Args:
+            enabled: plan per signature (False: every call runs the modules as written).
+            max_plans: signatures kept, least recently used evicted (each holds its packs and, on
+                CUDA, its graph's memory in the shared pool).
+            cuda_graphs: replay CUDA plans as CUDA graphs.
+            static_outputs: return a graph's static output tensors, which the next call with the
+                same signature overwrites, instead of copies of them (saves one copy of every
+                output per call).
+
+        Raises:
+            ValueError: max_plans < 1.
+        """
+        if max_plans < 1:
+            raise ValueError(f"max_plans must be at least 1, got {max_plans}")
+        self.engine_options = dict(enabled=bool(enabled), max_plans=int(max_plans), cuda_graphs=bool(cuda_graphs),
+                                   static_outputs=bool(static_outputs))
+        self.__dict__.pop("_engine", None)
+
+    @torch.jit.unused
+    def plans(self) -> List[Dict[str, object]]:
+        """The cached signatures, least recently used first (``plan.Engine.info``): signature,
+        planned, graph, reason, hits, graph_bytes."""
+        engine = self.__dict__.get("_engine")
+        return [] if engine is None else engine.info()
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_engine"}
+
+    @torch.jit.unused
+    def _run_as_written(self, x: Tensor) -> Dict[str, Tensor]:
+        """The forward through the modules, without a plan (what scripted forms run, plus the
+        CPU buffer pool for eager CPU calls)."""
         image: List[Optional[Tensor]] = [x]
         _check_inference(self.training, "InferenceBackboneWithFPN", image)
         if x.dim() == 3:
             # An unbatched [C, H, W] image: torchvision's backbone returns batched maps for it (its
             # first norm broadcasts against [1, C, 1, 1]), so this one does too.
             x = x.unsqueeze(0)
-        if torch.jit.is_scripting():
-            return self._run(x)
-        return self._run_pooled(x)
-
-    @torch.jit.unused
-    def _run_pooled(self, x: Tensor) -> Dict[str, Tensor]:
-        """Eager CPU calls run with fpn_fast's CPU buffer pool (``ops.empty_cpu_cache``): their
-        large maps reuse the previous call's memory instead of being page-faulted in anew."""
         if isinstance(x, Tensor) and x.device.type == "cpu" and not ops.capturing_graph():
             with _memory.pooled():
                 return self._run(x)
@@ -570,99 +478,3 @@ class InferenceBackboneWithFPN(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.fpn(self.body(x))
-
-
-def _optimize(module: nn.Module, options: dict) -> Tuple[nn.Module, int]:
-    """(replacement of module, number of FPNs optimized in it); children replaced in place."""
-    fpn_options = dict(fold_norm=options["fold_norm"], fuse_lateral=options["fuse_lateral"],
-                       output_memory_format=options["output_memory_format"])
-    # Exact types, nothing attached: a subclass or a hook may change what the module does.
-    if (runs_as_written(module, (BackboneWithFPN, *_torchvision_classes()["backbones"]))
-            and runs_as_written(module.fpn, FeaturePyramidNetwork)):
-        body = module.body
-        if options["fold_norm"]:
-            fold_norms(body)
-        optimized = InferenceBackboneWithFPN(body, InferenceFPN(module.fpn, **fpn_options), module.out_channels,
-                                             options["channels_last"])
-    elif runs_as_written(module, FeaturePyramidNetwork):
-        optimized = InferenceFPN(module, **fpn_options)
-    else:
-        count = 0
-        for name, child in list(module.named_children()):
-            new_child, found = _optimize(child, options)
-            if new_child is not child:
-                setattr(module, name, new_child)
-            count += found
-        return module, count
-    if options["channels_last"]:
-        optimized.to(memory_format=torch.channels_last)
-    for parameter in optimized.parameters():
-        parameter.requires_grad_(False)
-    return optimized.eval(), 1
-
-
-def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold_norm: bool = True,
-                           fuse_lateral: bool = True,
-                           output_memory_format: torch.memory_format = torch.contiguous_format,
-                           winograd: bool = True) -> nn.Module:
-    """A copy of ``model`` whose ResNet-FPN backbones run an inference-only fast path.
-
-    Works on an fpn_fast backbone (``resnet_fpn_backbone``/``BackboneWithFPN``), a bare
-    ``FeaturePyramidNetwork``, and any model holding them, e.g. a torchvision Faster/Mask/Keypoint
-    R-CNN or RetinaNet (torchvision FPNs are converted in the copy, as ``fpn_fast.convert`` does).
-    ``model`` itself is not modified. Every backbone is replaced by an
-    ``InferenceBackboneWithFPN`` (a bare FPN by an ``InferenceFPN``); the rest of the model
-    (heads, transforms) is left as it was.
-
-    Args:
-        channels_last: run body and FPN in channels_last (weights converted, the image converted
-            once at the backbone's entry).
-        fold_norm: fold every FrozenBatchNorm2d / running-statistics BatchNorm2d that follows a
-            convolution into it (in float64, then rounded to the weight's dtype).
-        fuse_lateral: run each FPN lateral 1x1 conv and top-down step as one op (a Triton GEMM
-            with the step in its epilogue on CUDA; the conv then the extension's fused step on CPU).
-        output_memory_format: memory format of the returned feature maps: torch.contiguous_format
-            (default: what the heads saw before) or torch.channels_last.
-        winograd: on CPU, run 3x3 stride-1 convolutions as Winograd convolutions where they pay
-            (~1e-5 of a conv's scale from the direct sum). False keeps every convolution direct:
-            eager float32 results then agree with the traced, scripted and exported forms (which
-            call F.conv2d) to float rounding: bit for bit on most sizes, ~1e-6 of a level's scale
-            on some small maps, where oneDNN's fused and plain convolutions round apart.
-
-    Returns a new module in eval mode. Run it under ``torch.no_grad()`` or
-    ``torch.inference_mode()``; its backbone raises in training mode, or with grad mode on and
-    an input or parameter that requires grad.
-    Folding, the reordered sums and (on CPU) Winograd 3x3 convolutions change rounding, not the
-    math: float32 outputs agree with the original model's to a few 1e-6 of each level's largest
-    value (tests hold them to 1e-4); NaN and inf propagate as in the original.
-
-    On CPU the backbone's forward uses fpn_fast's buffer pool, which keeps up to
-    FPN_FAST_CPU_POOL_MB MiB (default 1024) of large blocks between calls
-    (``fpn_fast.ops.empty_cpu_cache()`` frees them).
-
-    Raises:
-        TypeError: ``model`` is not an nn.Module.
-        ValueError: ``output_memory_format`` is neither contiguous nor channels_last, or the model
-            holds no ResNet-FPN backbone or FPN.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
-    if output_memory_format not in _OUTPUT_FORMATS:
-        raise ValueError(f"output_memory_format must be torch.contiguous_format or torch.channels_last, "
-                         f"got {output_memory_format}")
-    options = dict(channels_last=bool(channels_last), fold_norm=bool(fold_norm), fuse_lateral=bool(fuse_lateral),
-                   output_memory_format=output_memory_format)
-    converted = convert(copy.deepcopy(model))
-    left_alone = _left_alone(converted)
-    if left_alone:
-        warnings.warn("fpn_fast.optimize_for_inference leaves these modules as they are (a subclass, hooks or "
-                      "parametrizations may change what they compute, so they are not folded or fused): "
-                      + ", ".join(left_alone), stacklevel=2)
-    optimized, found = _optimize(converted, options)
-    if found == 0:
-        raise ValueError(f"optimize_for_inference found no ResNet-FPN backbone (BackboneWithFPN) or "
-                         f"FeaturePyramidNetwork in the {type(model).__name__} it was given")
-    for module in optimized.modules():
-        if isinstance(module, Conv2dAct):
-            module.winograd = bool(winograd)
-    return optimized.eval()

@@ -1,0 +1,348 @@
+"""The inference engine (fpn_fast.inference.plan, cuda_graphs): one plan per input signature,
+run without dispatch; invalidated when a weight changes; bounded; never hiding hooks or modes.
+
+Every plan's output is compared with the same optimized model's modules run as written
+(``_run_as_written``): the plan runs the same ops with the same arguments, so bit for bit."""
+import copy
+import cProfile
+import pickle
+import pstats
+
+import pytest
+import torch
+
+import fpn_fast
+from fpn_fast.inference import InferenceBackboneWithFPN
+from fpn_fast.inference.plan import signature
+from fpn_fast.ops import _dispatch
+from tests.test_modules import randomise_
+
+tv_backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
+
+
+def _optimized(name: str = "resnet18", device: str = "cpu", **options):
+    torch.manual_seed(0)
+    model = randomise_(fpn_fast.resnet_fpn_backbone(backbone_name=name, weights=None)).eval().to(device)
+    return fpn_fast.optimize_for_inference(model, **options)
+
+
+def _assert_same(got, expected):
+    assert list(got) == list(expected)
+    for name in expected:
+        assert got[name].shape == expected[name].shape, name
+        assert got[name].stride() == expected[name].stride(), name
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _optimized()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 97, 131), (3, 40, 56), (1, 3, 320, 320)],
+                         ids=["64x64", "odd", "unbatched", "320x320"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_plan_is_bit_identical_to_the_modules(model, shape, layout):
+    x = torch.randn(shape)
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        planned = model(x)
+        again = model(x)
+        expected = model._run_as_written(x)
+        key = signature(x)
+    _assert_same(planned, expected)
+    _assert_same(again, expected)
+    assert any(entry["planned"] and entry["signature"] == key for entry in model.plans())
+
+
+def test_channels_last_outputs_and_no_grad():
+    model = _optimized(output_memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 72, 88)
+    with torch.no_grad():
+        _assert_same(model(x), model._run_as_written(x))
+        _assert_same(model(x), model._run_as_written(x))
+
+
+def test_second_call_of_a_signature_resolves_nothing():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        start = _dispatch.resolution_count()
+        model(x)
+        first = _dispatch.resolution_count() - start
+        model(x)
+        second = _dispatch.resolution_count() - start - first
+    assert first > 0 and second == 0, (first, second)
+
+
+def _python_calls(fn) -> int:
+    fn()
+    fn()
+    profile = cProfile.Profile()
+    profile.enable()
+    fn()
+    profile.disable()
+    return pstats.Stats(profile).total_calls
+
+
+def test_python_work_per_call_is_a_quarter_of_torchvisions_at_most():
+    """The issue's yardstick: one steady-state forward of the optimized ResNet50-FPN backbone on
+    CPU, 1x3x64x64 under inference_mode, cProfile's total call count."""
+    torch.manual_seed(0)
+    ours = fpn_fast.resnet_fpn_backbone(backbone_name="resnet50", weights=None).eval()
+    theirs = tv_backbone_utils.resnet_fpn_backbone(backbone_name="resnet50", weights=None).eval()
+    theirs.load_state_dict(ours.state_dict())
+    optimized = fpn_fast.optimize_for_inference(ours)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        baseline = _python_calls(lambda: theirs(x))
+        planned = _python_calls(lambda: optimized(x))
+    assert planned * 4 <= baseline, (planned, baseline)
+
+
+def test_cache_hits_misses_and_lru_eviction():
+    model = _optimized(max_plans=2)
+    shapes = [(1, 3, 64, 64), (1, 3, 64, 96), (1, 3, 96, 64)]
+    with torch.inference_mode():
+        for shape in shapes[:2]:
+            model(torch.randn(shape))
+        model(torch.randn(shapes[0]))  # a hit: shapes[0] becomes the most recent
+        assert [e["signature"][0] for e in model.plans()] == [torch.Size(shapes[1]), torch.Size(shapes[0])]
+        assert [e["hits"] for e in model.plans()] == [0, 1]
+        model(torch.randn(shapes[2]))  # evicts the least recently used: shapes[1]
+        assert [e["signature"][0] for e in model.plans()] == [torch.Size(shapes[0]), torch.Size(shapes[2])]
+        start = _dispatch.resolution_count()
+        x = torch.randn(shapes[1])
+        _assert_same(model(x), model._run_as_written(x))  # planned anew
+        assert _dispatch.resolution_count() > start
+
+
+def test_signature_separates_modes_and_layouts():
+    x = torch.randn(1, 3, 32, 32)
+    base = signature(x)
+    assert signature(x.contiguous(memory_format=torch.channels_last)) != base
+    assert signature(x.double()) != base
+    with torch.no_grad():
+        assert signature(x) != base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert signature(x) != base
+    with fpn_fast.ops.use_backend("torch"):
+        assert signature(x) != base
+
+
+@pytest.mark.parametrize("change", ["mul_", "load_state_dict", "load_state_dict_assign", "to_half_float"])
+def test_a_weight_change_replans(change):
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = model(x)
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        if change == "mul_":
+            model.body.conv1.weight.mul_(1.5)
+        elif change == "load_state_dict":
+            model.load_state_dict(state)
+        elif change == "load_state_dict_assign":
+            model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        else:
+            model.half().float()
+    with torch.inference_mode():
+        after = model(x)
+        expected = model._run_as_written(x)
+    _assert_same(after, expected)
+    assert not torch.equal(after["0"], before["0"]) or change == "to_half_float"
+
+
+def test_outputs_are_not_overwritten_by_the_next_call(model):
+    x1, x2 = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        first = model(x1)
+        kept = {k: v.clone() for k, v in first.items()}
+        model(x2)
+    _assert_same(first, kept)
+
+
+def test_hooks_and_training_mode_are_never_hidden():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+        seen = []
+        handle = model.body.layer2[0].last.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        model(x)
+        handle.remove()
+        assert len(seen) == 1
+        model.fpn.train()
+        with pytest.raises(RuntimeError, match="eval mode only"):
+            model(x)
+        model.fpn.eval()
+        model(x)
+
+
+def test_grad_mode_refusal_is_as_written():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="computes no gradients"):
+        model(x)
+    model(x.detach())  # grad mode on, nothing requires grad: runs (planned)
+    model.body.conv1.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="computes no gradients"):
+        model(x.detach())
+
+
+def test_engine_off_and_options():
+    model = _optimized(plan=False)
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64))
+    assert model.plans() == []
+    with pytest.raises(ValueError, match="max_plans"):
+        model.set_engine(max_plans=0)
+    with pytest.raises(ValueError, match="max_plans"):
+        _optimized(max_plans=0)
+
+
+def test_copies_pickles_and_scripts_carry_no_plans(model, tmp_path):
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    assert model.plans()
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.plans() == []
+        with torch.inference_mode():
+            _assert_same(copied(x), expected)
+    scripted = torch.jit.script(model)
+    with torch.inference_mode():
+        got = scripted(x)
+    for name in expected:
+        scale = expected[name].abs().max()
+        assert (got[name] - expected[name]).abs().max() <= 1e-4 * scale, name
+
+
+def test_autocast_on_cpu_is_its_own_plan():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        planned = model(x)
+        expected = model._run_as_written(x)
+    _assert_same(planned, expected)
+
+
+def test_a_detector_plans_each_padded_shape():
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    detector = detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=96, max_size=128)
+    fast = fpn_fast.optimize_for_inference(detector.eval())
+    images = [torch.rand(3, 90, 120), torch.rand(3, 120, 90)]
+    with torch.inference_mode():
+        fast(images[:1])
+        fast(images[1:])
+        fast(images[:1])
+    entries = fast.backbone.plans()
+    assert len(entries) == 2 and sorted(e["hits"] for e in entries) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+def _relative_error(got, expected):
+    return max(((got[k].float() - expected[k].float()).abs().max() / expected[k].float().abs().max()).item()
+               for k in expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 3, 256, 384), (1, 3, 200, 296), (1, 3, 512, 512)])
+def test_cuda_graph_replay_matches_the_modules(shape, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = _optimized("resnet50", "cuda")
+    x = torch.randn(shape, device="cuda")
+    with torch.inference_mode():
+        first = model(x)
+        replayed = model(x)
+        expected = model._run_as_written(x)
+        key = signature(x)
+    entry = next(e for e in model.plans() if e["signature"] == key)
+    assert entry["graph"], entry["reason"]
+    assert entry["graph_bytes"] > 0
+    assert _relative_error(first, expected) <= 1e-5
+    assert _relative_error(replayed, expected) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_graph_outputs_are_copies_unless_static_outputs_asked():
+    model = _optimized("resnet18", "cuda")
+    x1, x2 = torch.randn(1, 3, 128, 160, device="cuda"), torch.randn(1, 3, 128, 160, device="cuda")
+    with torch.inference_mode():
+        model(x1)
+        first = model(x1)
+        kept = {k: v.clone() for k, v in first.items()}
+        model(x2)
+        _assert_same(first, kept)
+        model.set_engine(static_outputs=True)
+        model(x1)
+        static = model(x1)
+        again = model(x2)
+        assert all(static[k].data_ptr() == again[k].data_ptr() for k in static)
+
+
+@pytest.mark.cuda
+def test_cuda_bfloat16_autocast_plan():
+    model = _optimized("resnet50", "cuda")
+    x = torch.randn(1, 3, 256, 320, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+        replayed = model(x)
+        expected = model._run_as_written(x)
+    assert _relative_error(replayed, expected) <= 2e-2
+    assert any(e["graph"] for e in model.plans())
+
+
+@pytest.mark.cuda
+def test_cuda_capture_inside_a_capture_runs_the_plan_eagerly():
+    model = _optimized("resnet18", "cuda")
+    x = torch.randn(1, 3, 128, 128, device="cuda")
+    with torch.inference_mode():
+        model(x)
+    outer = torch.cuda.CUDAGraph()
+    static = x.clone()
+    with torch.inference_mode(), pytest.warns(UserWarning, match="already capturing"):
+        model.set_engine()  # a new engine: the next call plans during the outer capture
+        with torch.cuda.graph(outer):
+            out = model(static)
+    outer.replay()
+    with torch.inference_mode():
+        expected = model._run_as_written(x)
+    assert _relative_error(out, expected) <= 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_model_on_device_0_while_device_1_is_current():
+    model = _optimized("resnet18", "cuda:0")
+    x = torch.randn(1, 3, 128, 128, device="cuda:0")
+    with torch.cuda.device(1), torch.inference_mode():
+        model(x)
+        got = model(x)
+        expected = model._run_as_written(x)
+    assert _relative_error(got, expected) <= 1e-3
+    assert all(v.device == torch.device("cuda:0") for v in got.values())
+
+
+def test_another_extra_block_is_called_as_written_inside_the_plan():
+    """RetinaNet's LastLevelP6P7 (torchvision's): the plan calls it as a module (its hooks run)."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    torch.manual_seed(0)
+    backbone = fpn_fast.resnet_fpn_backbone(backbone_name="resnet18", weights=None, returned_layers=[2, 3, 4],
+                                            extra_blocks=LastLevelP6P7(256, 256))
+    model = fpn_fast.optimize_for_inference(randomise_(backbone).eval())
+    x = torch.randn(1, 3, 96, 128)
+    calls = []
+    model.fpn.extra_blocks.register_forward_hook(lambda m, i, o: calls.append(1))
+    with torch.inference_mode():
+        planned = model(x)
+        again = model(x)
+        expected = model._run_as_written(x)
+    assert list(planned) == ["0", "1", "2", "p6", "p7"]
+    _assert_same(planned, expected)
+    _assert_same(again, expected)
+    assert all(entry["planned"] for entry in model.plans())
+    assert len(calls) == 3
