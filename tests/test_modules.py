@@ -262,7 +262,10 @@ def test_inplace_inference_path_matches_grad_path(monkeypatch, backend):
     assert calls == {"upsample_add": 3, "upsample_add_": 6}
     assert all(t.requires_grad for t in training.values())
     for name in training:
-        torch.testing.assert_close(inference[name], training[name].detach(), rtol=1e-6, atol=1e-6)
+        # Training adds the bias inside the conv (torchvision's op), inference in the fused step:
+        # float rounding apart, judged against the level's largest value.
+        scale = training[name].detach().abs().max()
+        assert (inference[name] - training[name].detach()).abs().max() <= 1e-5 * scale, name
         torch.testing.assert_close(inference_mode[name], inference[name], rtol=0, atol=0)
     # Grad mode but nothing requires grad (a fully frozen FPN): in place is safe and used.
     ours.requires_grad_(False)
