@@ -43,7 +43,7 @@ OLDEST_SRC  := build/oldest-torch
 OLDEST_TESTS ?= tests/test_ops.py tests/test_upsample_add.py tests/test_stride2_pool.py tests/test_extension.py \
 	tests/test_triton.py tests/test_triton_lateral.py tests/test_triton_registration.py tests/test_modules.py \
 	tests/test_torchvision_api.py tests/test_faithful.py tests/test_inference.py tests/test_cpu_inference_paths.py \
-	tests/test_winograd.py tests/test_deploy.py tests/test_compile.py
+	tests/test_winograd.py tests/test_deploy.py tests/test_compile.py tests/test_engine.py
 
 $(OLDEST_VENV)/.deps: requirements-oldest.txt
 	$(PYTHON) -m venv $(OLDEST_VENV)
