@@ -118,6 +118,33 @@ def test_backbone_optimized(benchmark, device, dtype, variant):
     run_benchmark(benchmark, forward, device, rounds(3, 20, device))
 
 
+# The engine at the other sizes (CUDA only: the graphs are what these rows measure).
+OTHER_SHAPES = [(1, 3, 800, 1216), (1, 3, 512, 512)]
+SHAPE_VARIANTS = ["torchvision eager", "fpn_fast optimized", "optimized no-graphs"]
+
+
+@pytest.mark.parametrize("variant", SHAPE_VARIANTS, ids=_ids(SHAPE_VARIANTS))
+@pytest.mark.parametrize("shape", OTHER_SHAPES, ids=[f"{n}x{h}x{w}" for n, _, h, w in OTHER_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backbone_optimized_shapes(benchmark, device, dtype, shape, variant):
+    if device != "cuda":
+        pytest.skip("CUDA rows (the engine's graphs)")
+    ours, theirs, optimized = _models(device)
+    module = {"torchvision eager": theirs, "fpn_fast optimized": optimized}.get(variant)
+    if variant == "optimized no-graphs":
+        module = copy.deepcopy(optimized)
+        module.set_engine(cuda_graphs=False)
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    n, _, h, w = shape
+    benchmark.group = f"backbone optimized {device} {str(dtype)[6:]} batch {n} {h}x{w}"
+
+    def forward():
+        with torch.inference_mode(), autocast_context(device, dtype):
+            module(images)
+    run_benchmark(benchmark, forward, device, rounds(3, 20, device))
+
+
 CHANNELS, BATCH = 256, 2
 # (C_in, H, W) of C2..C5 for a batch of 800x1216 images, and the (H, W) of the coarser FPN map the
 # level adds (None at C5, the top of the top-down path).
