@@ -42,6 +42,8 @@ def convert(model: nn.Module) -> nn.Module:
     and hooks; torchvision's ``LastLevelMaxPool`` becomes ours, other extra blocks (e.g.
     RetinaNet's ``LastLevelP6P7``) are kept. Subclasses of torchvision's FPN are left as they are,
     with a warning naming them: their own forward or parameters may differ from the base class.
+    fpn_fast's own FPNs (and subclasses of them), which derive from torchvision's for its type
+    checks, are already converted: they are left as they are, without a warning.
 
     Args:
         model: any module (a torchvision detection model, a backbone, or an FPN itself).
@@ -59,7 +61,8 @@ def convert(model: nn.Module) -> nn.Module:
     def swap(module: nn.Module, path: str) -> nn.Module:
         if type(module) is TorchvisionFPN:
             return _from_torchvision(module, TorchvisionMaxPool)
-        if isinstance(module, TorchvisionFPN):
+        # Ours derive from torchvision's FPN too (see _torchvision_compat): already converted.
+        if isinstance(module, TorchvisionFPN) and not isinstance(module, FeaturePyramidNetwork):
             warnings.warn(f"fpn_fast.convert: {path or 'the model'} is a {type(module).__qualname__}, a subclass "
                           "of torchvision's FeaturePyramidNetwork; it is left as it is (its forward or "
                           "parameters may differ from the base class)", stacklevel=3)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._fast_path import fusable_lateral_conv
-from ._torchvision_compat import ExtraFPNBlockBase
+from ._torchvision_compat import ExtraFPNBlockBase, FeaturePyramidNetworkBase
 from . import ops
 from .ops import _script, stride2_pool, upsample_add, upsample_add_
 
@@ -134,9 +134,14 @@ class _ScriptedLateral(nn.Sequential):
         return None if bias is None else bias.to(dtype)
 
 
-class FeaturePyramidNetwork(nn.Module):
+class FeaturePyramidNetwork(FeaturePyramidNetworkBase):
     """FPN over feature maps given in increasing depth (finest first), as torchvision's
     (Lin et al., "Feature Pyramid Networks for Object Detection", CVPR 2017).
+
+    When torchvision is installed this is a subclass of its ``FeaturePyramidNetwork`` (for its
+    type only, see ``_torchvision_compat``), so torchvision's FX feature extraction keeps it as
+    one leaf node (``create_feature_extractor(backbone, {"fpn": ...})`` returns the pyramid), as
+    it keeps torchvision's own.
 
     Args:
         in_channels_list: channels of each input feature map, in input order.
@@ -159,7 +164,8 @@ class FeaturePyramidNetwork(nn.Module):
     def __init__(self, in_channels_list: List[int], out_channels: int,
                  extra_blocks: Optional[nn.Module] = None,
                  norm_layer: Optional[Callable[..., nn.Module]] = None):
-        super().__init__()
+        # torchvision's base, if any, lends only its type: the blocks below are all there is.
+        nn.Module.__init__(self)
         if any(c == 0 for c in in_channels_list):
             raise ValueError("in_channels=0 is currently not supported")
         self.inner_blocks = nn.ModuleList(_conv_block(c, out_channels, 1, norm_layer) for c in in_channels_list)
@@ -190,8 +196,9 @@ class FeaturePyramidNetwork(nn.Module):
                     new_key = f"{prefix}{block}.{i}.0.{kind}"
                     if old_key in state_dict and new_key not in state_dict:
                         state_dict[new_key] = state_dict.pop(old_key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        # nn.Module's, not torchvision's base's: the keys are renamed above, once.
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
 
     def get_result_from_inner_blocks(self, x: Tensor, idx: int) -> Tensor:
         """``self.inner_blocks[idx](x)``, the lateral block of level ``idx`` (negative counts from the end)."""

@@ -94,10 +94,10 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += shortcut
+        # The shortcut after the main branch, as torchvision's: hooks and FX graphs see the same order.
+        out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
 
@@ -125,11 +125,11 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        out += shortcut
+        # The shortcut after the main branch, as torchvision's: hooks and FX graphs see the same order.
+        out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
 

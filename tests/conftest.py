@@ -48,7 +48,7 @@ def _seed_and_restore_backend():
 
 
 def _run_python(code: str, env: Optional[Dict[str, str]] = None, unset: Iterable[str] = (),
-                timeout: float = 300) -> subprocess.CompletedProcess:
+                timeout: float = 300, block: Iterable[str] = ()) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in a fresh ``python -c`` from the repository root; returns the
     CompletedProcess (text stdout/stderr) and never raises on a non-zero exit, so a crash or a
     signal in the child fails the calling test, not the run.
@@ -58,17 +58,25 @@ def _run_python(code: str, env: Optional[Dict[str, str]] = None, unset: Iterable
         env: variables to set on top of this process's environment.
         unset: variables to remove (e.g. TRITON_INTERPRET, which this conftest sets).
         timeout: seconds before subprocess.TimeoutExpired.
+        block: modules the child cannot import (ModuleNotFoundError, as if not installed), e.g.
+            ``("torchvision",)``; a name blocks its submodules too.
     """
     child_env = dict(os.environ, **(env or {}))
     for name in unset:
         child_env.pop(name, None)
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=child_env,
+    program = textwrap.dedent(code)
+    if block:
+        # None in sys.modules: importing the name (or a module inside it) raises
+        # ModuleNotFoundError and importlib.util.find_spec returns None, as when not installed.
+        program = f"import sys\nsys.modules.update(dict.fromkeys({tuple(block)!r}))\n" + program
+    return subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, env=child_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def run_python():
-    """The one way tests start a fresh process (crash isolation, environment read at import):
-    ``run_python(code, env=None, unset=(), timeout=300) -> subprocess.CompletedProcess``."""
+    """The one way tests start a fresh process (crash isolation, environment read at import,
+    optional packages missing): ``run_python(code, env=None, unset=(), timeout=300, block=())
+    -> subprocess.CompletedProcess``."""
     return _run_python

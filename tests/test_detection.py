@@ -37,7 +37,8 @@ def _assert_shared(tv_model, converted, fpn_attr="backbone.fpn"):
     theirs = tv_model.get_submodule(fpn_attr)
     assert isinstance(ours, fpn_fast.FeaturePyramidNetwork)
     assert isinstance(theirs, TvFPN) and not isinstance(theirs, fpn_fast.FeaturePyramidNetwork)
-    assert not any(isinstance(m, TvFPN) for m in converted.modules())
+    # Exact type: fpn_fast's FPN derives from torchvision's (for its type checks, e.g. FX leaves).
+    assert not any(type(m) is TvFPN for m in converted.modules())
     return ours
 
 

@@ -3,6 +3,7 @@ The detector job has its tests in test_main_detector.py."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,41 @@ def test_option_of_the_other_job_is_a_usage_error(args):
     proc = run_main(*args, timeout=120)
     assert proc.returncode == 2
     assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _main_without(run_python, block):
+    """``python -m fpn_fast --model backbone`` in a process where the modules ``block`` are missing."""
+    return run_python("""
+        import runpy, sys
+        sys.argv = ["fpn_fast", "--model", "backbone", "--size", "64x64", "--device", "cpu"]
+        runpy.run_module("fpn_fast", run_name="__main__", alter_sys=True)
+    """, unset=("TRITON_INTERPRET", "FPN_FAST_BACKEND"), block=block, timeout=120)
+
+
+def test_missing_demo_extra_is_a_clean_error(run_python):
+    proc = _main_without(run_python, ["tqdm"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("fpn-fast: error: no module named 'tqdm'") and proc.stderr.count("\n") == 1
+    assert 'pip install "fpn_fast[demo]"' in proc.stderr
+
+
+def test_missing_module_of_fpn_fast_itself_is_not_blamed_on_the_extra(run_python):
+    proc = _main_without(run_python, ["fpn_fast.report"])
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ModuleNotFoundError" in proc.stderr and "fpn_fast.report" in proc.stderr
+    assert "fpn_fast[demo]" not in proc.stderr
+
+
+def test_demo_extra_holds_the_modules_the_command_line_needs():
+    from fpn_fast.__main__ import DEMO_EXTRA_MODULES
+
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "setup.py")) as f:
+        extra = re.search(r'"demo":\s*\[([^\]]*)\]', f.read())
+    assert extra, "setup.py has no 'demo' extra"
+    distributions = [re.match(r'\s*"([A-Za-z0-9_.-]+)', spec).group(1).lower() for spec in extra.group(1).split(",")
+                     if spec.strip()]
+    import_names = {"scikit-image": "skimage", "pillow": "PIL"}
+    assert sorted(import_names.get(d, d) for d in distributions) == sorted(DEMO_EXTRA_MODULES)
 
 
 SMALL = ["--model", "backbone", "--size", "64x96", "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
