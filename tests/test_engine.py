@@ -297,21 +297,101 @@ def test_cuda_bfloat16_autocast_plan():
 
 
 @pytest.mark.cuda
-def test_cuda_capture_inside_a_capture_runs_the_plan_eagerly():
+def test_cuda_call_inside_a_users_capture_never_replays_or_builds():
+    """Inside a capture the engine neither replays its own graph (graphs do not nest) nor builds
+    (building measures, which synchronises): a cached plan runs its steps, else the modules."""
     model = _optimized("resnet18", "cuda")
     x = torch.randn(1, 3, 128, 128, device="cuda")
     with torch.inference_mode():
         model(x)
-    outer = torch.cuda.CUDAGraph()
-    static = x.clone()
-    with torch.inference_mode(), pytest.warns(UserWarning, match="already capturing"):
-        model.set_engine()  # a new engine: the next call plans during the outer capture
-        with torch.cuda.graph(outer):
-            out = model(static)
-    outer.replay()
-    with torch.inference_mode():
+        model(x)
         expected = model._run_as_written(x)
-    assert _relative_error(out, expected) <= 1e-3
+    assert model.plans()[0]["graph"]
+    for fresh in (False, True):
+        if fresh:
+            model.set_engine()  # no plan: the modules run as written inside the capture
+        outer = torch.cuda.CUDAGraph()
+        static = x.clone()
+        torch.cuda.synchronize()
+        with torch.inference_mode():
+            with torch.cuda.graph(outer):
+                out = model(static)
+        outer.replay()
+        torch.cuda.synchronize()
+        assert _relative_error(out, expected) <= 1e-3
+        assert len(model.plans()) == (0 if fresh else 1)
+
+
+@pytest.mark.cuda
+def test_cuda_static_outputs_dict_is_the_callers():
+    model = _optimized("resnet18", "cuda", static_outputs=True)
+    x = torch.randn(1, 3, 128, 160, device="cuda")
+    with torch.inference_mode():
+        model(x)
+        first = model(x)
+        first.pop("0")
+        second = model(x)
+    assert list(second) == ["0", "1", "2", "3", "pool"]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_is_not_captured_over_a_hooked_module_and_follows_new_hooks():
+    """A module the plan calls as written (RetinaNet's LastLevelP6P7): hooked at capture time, no
+    graph; hooked after capture, the call runs the plan's steps so the hook fires each call."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    torch.manual_seed(0)
+    backbone = fpn_fast.resnet_fpn_backbone(backbone_name="resnet18", weights=None, returned_layers=[2, 3, 4],
+                                            extra_blocks=LastLevelP6P7(256, 256))
+    model = fpn_fast.optimize_for_inference(randomise_(backbone).eval().cuda())
+    x = torch.randn(1, 3, 96, 128, device="cuda")
+    calls = []
+    with torch.inference_mode():
+        model(x)
+        assert model.plans()[0]["graph"], model.plans()[0]["reason"]
+        handle = model.fpn.extra_blocks.register_forward_hook(lambda m, i, o: calls.append(1))
+        model(x)
+        model(x)
+        assert len(calls) == 2
+        handle.remove()
+        model.fpn.extra_blocks.p6.weight.mul_(0.5)  # in place: the graph reads the same address
+        got = model(x)
+        expected = model._run_as_written(x)
+        assert _relative_error(got, expected) <= 1e-5
+        model.fpn.extra_blocks.p6.weight = torch.nn.Parameter(torch.randn_like(model.fpn.extra_blocks.p6.weight))
+        got = model(x)
+        expected = model._run_as_written(x)
+        assert _relative_error(got, expected) <= 1e-5
+        model.set_engine()
+        model.fpn.extra_blocks.register_forward_hook(lambda m, i, o: calls.append(1))
+        model(x)
+        assert not model.plans()[0]["graph"] and "hooks" in model.plans()[0]["reason"]
+
+
+@pytest.mark.cuda
+def test_cuda_replays_from_two_threads_agree():
+    import threading
+    model = _optimized("resnet18", "cuda")
+    shapes = [(1, 3, 128, 128), (1, 3, 96, 160)]
+    inputs = [torch.randn(s, device="cuda") for s in shapes]
+    with torch.inference_mode():
+        expected = [model._run_as_written(x) for x in inputs]
+        for x in inputs:
+            model(x)
+    errors = []
+
+    def work(i):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(20):
+                out = model(inputs[i])
+                stream.synchronize()
+                errors.append(_relative_error(out, expected[i]))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 40 and max(errors) <= 1e-5
 
 
 @pytest.mark.cuda
@@ -346,3 +426,333 @@ def test_another_extra_block_is_called_as_written_inside_the_plan():
     _assert_same(again, expected)
     assert all(entry["planned"] for entry in model.plans())
     assert len(calls) == 3
+
+
+# --- The plan follows the modules (structure), never hides hooks, never builds twice in vain.
+
+def _as_written(model, x):
+    return model._run_as_written(x)
+
+
+@pytest.mark.parametrize("change", ["output_channels_last", "channels_last", "fuse_lateral", "relu", "extra_blocks",
+                                    "replace_block", "return_layers", "winograd", "padding"])
+def test_a_changed_module_attribute_or_submodule_replans(change):
+    """Every option a plan reads, changed after the plan was made, is seen by the next call."""
+    model = _optimized()
+    x = torch.randn(1, 3, 72, 88)
+    with torch.inference_mode():
+        model(x)
+        builds = model._engine.builds
+        conv = model.body.layer2[0].convs[0]
+        if change == "output_channels_last":
+            model.fpn.output_channels_last = True
+        elif change == "channels_last":
+            model.channels_last = False
+        elif change == "fuse_lateral":
+            model.fpn.fuse_lateral = False
+        elif change == "relu":
+            conv.relu = False
+        elif change == "extra_blocks":
+            model.fpn.extra_blocks = None
+        elif change == "replace_block":
+            model.body.layer3[1] = torch.nn.Identity()
+        elif change == "return_layers":
+            model.body.return_layers["layer3"] = "x3"  # in place: the dict is the same object
+        elif change == "winograd":
+            for m in model.modules():
+                if hasattr(m, "winograd"):
+                    m.winograd = False
+        elif change == "padding":
+            model.fpn.layer_blocks[0].padding = (0, 0)
+        got = model(x)
+        again = model(x)
+        expected = model._run_as_written(x)
+    _assert_same(got, expected)
+    _assert_same(again, expected)
+    if change == "return_layers":
+        assert "x3" in got
+    assert model._engine.builds == builds + 1
+    assert len(model.plans()) == 1  # the stale plan was dropped
+
+
+def test_hook_present_at_the_first_call_fires_once_and_planning_resumes_after():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    with torch.inference_mode():
+        expected = model._run_as_written(x)
+        for module in (model.body, model.fpn, model.body.layer2, model.body.layer2[0].convs[0],
+                       model.fpn.inner_blocks[1], model.fpn.layer_blocks[2]):
+            model.set_engine()
+            handle = module.register_forward_hook(lambda m, i, o: calls.append(m))
+            for n in range(2):
+                _assert_same(model(x), expected)
+                assert len(calls) == n + 1, type(module).__name__
+            handle.remove()
+            calls.clear()
+            _assert_same(model(x), expected)
+            start = _dispatch.resolution_count()
+            _assert_same(model(x), expected)
+            assert _dispatch.resolution_count() == start, (type(module).__name__, model.plans())
+            assert all(entry["planned"] for entry in model.plans()), model.plans()
+            assert calls == []
+
+
+def test_a_global_hook_fires_as_often_as_through_the_modules():
+    from torch.nn.modules.module import register_module_forward_hook
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    with torch.inference_mode():
+        model(x)
+        handle = register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+        try:
+            model.set_engine(enabled=False)
+            model(x)
+            expected = list(calls)
+            calls.clear()
+            model.set_engine()
+            model(x)
+            model(x)
+        finally:
+            handle.remove()
+    assert calls == expected * 2
+    assert model.plans() == []  # nothing was built while the hook was there
+
+
+def test_no_grad_with_tensors_that_require_grad_is_planned_once():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    model.body.conv1.weight.requires_grad_(True)
+    with torch.no_grad():
+        expected = model._run_as_written(x)
+        for _ in range(3):
+            _assert_same(model(x), expected)
+    assert model._engine.builds == 1
+
+
+def test_grad_mode_refusal_builds_nothing():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    model(x)
+    model.body.conv1.weight.requires_grad_(True)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="computes no gradients"):
+            model(x)
+    assert model._engine.builds == 1
+
+
+def test_planning_that_raises_runs_as_written_warns_once_and_does_not_retry(monkeypatch):
+    from fpn_fast.inference import select
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    attempts = []
+
+    def broken(*args, **kwargs):
+        attempts.append(1)
+        raise ValueError("a planning bug")
+    monkeypatch.setattr(select, "stride2_pool_runner", broken)
+    with torch.inference_mode():
+        expected = model._run_as_written(x)
+        with pytest.warns(UserWarning, match="a planning bug"):
+            _assert_same(model(x), expected)
+        _assert_same(model(x), expected)
+    assert len(attempts) == 1
+    assert model.plans()[0]["planned"] is False and "a planning bug" in model.plans()[0]["reason"]
+
+
+def test_a_parametrized_weight_is_followed():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+    conv = model.body.layer3[0].convs[0]
+    parametrize.register_parametrization(conv, "weight", Double())
+    with torch.inference_mode():
+        got = model(x)
+        expected = model._run_as_written(x)
+    _assert_same(got, expected)
+
+
+def test_python_modes_see_every_op():
+    """Under a TorchDispatchMode (FakeTensor, FLOP counters, profilers of ops) the engine runs the
+    modules as written, so the mode sees the same ops as without the engine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+        with Count() as planned:
+            model(x)
+        model.set_engine(enabled=False)
+        with Count() as written:
+            model(x)
+    assert planned.ops == written.ops and len(written.ops) > 50
+
+
+def test_the_thread_count_is_part_of_the_cpu_signature():
+    x = torch.randn(1, 3, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        first = signature(x)
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert signature(x) != first
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_guards_notice_what_they_guard():
+    from fpn_fast.inference.plan import StructureGuard
+    model = _optimized()
+    guard = StructureGuard(list(model.modules()), outer=model)
+    assert guard.holds()
+    model.register_forward_hook(lambda m, i, o: None)  # the outer module's own hooks run around the plan
+    model.train().eval()
+    assert guard.holds()
+    model.fpn.layer_blocks[0].stride = (2, 2)
+    assert not guard.holds()
+    model.fpn.layer_blocks[0].stride = (1, 1)
+    assert guard.holds()
+    model.fpn.inner_blocks[0].foo = torch.randn(3)
+    assert not guard.holds()
+    del model.fpn.inner_blocks[0].foo
+    model.out_channels = 7
+    assert not guard.holds()
+
+
+@pytest.mark.parametrize("which", ["layer_blocks", "inner_blocks"])
+def test_a_replaced_fpn_block_replans(which):
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.inference_mode():
+        model(x)
+        blocks = getattr(model.fpn, which)
+        other = copy.deepcopy(blocks[1])
+        with torch.no_grad():
+            other.weight.mul_(-1.5)
+        blocks[1] = other
+        got = model(x)
+        expected = model._run_as_written(x)
+    _assert_same(got, expected)
+    assert model._engine.builds == 2
+
+
+def test_the_engine_holds_no_cycle_through_the_backbone():
+    """Dropping the model (or its engine) frees plans, packs and graphs at once, not at the next
+    garbage collection."""
+    import gc
+    import weakref
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            model(x)
+        engine = weakref.ref(model._engine)
+        model.set_engine()
+        assert engine() is None
+        with torch.inference_mode():
+            model(x)
+        backbone = weakref.ref(model)
+        del model
+        assert backbone() is None
+    finally:
+        gc.enable()
+
+
+def test_modules_that_change_on_each_call_do_not_replan_each_call():
+    """A called module that writes its own attributes when it runs (a counter; a pre-hook that
+    sets ``weight`` as pruning's does) keeps its plan: only type, training and hook counts of
+    called modules count."""
+
+    class Counting(torch.nn.Identity):
+        def forward(self, x):
+            self.calls = getattr(self, "calls", 0) + 1
+            return x
+
+    model = _optimized()
+    model.body.layer2.append(Counting())
+    block = model.fpn.layer_blocks[0]
+    block.register_forward_pre_hook(lambda module, args: setattr(module, "bias", module.bias))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model._run_as_written(x)
+        for _ in range(5):
+            _assert_same(model(x), expected)
+    assert model._engine.builds == 1
+    assert model.body.layer2[-1].calls == 6
+
+
+def test_an_attribute_whose_comparison_raises_replans():
+    import numpy as np
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    model.fpn.anchors = np.arange(4.0)
+    with torch.inference_mode():
+        model(x)
+        model.fpn.anchors = np.arange(4.0)
+        _assert_same(model(x), model._run_as_written(x))
+
+
+def test_concurrent_first_calls_build_once():
+    import threading
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model._run_as_written(x)
+    barrier = threading.Barrier(4)
+    results = []
+
+    def work():
+        barrier.wait()
+        with torch.inference_mode():
+            results.append(model(x))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    for out in results:
+        _assert_same(out, expected)
+    assert model._engine.builds == 1
+
+
+def test_packs_for_new_shapes_keep_the_other_plans():
+    model = _optimized()
+    shapes = [(1, 3, 64, 64), (1, 3, 96, 128), (2, 3, 67, 91), (1, 3, 160, 96), (1, 3, 320, 320)]
+    with torch.inference_mode():
+        for shape in shapes:
+            model(torch.randn(shape))
+        for shape in shapes:
+            model(torch.randn(shape))
+    assert model._engine.builds == len(shapes)
+
+
+def test_the_backbone_in_training_mode_refuses_on_every_call():
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)
+        model.training = True  # the backbone alone, not its children
+        with pytest.raises(RuntimeError, match="eval mode only"):
+            model(x)
+        model.training = False
+        _assert_same(model(x), model._run_as_written(x))

@@ -631,10 +631,10 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
     with torch.no_grad():
         packed = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))
                   for i, size in enumerate(sizes)]
-        assert any("_onednn_weight" in vars(m) for m in optimized.modules())
+        assert any("_onednn_weight" in vars(m).get("_packs", {}) for m in optimized.modules())
         monkeypatch.setattr(ops._onednn, "pack_weight", lambda weight, *args: weight)
         for m in optimized.modules():
-            vars(m).pop("_onednn_weight", None)
+            vars(m).get("_packs", {}).pop("_onednn_weight", None)
         plain = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))
                  for i, size in enumerate(sizes)]
     for got, want in zip(packed, plain):
@@ -646,16 +646,16 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
     buffer = io.BytesIO()
     torch.save(optimized, buffer)
     copied = copy.deepcopy(optimized)
-    assert not any("_onednn_weight" in vars(m) for m in copied.modules())
+    assert not any("_onednn_weight" in vars(m).get("_packs", {}) for m in copied.modules())
     # the FPN's 24x32 level ran the extension's Winograd convolution, else NNPACK's sliced path
     cache = ("_winograd_weight" if ops._winograd.unavailable_reason() is None
              else "_nnpack_weight" if ops._nnpack.sliced_unavailable_reason() is None else None)
     if cache is not None:
-        assert any(cache in vars(m) for m in optimized.modules())
-        assert not any(cache in vars(m) for m in copied.modules())
-        assert not any(cache in vars(m) for m in torch.load(io.BytesIO(buffer.getvalue()),
+        assert any(cache in vars(m).get("_packs", {}) for m in optimized.modules())
+        assert not any(cache in vars(m).get("_packs", {}) for m in copied.modules())
+        assert not any(cache in vars(m).get("_packs", {}) for m in torch.load(io.BytesIO(buffer.getvalue()),
                                                             weights_only=False).modules())
-    conv = next(m for m in optimized.modules() if isinstance(m, Conv2dAct) and "_onednn_weight" in vars(m))
+    conv = next(m for m in optimized.modules() if isinstance(m, Conv2dAct) and "_onednn_weight" in vars(m).get("_packs", {}))
     with torch.no_grad():
         conv.weight.mul_(2)  # the cached pack must follow the weight
         x = torch.randn(1, conv.weight.shape[1] * conv.groups, 12, 12).contiguous(memory_format=torch.channels_last)

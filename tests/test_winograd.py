@@ -256,7 +256,7 @@ def test_models_optimized_under_inference_mode_see_weight_edits():
     with torch.inference_mode():
         model = fpn_fast.optimize_for_inference(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18").eval())
         model(x)
-        assert any("_winograd_weight" in vars(m) for m in model.modules())
+        assert any("_winograd_weight" in m._pack_cache() for m in model.modules() if hasattr(m, "_pack_cache"))
         convs = [m for m in model.modules() if isinstance(m, Conv2dAct)]
         assert not any(m.weight.is_inference() for m in convs)
         for m in convs:
@@ -352,7 +352,7 @@ def test_conv2d_act_module_keeps_its_pack_and_follows_the_weight():
     x = _inputs(1, 64, 30, 30, 64, seed=2)[0]
     with torch.no_grad():
         conv(x)
-        key, group, packs = vars(conv)["_winograd_weight"]
+        key, group, packs = conv._pack_cache()["_winograd_weight"]
         assert group == _winograd.group_for(_winograd.tiles(x.shape, (1, 1))) == 64 and list(packs) == [64]
         packed = packs[64]
         conv(_inputs(1, 64, 45, 41, 64, seed=3)[0])  # 132 tiles: padded to 192 by 64, too much
@@ -360,13 +360,13 @@ def test_conv2d_act_module_keeps_its_pack_and_follows_the_weight():
         assert sorted(packs) == [_winograd.FALLBACK_GROUP, 64] and packs[64] is packed
         conv.weight.mul_(-1)
         out = conv(x)
-    assert 64 not in vars(conv)["_winograd_weight"][2] or vars(conv)["_winograd_weight"][2][64] is not packed
+    assert 64 not in conv._pack_cache()["_winograd_weight"][2] or conv._pack_cache()["_winograd_weight"][2][64] is not packed
     assert _error(out, _reference(x, conv.weight, conv.bias, (1, 1), relu=True)) <= BOUND
-    assert "_winograd_weight" not in vars(copy.deepcopy(conv))
-    assert "_winograd_weight" not in vars(pickle.loads(pickle.dumps(conv)))
+    assert "_winograd_weight" not in copy.deepcopy(conv)._pack_cache()
+    assert "_winograd_weight" not in pickle.loads(pickle.dumps(conv))._pack_cache()
     buffer = io.BytesIO()
     torch.save(conv, buffer)
-    assert "_winograd_weight" not in vars(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    assert "_winograd_weight" not in vars(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)).get("_packs", {})
 
 
 def test_optimized_backbone_runs_winograd_and_matches_torchvision():
@@ -383,7 +383,7 @@ def test_optimized_backbone_runs_winograd_and_matches_torchvision():
     x = torch.randn(1, 3, 131, 163)
     with torch.no_grad():
         got, want = optimized(x), reference(x)
-    assert sum("_winograd_weight" in vars(m) for m in optimized.modules()) >= 8
+    assert sum("_winograd_weight" in vars(m).get("_packs", {}) for m in optimized.modules()) >= 8
     for name in want:
         assert _error(got[name], want[name].double()) <= BOUND, name
 
@@ -449,8 +449,8 @@ def test_optimize_for_inference_can_keep_every_convolution_direct():
     x = torch.randn(1, 3, 97, 131)
     with torch.no_grad():
         got, fast = direct(x), default(x)
-    assert not any("_winograd_weight" in vars(m) or "_nnpack_weight" in vars(m) for m in direct.modules())
-    assert any("_winograd_weight" in vars(m) for m in default.modules())
+    assert not any("_winograd_weight" in vars(m).get("_packs", {}) or "_nnpack_weight" in vars(m).get("_packs", {}) for m in direct.modules())
+    assert any("_winograd_weight" in vars(m).get("_packs", {}) for m in default.modules())
     with ops.use_backend("auto"), pytest.MonkeyPatch.context() as patch:
         patch.setattr(_winograd, "unavailable_reason", lambda: "off")
         patch.setattr(ops._nnpack, "unavailable_reason", lambda: "off")

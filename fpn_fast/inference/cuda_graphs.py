@@ -7,15 +7,24 @@ output out of the graph's static outputs, which the next replay overwrites.
 
 Capture follows PyTorch's documented recipe (``torch.cuda.graphs``): the plan runs twice on a side
 stream first, so Triton compiles its kernels and cuDNN picks its algorithms before capture; the
-capture runs with autocast's weight-cast cache off (a cached cast would outlive the graph); all
-signatures' graphs of a model share one memory pool (``torch.cuda.graph_pool_handle``), which is
-safe because replays are never concurrent: each replay runs on the caller's stream and the
-intermediates of one graph are dead before another replays.
+capture runs on a stream the engine keeps per device (``torch.cuda.graph``'s default capture stream
+is made once, on whichever device was current first), with ``capture_error_mode="thread_local"``
+(CUDA refuses unsafe calls during the capture only in the capturing thread) and with autocast's
+weight-cast cache off (a cached cast would outlive the graph). fpn_fast's captures take turns
+across the process (``_CAPTURE_LOCK``: entering a capture synchronises the device, which another
+capture in progress would not allow); other libraries' captures in other threads are the
+caller's to keep apart, as with any CUDA graph.
+
+Memory: all signatures' graphs of a model share one memory pool (``torch.cuda.graph_pool_handle``):
+a graph's intermediates may lie where another graph's static outputs are. That is safe because
+replays sharing a pool take turns (``ReplayQueue``: one lock, and each replay's stream waits for
+the previous replay's copies out), and each call copies its outputs out before another graph
+replays. With ``static_outputs`` the caller keeps the static outputs instead, so each graph gets a
+pool of its own: only the next replay of the same graph overwrites them.
 
 Where capture cannot work the plan runs eagerly, and the reason is given once per model and
-reason (a warning) and kept in the cache's info: the current stream is already capturing (a graph
-cannot be captured inside another), or capturing raised (an op that synchronises the device, or
-another op CUDA graphs do not allow).
+reason (a warning) and kept in the cache's info: capturing raised (an op that synchronises the
+device, or another op CUDA graphs do not allow), or the plan calls modules that have hooks.
 """
 import threading
 import warnings
@@ -25,9 +34,20 @@ from typing import Callable, Dict, Optional, Set
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedPlan", "capture"]
+__all__ = ["GraphedPlan", "ReplayQueue", "capture"]
 
 WARMUP_RUNS = 2
+_CAPTURE_LOCK = threading.Lock()
+
+
+class ReplayQueue:
+    """Replays of graphs that share a memory pool, in turn: a lock, and the event recorded after the
+    last replay's copies out, which the next replay's stream waits for (calls from several threads,
+    perhaps on several streams, never overlap in the pool)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.done: Optional[torch.cuda.Event] = None
 
 
 class GraphedPlan:
@@ -37,67 +57,89 @@ class GraphedPlan:
     Attributes:
         graph: the captured torch.cuda.CUDAGraph.
         static_input, static_outputs: the graph's input and outputs (overwritten by each replay).
-        captured_bytes: device memory the capture allocated from the shared pool (measured:
-            ``torch.cuda.memory_allocated`` before and after), plus the static input.
+        captured_bytes: device memory the capture added: the bytes its memory pool grew by while
+            capturing (``torch.cuda.memory_reserved`` before and after; a graph that reuses blocks
+            another graph of the pool freed adds little) plus the static input.
+        queue: the ReplayQueue of its memory pool.
     """
 
-    def __init__(self, graph, static_input: Tensor, static_outputs: Dict[str, Tensor], captured_bytes: int):
+    def __init__(self, graph, static_input: Tensor, static_outputs: Dict[str, Tensor], captured_bytes: int,
+                 queue: ReplayQueue):
         self.graph = graph
         self.static_input = static_input
         self.static_outputs = static_outputs
         self.captured_bytes = captured_bytes
-        # Calls from several threads (and so perhaps several streams) take turns, and each waits on
-        # the stream work of the previous one: the static buffers are shared.
-        self.lock = threading.Lock()
-        self.done: Optional[torch.cuda.Event] = None
+        self.queue = queue
+
+    def retire(self) -> None:
+        """Wait for the pool's last replay (this graph's memory may be reused once it is dropped)."""
+        with self.queue.lock:
+            if self.queue.done is not None:
+                self.queue.done.synchronize()
 
     def __call__(self, x: Tensor, static_outputs: bool = False) -> Dict[str, Tensor]:
-        with self.lock:
+        queue = self.queue
+        with queue.lock:
             stream = torch.cuda.current_stream(x.device)
-            if self.done is not None:
-                stream.wait_event(self.done)
+            if queue.done is not None:
+                stream.wait_event(queue.done)
             self.static_input.copy_(x)
             self.graph.replay()
             if static_outputs:
-                out = self.static_outputs
+                out = OrderedDict(self.static_outputs)
             else:
                 out = OrderedDict([(name, level.clone()) for name, level in self.static_outputs.items()])
-            self.done = torch.cuda.Event()
-            self.done.record(stream)
+            done = torch.cuda.Event()
+            done.record(stream)
+            queue.done = done
             return out
 
 
-def capture(run: Callable[[Tensor], Dict[str, Tensor]], x: Tensor, pool, autocast: Optional[torch.dtype]):
+def capture(run: Callable[[Tensor], Dict[str, Tensor]], x: Tensor, pool, autocast: Optional[torch.dtype],
+            stream, queue: ReplayQueue) -> GraphedPlan:
     """Capture ``run`` (a plan's function) for x's signature.
 
     Args:
         run: the plan. x: an input of its signature (copied into the static input).
-        pool: the model's shared graph memory pool (``torch.cuda.graph_pool_handle()``).
+        pool: the memory pool to capture into (``torch.cuda.graph_pool_handle()``, shared by the
+            graphs of ``queue``), or None for a pool of the graph's own.
         autocast: the autocast dtype in force (the capture re-enters autocast with its cache off).
+        stream: a torch.cuda.Stream on x's device, used for the warm-up and the capture.
+        queue: the ReplayQueue of the pool.
 
     Returns:
         A GraphedPlan.
 
     Raises:
-        RuntimeError: capture is not possible (the caller runs the plan eagerly and says why).
+        RuntimeError (or another error of the capture): capture is not possible (the caller runs
+            the plan eagerly and says why).
     """
     device = x.device
     static_input = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
     static_input.copy_(x)
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side), _no_autocast_cache(device.type, autocast):
-        for _ in range(WARMUP_RUNS):
-            run(static_input)
-    current.wait_stream(side)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool), _no_autocast_cache(device.type, autocast):
-        static_outputs = run(static_input)
-    captured = torch.cuda.memory_allocated(device) - before
-    return GraphedPlan(graph, static_input, static_outputs, captured + static_input.numel() * static_input.element_size())
+    with _CAPTURE_LOCK, queue.lock:  # one capture at a time; no replay of the pool meanwhile
+        try:
+            if queue.done is not None:
+                current.wait_event(queue.done)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream), _no_autocast_cache(device.type, autocast):
+                for _ in range(WARMUP_RUNS):
+                    run(static_input)
+            current.wait_stream(stream)
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: the growth below is the capture's
+            before = torch.cuda.memory_reserved(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
+                    _no_autocast_cache(device.type, autocast):
+                static_outputs = run(static_input)
+            grown = torch.cuda.memory_reserved(device) - before
+        finally:
+            # A capture that raised in torch.cuda.graph's exit leaves its stream current: restore.
+            torch.cuda.set_stream(current)
+    return GraphedPlan(graph, static_input, static_outputs,
+                       max(grown, 0) + static_input.numel() * static_input.element_size(), queue)
 
 
 class _no_autocast_cache:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..fpn import check_fpn_inputs
+from .._fast_path import _global_hooks
 from ..ops import _memory, _script
 
 __all__ = ["Conv2dAct", "FoldedResidualBlock", "InferenceFPN", "InferenceBackboneWithFPN"]
@@ -38,10 +39,19 @@ def _check_inference(training: bool, name: str, tensors: List[Optional[Tensor]])
 
 
 
-# Conv2dAct's caches of its weight in other layouts (oneDNN's prepacked weight, NNPACK's and the
-# Winograd kernel transforms), and what they were made from (Conv2dAct._pack_token).
+# Conv2dAct keeps its caches of the weight in other layouts (oneDNN's prepacked weight, NNPACK's
+# and the Winograd kernel transforms, keyed by these slots) and what they were made from
+# (Conv2dAct._pack_token) in one dict, the module's "_packs": one object for the module's life, so
+# making a pack never changes the module's own attributes (the engine's StructureGuard compares them).
 _PACK_SLOTS = ("_onednn_weight", "_nnpack_weight", "_winograd_weight")
 _PACKED_FROM = "_packed_from"
+_PACKS = "_packs"
+
+
+def _plain_conv(block: nn.Module) -> bool:
+    """Whether calling ``block`` is exactly Conv2dAct's forward (its type, no hooks), so its
+    work may be done by the ops directly; otherwise the block is called and its hooks run."""
+    return type(block) is Conv2dAct and not (block._forward_hooks or block._forward_pre_hooks or _global_hooks())
 
 
 def _normal_tensor(tensor: Tensor) -> Tensor:
@@ -84,7 +94,7 @@ class Conv2dAct(nn.Module):
     # The prepacked weights are opaque oneDNN tensors: TorchScript must not copy them (nor what
     # validates them) into a scripted module (torch.jit.save cannot write them), as pickling leaves
     # them out.
-    __jit_ignored_attributes__ = [*_PACK_SLOTS, _PACKED_FROM, "_weights_generation"]
+    __jit_ignored_attributes__ = [_PACKS, "_weights_generation"]
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, relu: bool):
@@ -99,6 +109,7 @@ class Conv2dAct(nn.Module):
         # The Winograd routes on CPU (optimize_for_inference's ``winograd`` option).
         self.winograd = True
         self.folded_conv = True  # marks it for the scripted InferenceFPN (a static hasattr there)
+        self.__dict__[_PACKS] = {}
         self.eval()  # it has no training mode; .train() makes it refuse to run
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -136,11 +147,20 @@ class Conv2dAct(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in (*_PACK_SLOTS, _PACKED_FROM)}
+        return {k: v for k, v in state.items() if k not in (_PACKS, *_PACK_SLOTS, _PACKED_FROM)}
 
     def __setstate__(self, state) -> None:
-        super().__setstate__(state)
+        super().__setstate__({k: v for k, v in state.items() if k not in (*_PACK_SLOTS, _PACKED_FROM)})
+        self.__dict__[_PACKS] = {}
         self._weights_replaced()
+
+    @torch.jit.unused
+    def _pack_cache(self) -> dict:
+        """The dict holding the packs (made here for a module built without ``__init__``)."""
+        cache = self.__dict__.get(_PACKS)
+        if cache is None:
+            cache = self.__dict__[_PACKS] = {}
+        return cache
 
     @torch.jit.unused
     def _weights_replaced(self) -> None:
@@ -166,13 +186,17 @@ class Conv2dAct(nn.Module):
         bias = self.bias
         if weight.is_inference() or (bias is not None and bias.is_inference()):
             self._weights_replaced()
-            weight = self.weight
+            weight, bias = self.weight, self.bias
+            if weight.is_inference() or (bias is not None and bias.is_inference()):
+                # Computed anew by each access (a parametrization) under inference_mode: nothing
+                # made from it can be kept, so the token is new every time.
+                return object()
         made_from = (self.__dict__.get("_weights_generation", 0), weight._version, weight.data_ptr())
-        state = self.__dict__.get(_PACKED_FROM)
+        cache = self._pack_cache()
+        state = cache.get(_PACKED_FROM)
         if state is None or state[0] != made_from or state[1] is not weight:
-            for slot in _PACK_SLOTS:
-                self.__dict__.pop(slot, None)
-            state = self.__dict__[_PACKED_FROM] = (made_from, weight, weight.untyped_storage(), object())
+            cache.clear()
+            state = cache[_PACKED_FROM] = (made_from, weight, weight.untyped_storage(), object())
         return state[3]
 
     @torch.jit.unused
@@ -180,11 +204,12 @@ class Conv2dAct(nn.Module):
         """The weight prepacked for oneDNN, made on first use for x's size and kept while the
         weight is unchanged (``_pack_token``); not saved or copied with the module."""
         token = self._pack_token()
-        cached = self.__dict__.get("_onednn_weight")
+        cache = self._pack_cache()
+        cached = cache.get("_onednn_weight")
         if cached is None or cached[0] is not token:
             packed = ops._onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
                                              x.shape)
-            cached = self.__dict__["_onednn_weight"] = (token, packed)
+            cached = cache["_onednn_weight"] = (token, packed)
         return cached[1]
 
     @torch.jit.unused
@@ -194,10 +219,11 @@ class Conv2dAct(nn.Module):
         (``_pack_token``); not saved or copied."""
         token = self._pack_token()
         made_for = (slices, self.padding)
-        cached = self.__dict__.get("_nnpack_weight")
+        cache = self._pack_cache()
+        cached = cache.get("_nnpack_weight")
         if cached is None or cached[0] is not token or cached[1] != made_for:
             kernels = ops._nnpack.pack(self.weight, self.padding, slices)
-            cached = self.__dict__["_nnpack_weight"] = (token, made_for, kernels)
+            cached = cache["_nnpack_weight"] = (token, made_for, kernels)
         return cached[2]
 
     @torch.jit.unused
@@ -208,9 +234,10 @@ class Conv2dAct(nn.Module):
         (``ops._winograd.group_to_use``; at most two packs). Made on first use, kept while the
         weight is unchanged (``_pack_token``); not saved or copied."""
         token = self._pack_token()
-        cached = self.__dict__.get("_winograd_weight")
+        cache = self._pack_cache()
+        cached = cache.get("_winograd_weight")
         if cached is None or cached[0] is not token:
-            cached = self.__dict__["_winograd_weight"] = (token, ops._winograd.group_for(tiles), {})
+            cached = cache["_winograd_weight"] = (token, ops._winograd.group_for(tiles), {})
         group = ops._winograd.group_to_use(cached[1], tiles)
         packs = cached[2]
         if group not in packs:
@@ -271,7 +298,7 @@ class InferenceFPN(nn.Module):
     @torch.jit.unused
     def _top_down(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
         block = self.inner_blocks[level]
-        if isinstance(block, Conv2dAct):
+        if _plain_conv(block):
             return ops.lateral_upsample_add(feature, block.weight, block.bias, top, fuse=self.fuse_lateral)
         lateral = block(feature)  # a kept block's output: hooks may hold it, so not in place
         return lateral if top is None else ops.upsample_add(lateral, top)
@@ -330,8 +357,7 @@ class InferenceFPN(nn.Module):
         map to the largest, so the largest, where NNPACK runs on its own thread pool (over 100x100
         pixels; ~30% slower while OpenMP's workers still spin after an ATen op), run back to back."""
         blocks = list(self.layer_blocks)
-        direct = [isinstance(block, Conv2dAct) and not block.relu and not self.output_channels_last
-                  for block in blocks]
+        direct = [_plain_conv(block) and not block.relu and not self.output_channels_last for block in blocks]
         inputs = list(inners)
         for level, block in enumerate(blocks):
             if direct[level] and ops.conv2d_nchw_input_format(
@@ -362,6 +388,18 @@ class InferenceFPN(nn.Module):
             if i == level:
                 out = block(inner)
         return out
+
+
+def _python_modes() -> bool:
+    """Whether a TorchDispatchMode, or a TorchFunctionMode other than ``torch.set_default_device``'s,
+    is active (the engine then runs the modules as written, so the mode sees every op)."""
+    if torch._C._len_torch_dispatch_stack():
+        return True
+    if torch._C._len_torch_function_stack():
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        return any(type(mode) is not DeviceContext for mode in _get_current_function_mode_stack())
+    return False
 
 
 class InferenceBackboneWithFPN(nn.Module):
@@ -402,13 +440,14 @@ class InferenceBackboneWithFPN(nn.Module):
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Dict[str, Tensor]:
         engine = self.__dict__.get("_engine")
+        # A plan runs plain tensors outside tracing and torch's Python modes (FakeTensor, FLOP
+        # counters, a TorchFunctionMode besides set_default_device's): those see every op as written.
+        if type(x) is not Tensor or ops.capturing_graph() or _python_modes():
+            return self._run_as_written(x)
         if engine is None:
-            if not getattr(self, "engine_options", {}).get("enabled", False) or not isinstance(x, Tensor) \
-                    or ops.capturing_graph():
+            if not getattr(self, "engine_options", {}).get("enabled", False):
                 return self._run_as_written(x)
             engine = self._make_engine()
-        elif not isinstance(x, Tensor) or ops.capturing_graph():
-            return self._run_as_written(x)
         if x.device.type == "cpu":
             with _memory.pooled():
                 return engine(self, x)

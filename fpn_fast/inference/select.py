@@ -70,9 +70,10 @@ def conv2d_act_runner(conv, x: Tensor, residual: Optional[Tensor]) -> Runner:
         channels_last = ops._channels_last_like(x)
         kernels = _nnpack_kernels(conv, x)
         direct = _direct_runner(conv, x, residual)
+        to_nchw = to_nchw_runner(x)
 
         def run_nnpack(x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-            out = _nnpack.conv2d(x.contiguous(), weight, bias, padding, lambda _: kernels)
+            out = _nnpack.conv2d(to_nchw(x), weight, bias, padding, lambda _: kernels)
             if out is None:
                 return direct(x, residual)
             out = _tail(out, residual, relu)
@@ -98,20 +99,41 @@ def _measured_cuda_runner(conv, x: Tensor, residual: Optional[Tensor], implement
     NaN as torch.relu does (``_cudnn_relu_keeps_nan``). A route that raises, or whose output
     differs from the first one's beyond rounding (1e-2 of its scale) or in where it is not
     finite, is not a candidate."""
-    candidates = {"table": _direct_runner(conv, x, residual, implementation)}
+    table = _direct_runner(conv, x, residual, implementation)
+    if not _measuring(x):
+        return table
+    candidates = {"table": table}
     if implementation != "torch":
         candidates["torch"] = _direct_runner(conv, x, residual, "torch")
-    if conv.relu and conv.groups == 1 and _cudnn_relu_keeps_nan(x.device):
-        candidates["cudnn"] = _cudnn_runner(conv, x)
     low = ops._autocast_dtype("cuda")
-    key = (tuple(x.shape), x.stride(), x.dtype, tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation,
-           conv.groups, conv.relu, residual is not None, low, implementation, cudnn_conv_allows_tf32())
-    if torch.cuda.is_current_stream_capturing():  # nothing can be timed inside a capture
-        return candidates["table"]
+    if conv.relu and conv.groups == 1 and _cudnn_fused_allowed() and _cudnn_relu_keeps_nan(x.device, low or x.dtype):
+        candidates["cudnn"] = _cudnn_runner(conv, x)
+    key = (str(x.device), tuple(x.shape), x.stride(), x.dtype, tuple(conv.weight.shape), conv.bias is None,
+           conv.stride, conv.padding, conv.dilation, conv.groups, conv.relu, residual is not None, low, implementation,
+           _cuda_flags())
     choice = _CUDA_CHOICES.get(key)
     if choice is None or choice not in candidates:
         choice = _CUDA_CHOICES[key] = _fastest(candidates, x, residual)
     return candidates[choice]
+
+
+def _measuring(x: Tensor) -> bool:
+    """Whether routes are chosen by measurement here: CUDA, the "auto" backend (a named backend
+    is the caller's choice), and no capture in progress (nothing can be timed inside one)."""
+    return (x.device.type == "cuda" and _dispatch.get_backend() == "auto"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _cuda_flags() -> tuple:
+    return (cudnn_conv_allows_tf32(), torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+
+
+def _cudnn_fused_allowed() -> bool:
+    """cuDNN's fused convolutions are candidates only where cuDNN is on and nothing asks for
+    deterministic algorithms (their algorithm choice is not covered by those flags)."""
+    return (torch.backends.cudnn.enabled and not torch.backends.cudnn.deterministic
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def _fastest(candidates, x: Tensor, residual: Optional[Tensor]) -> str:
@@ -176,22 +198,27 @@ def _cudnn_runner(conv, x: Tensor) -> Runner:
 _NAN_PROBES: dict = {}
 
 
-def _cudnn_relu_keeps_nan(device: torch.device) -> bool:
+def _cudnn_relu_keeps_nan(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether cuDNN's fused ReLU keeps NaN as torch.relu does (a max with 0 would map it to 0),
-    probed once per device; False where the fused ops are missing or raise."""
-    key = str(device)
+    probed once per device and dtype, in both memory formats; False where the fused ops are
+    missing or raise. Never called inside a capture (it synchronises)."""
+    key = (str(device), dtype)
     if key not in _NAN_PROBES:
+        keeps = True
         try:
-            x = torch.ones(1, 1, 3, 3, device=device)
-            x[0, 0, 1, 1] = float("nan")
-            weight = torch.ones(1, 1, 1, 1, device=device)
-            bias = torch.zeros(1, device=device)
-            out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [0, 0], [1, 1], 1)
-            z = torch.zeros_like(out)
-            added = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, [1, 1], [0, 0], [1, 1], 1)
-            _NAN_PROBES[key] = bool(torch.isnan(out[0, 0, 1, 1])) and bool(torch.isnan(added[0, 0, 1, 1]))
+            for memory_format in (torch.contiguous_format, torch.channels_last):
+                x = torch.ones(1, 8, 3, 3, device=device, dtype=dtype)
+                x[0, :, 1, 1] = float("nan")
+                x = x.contiguous(memory_format=memory_format)
+                weight = torch.ones(8, 8, 1, 1, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+                bias = torch.zeros(8, device=device, dtype=dtype)
+                out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [0, 0], [1, 1], 1)
+                added = torch.cudnn_convolution_add_relu(x, weight, torch.zeros_like(out), 1.0, bias, [1, 1], [0, 0],
+                                                        [1, 1], 1)
+                keeps = keeps and bool(torch.isnan(out[0, :, 1, 1]).all()) and bool(torch.isnan(added[0, :, 1, 1]).all())
         except (RuntimeError, AttributeError):
-            _NAN_PROBES[key] = False
+            keeps = False
+        _NAN_PROBES[key] = keeps
     return _NAN_PROBES[key]
 
 
@@ -261,9 +288,10 @@ def conv2d_nchw_runner(conv, x: Tensor) -> Runner:
         return run_winograd
     if implementation == "nnpack":
         kernels = _nnpack_kernels(conv, x)
+        to_nchw_input = to_nchw_runner(x)
 
         def run_nnpack(x: Tensor) -> Tensor:
-            out = _nnpack.conv2d(x.contiguous(), weight, bias, padding, lambda _: kernels)
+            out = _nnpack.conv2d(to_nchw_input(x), weight, bias, padding, lambda _: kernels)
             return to_nchw(direct(x)) if out is None else out
         return run_nnpack
     return lambda x: to_nchw(direct(x))
@@ -295,11 +323,11 @@ def lateral_runner(inner_block, x: Tensor, top: Optional[Tensor], fuse: bool) ->
     if implementation == "triton":
         op = torch.ops.fpn_fast_triton.lateral_upsample_add.default
         fused = lambda x, top=None: op(cast(x), weight, bias, cast(top))  # noqa: E731
-        if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        if not _measuring(x):
             return fused
         # Measured against cuDNN's 1x1 convolution then the in-place top-down step, per level.
-        key = ("lateral", tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), top is None or tuple(top.shape),
-               low, cudnn_conv_allows_tf32())
+        key = ("lateral", str(x.device), tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), bias is None,
+               top is None or (tuple(top.shape), top.stride()), low, _cuda_flags())
         candidates = {"fused": fused, "unfused": _unfused_lateral(x_low, weight, bias, cast(top), cast)}
         choice = _CUDA_CHOICES.get(key)
         if choice is None:
