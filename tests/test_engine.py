@@ -1,4 +1,4 @@
-"""The inference engine (fpn_fast.inference.plan, cuda_graphs): one plan per input signature,
+"""The inference engine (fpn_fast.inference.engine, plan, guards, cuda_graphs): one plan per input signature,
 run without dispatch; invalidated when a weight changes; bounded; never hiding hooks or modes.
 
 Every plan's output is compared with the same optimized model's modules run as written
@@ -618,7 +618,7 @@ def test_the_thread_count_is_part_of_the_cpu_signature():
 
 
 def test_the_guards_notice_what_they_guard():
-    from fpn_fast.inference.plan import StructureGuard
+    from fpn_fast.inference.guards import StructureGuard
     model = _optimized()
     guard = StructureGuard(list(model.modules()), outer=model)
     assert guard.holds()

@@ -1,12 +1,21 @@
 """The inference layer: ``optimize_for_inference`` and the engine it runs on.
 
-Files, in the order of the steps: ``fold`` (norms folded into convolutions), ``modules`` (the
-optimized modules), ``select`` (each step's implementation decided once), ``plan`` (a forward per
-input signature, the weight guard, the plan cache), ``cuda_graphs`` (a CUDA plan replayed as one
-graph), ``optimize`` (the entry point).
+Files, in the order of the steps (each imports only those before it):
+- ``conv``: ``Conv2dAct``, the folded convolution, and its packs.
+- ``modules``: ``FoldedResidualBlock`` and ``InferenceFPN``.
+- ``fold``: norms folded into convolutions (float64, cast back), making those modules.
+- ``select``: each step's implementation decided once, bound into a runner.
+- ``guards``: what a plan assumes between calls (weights, modules, what a graph hides).
+- ``plan``: the forward for one input signature, written out as straight-line code.
+- ``cuda_graphs``: a CUDA plan captured and replayed as one graph.
+- ``engine``: the plans by signature (LRU), served per call.
+- ``backbone``: ``InferenceBackboneWithFPN``, whose eager calls go through the engine.
+- ``optimize``: ``optimize_for_inference``, the entry point.
 """
+from .backbone import InferenceBackboneWithFPN
+from .conv import Conv2dAct
 from .fold import fold_conv_norm, fold_norms
-from .modules import Conv2dAct, FoldedResidualBlock, InferenceBackboneWithFPN, InferenceFPN
+from .modules import FoldedResidualBlock, InferenceFPN
 from .optimize import optimize_for_inference
 
 __all__ = ["optimize_for_inference", "Conv2dAct", "FoldedResidualBlock", "InferenceFPN",

@@ -16,7 +16,7 @@ backbone's forward runs inside fpn_fast's CPU buffer pool (``ops._memory``).
 """
 import copy
 import warnings
-from typing import List, Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -27,7 +27,9 @@ from ..convert import convert
 from ..fpn import FeaturePyramidNetwork
 from . import fold
 from .fold import _torchvision_classes, fold_fpn_block, fold_norms
-from .modules import Conv2dAct, InferenceBackboneWithFPN, InferenceFPN
+from .backbone import InferenceBackboneWithFPN
+from .conv import Conv2dAct
+from .modules import InferenceFPN
 
 __all__ = ["optimize_for_inference"]
 

@@ -30,19 +30,12 @@ Invariants (docs/design.md, "Inference engine"):
   take the modules); a call made while the current CUDA stream is capturing runs the plan's steps
   (never its graph, never a build, which measures).
 """
-import copy
 import itertools
-import operator
-import threading
-import warnings
-import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_state
 
 from .. import ops
 from ..backbone import IntermediateLayerGetter
@@ -50,8 +43,11 @@ from ..fpn import LastLevelMaxPool, check_fpn_inputs
 from ..ops import _dispatch
 from ..ops._triton_lateral import cudnn_conv_allows_tf32
 from . import select
+from .conv import Conv2dAct
+from .guards import StructureGuard, WeightGuard, _global_hooks, _hooked_or_training
+from .modules import FoldedResidualBlock, InferenceFPN
 
-__all__ = ["signature", "Plan", "PlanError", "build_plan", "WeightGuard", "StructureGuard", "Engine"]
+__all__ = ["signature", "Plan", "PlanError", "build_plan"]
 
 
 class PlanError(RuntimeError):
@@ -77,185 +73,6 @@ def signature(x: Tensor) -> Tuple:
     autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     return (x.shape, x.stride(), x.dtype, device, autocast, torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(), _dispatch.get_backend(), flags)
-
-
-_PARAMETERS = operator.attrgetter("_parameters")
-_GET_WEIGHT = operator.methodcaller("get", "weight")
-_GET_BIAS = operator.methodcaller("get", "bias")
-_GENERATION = operator.attrgetter("_weights_generation")
-
-
-class WeightGuard:
-    """Whether the folded convolutions' weights and biases are still those a plan was built from:
-    the same tensor objects (held here, so no other tensor can take their identity or address),
-    the same version counters and data pointers, and the same module generations."""
-
-    def __init__(self, convs: List[nn.Module]):
-        self.modules = convs
-        self.state = self._read()
-
-    def _read(self):
-        tensors = self._tensors()
-        present = [t for t in tensors if t is not None]
-        return (tensors, [t._version for t in present], list(map(Tensor.data_ptr, present)),
-                list(map(_GENERATION, self.modules)))
-
-    def _tensors(self) -> List[Optional[Tensor]]:
-        # get: a parametrized module has no "weight" parameter (and no longer passes the plan's checks).
-        parameters = list(map(_PARAMETERS, self.modules))
-        return list(map(_GET_WEIGHT, parameters)) + list(map(_GET_BIAS, parameters))
-
-    def holds(self) -> bool:
-        """True when nothing changed since the plan was built."""
-        tensors, versions, pointers, generations = self.state
-        current = self._tensors()
-        if any(map(operator.is_not, current, tensors)):
-            return False
-        present = [t for t in current if t is not None]
-        return ([t._version for t in present] == versions and list(map(Tensor.data_ptr, present)) == pointers
-                and list(map(_GENERATION, self.modules)) == generations)
-
-    def tensors(self) -> List[Tensor]:
-        """The weights and biases guarded."""
-        return [t for t in self.state[0] if t is not None]
-
-
-# Values of a module's __dict__ compared by content (copied into the snapshot) rather than by
-# identity: the submodules, hook dicts and option containers (return_layers, in_channels_list).
-# Parameters and buffers are compared by identity here (WeightGuard and _TensorGuard do the rest),
-# and Conv2dAct's packs (made on demand, valid while its WeightGuard holds).
-_BY_IDENTITY = frozenset(("_parameters", "_buffers", "_packs"))
-
-
-def _snapshot(state: dict) -> dict:
-    return {key: (copy.copy(value) if isinstance(value, (dict, list, set)) and key not in _BY_IDENTITY else value)
-            for key, value in state.items()}
-
-
-class StructureGuard:
-    """Whether modules still have the type and attributes they had when the guard was made:
-    each module's ``__dict__`` (submodules, hook dicts, training flag, options) compared with a
-    copy taken then, one C-level dict comparison per module per call.
-
-    Args:
-        modules: the modules whose calls a plan elides (duplicates allowed); held by the guard.
-        outer: the module whose forward runs the plan (the backbone; held weakly, it holds the
-            engine): its submodules and public attributes are compared, and its training flag
-            (its own hooks run around the plan, whatever they do).
-        called: modules the plan calls as written: only their type, training flag and how many
-            forward (pre-)hooks they have are compared (their calls read the rest themselves;
-            a hook removed lets a new plan elide them).
-    """
-
-    def __init__(self, modules: List[nn.Module], outer: Optional[nn.Module] = None,
-                 called: Sequence[nn.Module] = ()):
-        called = list({id(m): m for m in called}.values())
-        skip = {id(outer)} | {id(m) for m in called}
-        unique = list({id(m): m for m in modules if id(m) not in skip}.values())
-        self.modules = unique
-        self.types = list(map(type, unique))
-        self.dicts = [m.__dict__ for m in unique]
-        self.snapshots = [_snapshot(d) for d in self.dicts]
-        self.called = called
-        self.called_state = list(map(_call_state, called))
-        self.outer = None if outer is None else weakref.ref(outer)
-        if outer is not None:
-            state = outer.__dict__
-            self.outer_size, self.outer_type = len(state), type(outer)
-            keys = [key for key in state if key not in _OUTER_IGNORED]
-            self.outer_get = operator.itemgetter(*keys)
-            self.outer_values = tuple(_snapshot({key: state[key] for key in keys}).values())
-
-    def holds(self) -> bool:
-        """True when no module was changed since the guard was made."""
-        try:
-            return (all(map(operator.eq, self.dicts, self.snapshots))
-                    and list(map(type, self.modules)) == self.types
-                    and all(map(operator.is_, map(_DICT, self.modules), self.dicts))
-                    and (not self.called or list(map(_call_state, self.called)) == self.called_state)
-                    and (self.outer is None or self._outer_holds()))
-        except Exception:  # noqa: BLE001 (an attribute replaced by a value whose == raises or is ambiguous)
-            return False
-
-    def _outer_holds(self) -> bool:
-        outer = self.outer()
-        if outer is None:
-            return False
-        state = outer.__dict__
-        return (len(state) == self.outer_size and type(outer) is self.outer_type
-                and self.outer_get(state) == self.outer_values)
-
-
-def _call_state(module: nn.Module) -> Tuple:
-    return (type(module), module.training, len(module._forward_hooks), len(module._forward_pre_hooks))
-
-
-_DICT = operator.attrgetter("__dict__")
-# The outer module's own hooks do not touch the plan (its forward runs it); its engine holds the plans.
-_OUTER_IGNORED = frozenset(("_engine", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                            "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                            "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
-                            "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
-
-
-def _global_hooks() -> bool:
-    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
-
-
-def _hooked_or_training(module: nn.Module) -> bool:
-    return bool(module.training or module._forward_hooks or module._forward_pre_hooks)
-
-
-class _TensorGuard:
-    """Whether the parameters and buffers of modules are the tensors they were (identity and
-    data pointer): a CUDA graph reads them at the addresses it was captured with."""
-
-    def __init__(self, modules: List[nn.Module]):
-        self.modules = modules
-        self.tensors = self._tensors()
-        self.pointers = [t.data_ptr() for t in self.tensors]
-
-    def _tensors(self) -> List[Tensor]:
-        return [t for m in self.modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
-                if t is not None]
-
-    def holds(self) -> bool:
-        current = self._tensors()
-        return (len(current) == len(self.tensors) and all(map(operator.is_, current, self.tensors))
-                and [t.data_ptr() for t in current] == self.pointers)
-
-
-def _hidden_modules(called: List[nn.Module]) -> List[nn.Module]:
-    """The modules a graph of a plan hides: those it calls as written and their submodules."""
-    return list({id(m): m for c in called for m in c.modules()}.values())
-
-
-def _why_not_hide(called: List[nn.Module]) -> Optional[str]:
-    """Why a graph must not hide these modules' calls now (None: it may)."""
-    hooked = [type(m).__name__ for m in _hidden_modules(called) if _hooked_or_training(m) or m._backward_hooks]
-    if hooked:
-        return ("the plan calls modules as written that have hooks or are in training mode ("
-                + ", ".join(sorted(set(hooked))) + "): a graph would hide them")
-    return None
-
-
-class _GraphGuard:
-    """What a CUDA graph hides beyond the plan: the modules the plan calls as written (and their
-    submodules). The graph replays only while none of them has a hook or training mode and their
-    attributes, parameters and buffers are those it was captured with (made after the capture,
-    which ran them)."""
-
-    def __init__(self, called: List[nn.Module]):
-        self.modules = _hidden_modules(called)
-        self.structure = StructureGuard(self.modules)
-        self.tensors = _TensorGuard(self.modules)
-
-    def holds(self) -> bool:
-        return self.structure.holds() and self.tensors.holds()
-
-    def plain(self) -> bool:
-        """No module the graph hides has a hook or training mode."""
-        return not any(map(_hooked_or_training, self.modules))
 
 
 class Plan:
@@ -339,8 +156,6 @@ def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]
     Raises:
         PlanError: a part of the backbone the plan cannot express (the caller runs it as written).
     """
-    from .modules import Conv2dAct, FoldedResidualBlock, InferenceFPN  # the modules import this file
-
     body, fpn = backbone.body, backbone.fpn
     # Everything that can refuse a plan is checked before any step runs (no module call twice).
     if type(body) not in _layer_getters():
@@ -406,8 +221,6 @@ def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]
 def _plan_fpn(writer: _Writer, fpn: nn.Module, features, walk) -> List[Tuple[str, str, Tensor]]:
     """The InferenceFPN's forward (top-down pathway, output convolutions small to large, extra
     block, output layout) written as steps."""
-    from .modules import Conv2dAct
-
     names = [name for name, _, _ in features]
     check_fpn_inputs(names, [value for _, _, value in features], fpn.in_channels_list)
     last = len(features) - 1
@@ -509,224 +322,3 @@ def _count_resolutions() -> Callable[[], int]:
     return lambda: _dispatch.resolution_count() - start
 
 
-class _Entry:
-    """One signature's plan and its CUDA graph, or why it has none.
-
-    Attributes:
-        plan: the Plan, or None where the backbone cannot be planned (its modules run as written
-            while ``structure`` holds, i.e. until a module it covers changes).
-        graphed, graph_guard: the captured graph and what it hides (``_GraphGuard``), or None.
-        captures: graphs captured for it (a graph whose hidden modules changed is captured again,
-            at most ``MAX_CAPTURES`` times in all).
-        reason: why there is no plan, or no graph.
-    """
-
-    def __init__(self, plan: Optional[Plan], reason: Optional[str] = None,
-                 structure: Optional[StructureGuard] = None):
-        self.plan = plan
-        self.structure = structure
-        self.graphed = None
-        self.graph_guard: Optional[_GraphGuard] = None
-        self.captures = 0
-        self.reason = reason
-        self.hits = 0
-
-    def retire(self) -> None:
-        """Forget the graph once its last replay is done (its memory may be reused at once)."""
-        if self.graphed is not None:
-            self.graphed.retire()
-            self.graphed = self.graph_guard = None
-
-
-MAX_CAPTURES = 3
-
-
-class Engine:
-    """The optimized backbone's plans by signature (least recently used evicted beyond
-    ``max_plans``), their CUDA graphs, and the graph memory pools.
-
-    Calls may come from several threads: lookups and runs take no lock; building, capturing and
-    evicting take the engine's lock (a call that finds no valid plan looks again once it holds
-    it); replays of graphs sharing a pool take turns (``cuda_graphs.ReplayQueue``).
-
-    Args:
-        max_plans: signatures kept (each holds its packs and, on CUDA, its graph's memory).
-        cuda_graphs: capture CUDA plans as graphs.
-        static_outputs: return a graph's static output tensors (overwritten by the next call of
-            the same signature) instead of copies of them; each graph then has a memory pool of
-            its own, so no other signature's replay writes into them.
-    """
-
-    def __init__(self, max_plans: int = 8, cuda_graphs: bool = True, static_outputs: bool = False):
-        if max_plans < 1:
-            raise ValueError(f"max_plans must be at least 1, got {max_plans}")
-        self.max_plans = max_plans
-        self.cuda_graphs = cuda_graphs
-        self.static_outputs = static_outputs
-        self.entries: "OrderedDict[Tuple, _Entry]" = OrderedDict()
-        self.pools: Dict[torch.device, object] = {}  # device -> the shared pool's (handle, replay queue)
-        self.capture_streams: Dict[torch.device, object] = {}
-        self.warned: set = set()
-        self.builds = 0
-        self.lock = threading.RLock()
-
-    def __call__(self, backbone: nn.Module, x: Tensor) -> Dict[str, Tensor]:
-        key = signature(x)
-        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        entry = self.entries.get(key)
-        if entry is not None:
-            out = self._serve(entry, backbone, x, key, capturing)
-            if out is not None:
-                return out
-        return self._slow(backbone, x, key, capturing)
-
-    def _serve(self, entry: _Entry, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool):
-        """The call's output from a cached entry, or None where the entry does not serve it."""
-        plan = entry.plan
-        if plan is None:
-            # Cannot be planned: as written, until a module changes.
-            return backbone._run_as_written(x) if entry.structure.holds() else None
-        if not (plan.structure.holds() and plan.guard.holds()) or _global_hooks():
-            return None
-        if key[5] and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
-            return backbone._run_as_written(x)
-        entry.hits += 1
-        try:
-            self.entries.move_to_end(key)
-        except KeyError:  # evicted by another thread meanwhile
-            pass
-        if capturing:
-            # Inside a user's capture: the plan's steps (never a replay). Under autocast they would
-            # bake in the weights' casts made at build time, which the user's graph would then keep.
-            return plan.run(x) if key[4] is None else backbone._run_as_written(x)
-        graphed, guard = entry.graphed, entry.graph_guard
-        if graphed is None or guard is None:
-            return plan.run(x)
-        if guard.holds():
-            return graphed(x, self.static_outputs)
-        if not guard.plain():  # a hook or training mode the plan's calls honour
-            return plan.run(x)
-        with self.lock:  # what the graph hides changed: capture again (a few times at most)
-            if entry.graph_guard is guard:
-                entry.retire()
-                if entry.captures < MAX_CAPTURES:
-                    self._capture(entry, x, key)
-                else:
-                    entry.reason = ("the modules the plan calls as written changed after each of its "
-                                    f"{MAX_CAPTURES} captures: it runs without a graph")
-                    _cuda_graphs().warn_once(self.warned, entry.reason)
-        return plan.run(x)
-
-    def _slow(self, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool) -> Dict[str, Tensor]:
-        """A call the cached plans do not serve: as written (hooks, training, a capture in
-        progress), or a new plan."""
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry is not None:  # another thread may have just built it
-                out = self._serve(entry, backbone, x, key, capturing)
-                if out is not None:
-                    return out
-            if (capturing or backbone.training or _global_hooks() or _hooked_or_training(backbone.body)
-                    or _hooked_or_training(backbone.fpn)):
-                return backbone._run_as_written(x)
-            if entry is not None and entry.plan is not None and not entry.plan.applies():
-                return backbone._run_as_written(x)  # a hook or training mode on a module it elides
-            return self._build(backbone, x, key)
-
-    def _build(self, backbone: nn.Module, x: Tensor, key: Tuple) -> Dict[str, Tensor]:
-        from .modules import _check_inference
-        _check_inference(backbone.training, "InferenceBackboneWithFPN", [x])  # raises as eager would
-        if key[5] and any(p.requires_grad for p in backbone.parameters()):
-            return backbone._run_as_written(x)  # the folded modules raise as eager does
-        self._drop_stale()
-        try:
-            plan, out = build_plan(backbone, x)
-        except PlanError as err:
-            return self._unplanned(backbone, key, str(err), backbone._run_as_written(x))
-        except Exception as err:  # bad input: the modules as written raise the eager error, named there
-            out = backbone._run_as_written(x)
-            return self._unplanned(backbone, key, f"planning raised {type(err).__name__}: {err}", out)
-        self.builds += 1
-        entry = _Entry(plan)
-        if x.device.type == "cuda" and self.cuda_graphs:
-            self._capture(entry, x, key)
-        elif x.device.type != "cuda":
-            entry.reason = f"CUDA graphs need CUDA tensors; the input is on {x.device}"
-        self._store(key, entry)
-        return out
-
-    def _unplanned(self, backbone: nn.Module, key: Tuple, reason: str, out):
-        """Remember that the signature runs as written (until the backbone's modules change)."""
-        structure = StructureGuard([backbone.body, backbone.fpn], outer=backbone)
-        self._store(key, _Entry(None, reason=reason, structure=structure))
-        if reason not in self.warned:
-            self.warned.add(reason)
-            warnings.warn(f"fpn_fast: the optimized backbone runs its modules as written: {reason}", stacklevel=4)
-        return out
-
-    def _capture(self, entry: _Entry, x: Tensor, key: Tuple) -> None:
-        """Capture the entry's plan as a CUDA graph (the engine's lock held), or say why not."""
-        cuda_graphs = _cuda_graphs()
-        called = entry.plan.called
-        reason = cuda_graphs.why_not_capturable(x) or _why_not_hide(called)
-        if reason is None:
-            device = x.device
-            stream = self.capture_streams.get(device)
-            if stream is None:
-                stream = self.capture_streams[device] = torch.cuda.Stream(device)
-            if self.static_outputs:  # a pool of its own: no other graph writes into its outputs
-                pool, queue = None, cuda_graphs.ReplayQueue()
-            else:
-                if device not in self.pools:
-                    self.pools[device] = (torch.cuda.graph_pool_handle(), cuda_graphs.ReplayQueue())
-                pool, queue = self.pools[device]
-            entry.captures += 1
-            try:
-                entry.graphed = cuda_graphs.capture(entry.plan.run, x, pool, key[4], stream, queue)
-                entry.graph_guard = _GraphGuard(called)  # after the capture, which ran the called modules
-            except Exception as err:  # an op that synchronises, or another that graphs do not allow
-                reason = f"capturing the plan failed: {type(err).__name__}: {err}"
-        entry.reason = reason
-        if reason is not None:
-            cuda_graphs.warn_once(self.warned, reason)
-
-    def _drop_stale(self) -> None:
-        """Drop the plans whose weights or modules changed (they hold packs and graph memory); a
-        plan that fails only because a module it elides has a hook stays for when it is gone."""
-        for key, entry in list(self.entries.items()):
-            if entry.plan is None:
-                stale = entry.structure is not None and not entry.structure.holds()
-            else:
-                stale = not entry.plan.guard.holds() or (not entry.plan.structure.holds() and entry.plan.applies())
-            if stale:
-                self.entries.pop(key, None)
-                entry.retire()
-
-    def _store(self, key: Tuple, entry: _Entry) -> None:
-        self.entries[key] = entry
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_plans:
-            self.entries.popitem(last=False)[1].retire()
-
-    def info(self) -> List[Dict[str, object]]:
-        """One dict per cached signature, least recently used first: ``signature`` (the tuple),
-        ``planned`` (False: runs as written), ``graph`` (captured?), ``reason`` (why not planned
-        or not captured), ``hits``, ``graph_bytes`` (device memory its capture added: the bytes the
-        graph's memory pool grew by while capturing it, plus its static input; graphs sharing a
-        pool reuse each other's intermediates, so a later graph may add little; 0 without a graph)."""
-        with self.lock:
-            items = list(self.entries.items())
-        return [dict(signature=key, planned=entry.plan is not None, graph=entry.graphed is not None,
-                     reason=entry.reason, hits=entry.hits,
-                     graph_bytes=entry.graphed.captured_bytes if entry.graphed is not None else 0)
-                for key, entry in items]
-
-
-def _cuda_graphs():
-    from . import cuda_graphs  # imported on first use: CPU-only processes never load it
-    return cuda_graphs
-
-
-def _needs_grad(x: Tensor, guard: WeightGuard) -> bool:
-    """Grad mode is on (the caller checked) and the input or a folded weight requires grad."""
-    return x.requires_grad or any(map(operator.attrgetter("requires_grad"), guard.tensors()))

@@ -1,0 +1,241 @@
+"""The plan cache: ``Engine`` keeps one plan per input signature (least recently used evicted),
+serves each call from it while its guards hold, builds a plan on a miss, and on CUDA replays the
+plan as a CUDA graph (``cuda_graphs.py``). See docs/design.md ("Inference engine") for the
+invariants and tests/test_engine.py for their tests.
+"""
+import operator
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .conv import _check_inference
+from .guards import GraphGuard, StructureGuard, WeightGuard, _global_hooks, _hooked_or_training, _why_not_hide
+from .plan import Plan, PlanError, build_plan, signature
+
+__all__ = ["Engine"]
+
+
+class _Entry:
+    """One signature's plan and its CUDA graph, or why it has none.
+
+    Attributes:
+        plan: the Plan, or None where the backbone cannot be planned (its modules run as written
+            while ``structure`` holds, i.e. until a module it covers changes).
+        graphed, graph_guard: the captured graph and what it hides (``GraphGuard``), or None.
+        captures: graphs captured for it (a graph whose hidden modules changed is captured again,
+            at most ``MAX_CAPTURES`` times in all).
+        reason: why there is no plan, or no graph.
+    """
+
+    def __init__(self, plan: Optional[Plan], reason: Optional[str] = None,
+                 structure: Optional[StructureGuard] = None):
+        self.plan = plan
+        self.structure = structure
+        self.graphed = None
+        self.graph_guard: Optional[GraphGuard] = None
+        self.captures = 0
+        self.reason = reason
+        self.hits = 0
+
+    def retire(self) -> None:
+        """Forget the graph once its last replay is done (its memory may be reused at once)."""
+        if self.graphed is not None:
+            self.graphed.retire()
+            self.graphed = self.graph_guard = None
+
+
+MAX_CAPTURES = 3
+
+
+class Engine:
+    """The optimized backbone's plans by signature (least recently used evicted beyond
+    ``max_plans``), their CUDA graphs, and the graph memory pools.
+
+    Calls may come from several threads: lookups and runs take no lock; building, capturing and
+    evicting take the engine's lock (a call that finds no valid plan looks again once it holds
+    it); replays of graphs sharing a pool take turns (``cuda_graphs.ReplayQueue``).
+
+    Args:
+        max_plans: signatures kept (each holds its packs and, on CUDA, its graph's memory).
+        cuda_graphs: capture CUDA plans as graphs.
+        static_outputs: return a graph's static output tensors (overwritten by the next call of
+            the same signature) instead of copies of them; each graph then has a memory pool of
+            its own, so no other signature's replay writes into them.
+    """
+
+    def __init__(self, max_plans: int = 8, cuda_graphs: bool = True, static_outputs: bool = False):
+        if max_plans < 1:
+            raise ValueError(f"max_plans must be at least 1, got {max_plans}")
+        self.max_plans = max_plans
+        self.cuda_graphs = cuda_graphs
+        self.static_outputs = static_outputs
+        self.entries: "OrderedDict[Tuple, _Entry]" = OrderedDict()
+        self.pools: Dict[torch.device, object] = {}  # device -> the shared pool's (handle, replay queue)
+        self.capture_streams: Dict[torch.device, object] = {}
+        self.warned: set = set()
+        self.builds = 0
+        self.lock = threading.RLock()
+
+    def __call__(self, backbone: nn.Module, x: Tensor) -> Dict[str, Tensor]:
+        key = signature(x)
+        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        entry = self.entries.get(key)
+        if entry is not None:
+            out = self._serve(entry, backbone, x, key, capturing)
+            if out is not None:
+                return out
+        return self._slow(backbone, x, key, capturing)
+
+    def _serve(self, entry: _Entry, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool):
+        """The call's output from a cached entry, or None where the entry does not serve it."""
+        plan = entry.plan
+        if plan is None:
+            # Cannot be planned: as written, until a module changes.
+            return backbone._run_as_written(x) if entry.structure.holds() else None
+        if not (plan.structure.holds() and plan.guard.holds()) or _global_hooks():
+            return None
+        if key[5] and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
+            return backbone._run_as_written(x)
+        entry.hits += 1
+        try:
+            self.entries.move_to_end(key)
+        except KeyError:  # evicted by another thread meanwhile
+            pass
+        if capturing:
+            # Inside a user's capture: the plan's steps (never a replay). Under autocast they would
+            # bake in the weights' casts made at build time, which the user's graph would then keep.
+            return plan.run(x) if key[4] is None else backbone._run_as_written(x)
+        graphed, guard = entry.graphed, entry.graph_guard
+        if graphed is None or guard is None:
+            return plan.run(x)
+        if guard.holds():
+            return graphed(x, self.static_outputs)
+        if not guard.plain():  # a hook or training mode the plan's calls honour
+            return plan.run(x)
+        with self.lock:  # what the graph hides changed: capture again (a few times at most)
+            if entry.graph_guard is guard:
+                entry.retire()
+                if entry.captures < MAX_CAPTURES:
+                    self._capture(entry, x, key)
+                else:
+                    entry.reason = ("the modules the plan calls as written changed after each of its "
+                                    f"{MAX_CAPTURES} captures: it runs without a graph")
+                    _cuda_graphs().warn_once(self.warned, entry.reason)
+        return plan.run(x)
+
+    def _slow(self, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool) -> Dict[str, Tensor]:
+        """A call the cached plans do not serve: as written (hooks, training, a capture in
+        progress), or a new plan."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:  # another thread may have just built it
+                out = self._serve(entry, backbone, x, key, capturing)
+                if out is not None:
+                    return out
+            if (capturing or backbone.training or _global_hooks() or _hooked_or_training(backbone.body)
+                    or _hooked_or_training(backbone.fpn)):
+                return backbone._run_as_written(x)
+            if entry is not None and entry.plan is not None and not entry.plan.applies():
+                return backbone._run_as_written(x)  # a hook or training mode on a module it elides
+            return self._build(backbone, x, key)
+
+    def _build(self, backbone: nn.Module, x: Tensor, key: Tuple) -> Dict[str, Tensor]:
+        _check_inference(backbone.training, "InferenceBackboneWithFPN", [x])  # raises as eager would
+        if key[5] and any(p.requires_grad for p in backbone.parameters()):
+            return backbone._run_as_written(x)  # the folded modules raise as eager does
+        self._drop_stale()
+        try:
+            plan, out = build_plan(backbone, x)
+        except PlanError as err:
+            return self._unplanned(backbone, key, str(err), backbone._run_as_written(x))
+        except Exception as err:  # bad input: the modules as written raise the eager error, named there
+            out = backbone._run_as_written(x)
+            return self._unplanned(backbone, key, f"planning raised {type(err).__name__}: {err}", out)
+        self.builds += 1
+        entry = _Entry(plan)
+        if x.device.type == "cuda" and self.cuda_graphs:
+            self._capture(entry, x, key)
+        elif x.device.type != "cuda":
+            entry.reason = f"CUDA graphs need CUDA tensors; the input is on {x.device}"
+        self._store(key, entry)
+        return out
+
+    def _unplanned(self, backbone: nn.Module, key: Tuple, reason: str, out):
+        """Remember that the signature runs as written (until the backbone's modules change)."""
+        structure = StructureGuard([backbone.body, backbone.fpn], outer=backbone)
+        self._store(key, _Entry(None, reason=reason, structure=structure))
+        if reason not in self.warned:
+            self.warned.add(reason)
+            warnings.warn(f"fpn_fast: the optimized backbone runs its modules as written: {reason}", stacklevel=4)
+        return out
+
+    def _capture(self, entry: _Entry, x: Tensor, key: Tuple) -> None:
+        """Capture the entry's plan as a CUDA graph (the engine's lock held), or say why not."""
+        cuda_graphs = _cuda_graphs()
+        called = entry.plan.called
+        reason = cuda_graphs.why_not_capturable(x) or _why_not_hide(called)
+        if reason is None:
+            device = x.device
+            stream = self.capture_streams.get(device)
+            if stream is None:
+                stream = self.capture_streams[device] = torch.cuda.Stream(device)
+            if self.static_outputs:  # a pool of its own: no other graph writes into its outputs
+                pool, queue = None, cuda_graphs.ReplayQueue()
+            else:
+                if device not in self.pools:
+                    self.pools[device] = (torch.cuda.graph_pool_handle(), cuda_graphs.ReplayQueue())
+                pool, queue = self.pools[device]
+            entry.captures += 1
+            try:
+                entry.graphed = cuda_graphs.capture(entry.plan.run, x, pool, key[4], stream, queue)
+                entry.graph_guard = GraphGuard(called)  # after the capture, which ran the called modules
+            except Exception as err:  # an op that synchronises, or another that graphs do not allow
+                reason = f"capturing the plan failed: {type(err).__name__}: {err}"
+        entry.reason = reason
+        if reason is not None:
+            cuda_graphs.warn_once(self.warned, reason)
+
+    def _drop_stale(self) -> None:
+        """Drop the plans whose weights or modules changed (they hold packs and graph memory); a
+        plan that fails only because a module it elides has a hook stays for when it is gone."""
+        for key, entry in list(self.entries.items()):
+            if entry.plan is None:
+                stale = entry.structure is not None and not entry.structure.holds()
+            else:
+                stale = not entry.plan.guard.holds() or (not entry.plan.structure.holds() and entry.plan.applies())
+            if stale:
+                self.entries.pop(key, None)
+                entry.retire()
+
+    def _store(self, key: Tuple, entry: _Entry) -> None:
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_plans:
+            self.entries.popitem(last=False)[1].retire()
+
+    def info(self) -> List[Dict[str, object]]:
+        """One dict per cached signature, least recently used first: ``signature`` (the tuple),
+        ``planned`` (False: runs as written), ``graph`` (captured?), ``reason`` (why not planned
+        or not captured), ``hits``, ``graph_bytes`` (device memory its capture added: the bytes the
+        graph's memory pool grew by while capturing it, plus its static input; graphs sharing a
+        pool reuse each other's intermediates, so a later graph may add little; 0 without a graph)."""
+        with self.lock:
+            items = list(self.entries.items())
+        return [dict(signature=key, planned=entry.plan is not None, graph=entry.graphed is not None,
+                     reason=entry.reason, hits=entry.hits,
+                     graph_bytes=entry.graphed.captured_bytes if entry.graphed is not None else 0)
+                for key, entry in items]
+
+
+def _cuda_graphs():
+    from . import cuda_graphs  # imported on first use: CPU-only processes never load it
+    return cuda_graphs
+
+
+def _needs_grad(x: Tensor, guard: WeightGuard) -> bool:
+    """Grad mode is on (the caller checked) and the input or a folded weight requires grad."""
+    return x.requires_grad or any(map(operator.attrgetter("requires_grad"), guard.tensors()))
