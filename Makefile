@@ -21,7 +21,8 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
-# The main job: a whole detector on the photos bundled with scikit-image; report and numbers in $(DEMO_OUT).
+# The main job (fpn_fast/demo/): a whole detector on the photos bundled with scikit-image; report and
+# numbers in $(DEMO_OUT).
 DEMO_OUT ?= build/demo
 demo: install
 	mkdir -p $(DEMO_OUT)

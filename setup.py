@@ -102,7 +102,7 @@ setup(
     install_requires=["torch>=2.11,<2.15"],
     extras_require={
         "plot": ["matplotlib"], "triton": ["triton"],
-        # python -m fpn_fast (the main job): detectors, bundled photos, decoding, progress, report
+        # python -m fpn_fast (the main job, fpn_fast.demo): detectors, bundled photos, decoding, progress, report
         "demo": ["torchvision", "scikit-image>=0.26", "pillow>=9.1", "tqdm>=4.60", "matplotlib"],
         "onnx": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
         "test": ["torchvision", "pytest", "pytest-benchmark"],

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from fpn_fast.measure import backend_reasons
+from fpn_fast.demo import backend_reasons
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -34,7 +34,7 @@ def _child(args) -> None:
     import torch
 
     import fpn_fast
-    from fpn_fast.measure import build_models
+    from fpn_fast.demo import build_models
 
     device = torch.device(args.device)
     tf32 = args.precision == "float32-tf32"

@@ -3,7 +3,7 @@ engineer would otherwise run on CPU, the ResNet50-FPN backbone, float32, batch 1
 
 One pytest-benchmark group per image size, "backbone peers cpu float32 batch 1 HxW", 800x1216 and
 320x320. Every row computes torchvision's backbone with the same weights: random (seeded), and
-random norm statistics and affine parameters (``fpn_fast.measure.randomize_norms``), so the frozen
+random norm statistics and affine parameters (``fpn_fast.demo.randomize_norms``), so the frozen
 norms are not identities. Rows:
 
 - ``torchvision eager``: torchvision's ``resnet_fpn_backbone("resnet50")``, the baseline;
@@ -50,7 +50,7 @@ import torch
 
 import fpn_fast
 from fpn_fast import ops
-from fpn_fast.measure import build_models, level_diffs, randomize_norms
+from fpn_fast.demo import build_models, level_diffs, randomize_norms
 from _bench import SUMMARY
 
 pytest.importorskip("torchvision")  # the reference row and the exported model are torchvision's

@@ -1,5 +1,5 @@
 """End to end: a whole torchvision Faster R-CNN (fasterrcnn_resnet50_fpn, seeded random weights and
-norm statistics: ``fpn_fast.measure.build_detector``) on one photograph bundled with scikit-image
+norm statistics: ``fpn_fast.demo.build_detector``) on one photograph bundled with scikit-image
 (rocket.jpg, 427x640; the detector's transform resizes it to 800x1199 and pads it to 800x1216), passed
 as a one-image list as a service would: torchvision eager, the same model after ``fpn_fast.convert``
 (auto backend), and after ``fpn_fast.optimize_for_inference``. float32.
@@ -18,10 +18,10 @@ from _bench import DEVICES, rounds, run_benchmark
 
 pytest.importorskip("torchvision")  # as the other suites
 
-from fpn_fast import measure  # noqa: E402
+from fpn_fast import demo  # noqa: E402
 
 MODEL = "fasterrcnn_resnet50_fpn"
-VARIANTS = [measure.TORCHVISION, measure.CONVERTED, measure.OPTIMIZED]
+VARIANTS = [demo.TORCHVISION, demo.CONVERTED, demo.OPTIMIZED]
 _MODELS = {}
 
 
@@ -29,9 +29,9 @@ def _models(device: str):
     """The three rows' models, one device at a time (they are large)."""
     if device not in _MODELS:
         _MODELS.clear()
-        tv = measure.build_detector(MODEL).to(device)
-        _MODELS[device] = {measure.TORCHVISION: tv, measure.CONVERTED: fpn_fast.convert(copy.deepcopy(tv)),
-                           measure.OPTIMIZED: fpn_fast.optimize_for_inference(tv)}
+        tv = demo.build_detector(MODEL).to(device)
+        _MODELS[device] = {demo.TORCHVISION: tv, demo.CONVERTED: fpn_fast.convert(copy.deepcopy(tv)),
+                           demo.OPTIMIZED: fpn_fast.optimize_for_inference(tv)}
     return _MODELS[device]
 
 
@@ -39,8 +39,8 @@ def _models(device: str):
 @pytest.mark.parametrize("device", DEVICES)
 def test_detector_end_to_end(benchmark, device, variant):
     model = _models(device)[variant]
-    path = measure.bundled_photos()[-1]
-    photo = measure.load_image(path).to(device) / 255.0
+    path = demo.bundled_photos()[-1]
+    photo = demo.load_image(path).to(device) / 255.0
     benchmark.group = f"detector end-to-end {device} float32 {MODEL} {path.name} {photo.shape[1]}x{photo.shape[2]}"
 
     def forward():

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from fpn_fast.measure import build_models
+from fpn_fast.demo import build_models
 from _bench import (DEVICES, DTYPES, FORMATS, SUMMARY, autocast_context, build_fpns, kernel_backends,
                     neck_features, rounds, run_benchmark, skip_low_precision_on_cpu)
 from fpn_fast import ops

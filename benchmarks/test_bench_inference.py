@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import fpn_fast
 from fpn_fast import ops
-from fpn_fast.measure import build_models
+from fpn_fast.demo import build_models
 from _bench import (DEVICES, DRY, DTYPES, SUMMARY, autocast_context, images_shape, kernel_backends, rotation_count,
                     rounds, run_benchmark, skip_low_precision_on_cpu, timed_seconds)
 

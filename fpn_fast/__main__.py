@@ -1,4 +1,4 @@
-"""``python -m fpn_fast``: a torchvision detector on photographs, torchvision vs fpn_fast (see fpn_fast.demo)."""
+"""``python -m fpn_fast``: a torchvision detector on photographs, torchvision vs fpn_fast (see fpn_fast.demo.cli)."""
 import sys
 from typing import List, Optional
 
@@ -8,13 +8,13 @@ DEMO_EXTRA_MODULES = ("torchvision", "skimage", "PIL", "tqdm", "matplotlib")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``fpn_fast.demo.main``, or a one-line error when a package of the demo extra is missing.
+    """``fpn_fast.demo.cli.main``, or a one-line error when a package of the demo extra is missing.
 
     Args:
         argv: the arguments (``sys.argv[1:]`` when None).
 
     Returns:
-        The exit status of ``fpn_fast.demo.main``; 2 when a module of the "demo" extra is not
+        The exit status of ``fpn_fast.demo.cli.main``; 2 when a module of the "demo" extra is not
         installed: the reason and ``pip install "fpn_fast[demo]"`` are one line on stderr.
 
     Raises:
@@ -22,7 +22,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             installation of fpn_fast or of its dependencies), with its traceback.
     """
     try:
-        from .demo import main as demo_main
+        from .demo.cli import main as demo_main
         return demo_main(argv)
     except ModuleNotFoundError as err:
         if (err.name or "").partition(".")[0] not in DEMO_EXTRA_MODULES:

@@ -118,9 +118,9 @@ def test_missing_demo_extra_is_a_clean_error(run_python):
 
 
 def test_missing_module_of_fpn_fast_itself_is_not_blamed_on_the_extra(run_python):
-    proc = _main_without(run_python, ["fpn_fast.report"])
+    proc = _main_without(run_python, ["fpn_fast.demo.report"])
     assert proc.returncode == 1
-    assert "Traceback" in proc.stderr and "ModuleNotFoundError" in proc.stderr and "fpn_fast.report" in proc.stderr
+    assert "Traceback" in proc.stderr and "ModuleNotFoundError" in proc.stderr and "fpn_fast.demo.report" in proc.stderr
     assert "fpn_fast[demo]" not in proc.stderr
 
 
@@ -134,6 +134,42 @@ def test_demo_extra_holds_the_modules_the_command_line_needs():
                      if spec.strip()]
     import_names = {"scikit-image": "skimage", "pillow": "PIL"}
     assert sorted(import_names.get(d, d) for d in distributions) == sorted(DEMO_EXTRA_MODULES)
+
+
+# The main job's own packages (the "demo" extra) that the core must not pull in; torch itself
+# imports tqdm (torch.hub), so the core is checked with them missing as well as by what it adds.
+_DEMO_ONLY = ("tqdm", "skimage", "matplotlib")
+
+
+def test_core_never_imports_the_main_job(run_python):
+    proc = run_python("""
+        import json, sys
+        import torch
+        try:
+            import torchvision  # optional for the core: what it imports is not the core's
+        except ImportError:
+            pass
+        before = set(sys.modules)
+        import fpn_fast
+        added = sorted(set(sys.modules) - before)
+        print("MODULES " + json.dumps(added))
+    """, unset=("FPN_FAST_BACKEND",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    added = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("MODULES "))[8:])
+    assert "fpn_fast" in added
+    assert [m for m in added if m == "fpn_fast.demo" or m.startswith("fpn_fast.demo.")] == []
+    assert [m for m in added if m.partition(".")[0] in _DEMO_ONLY] == []
+
+
+def test_core_imports_without_the_demo_extra(run_python):
+    proc = run_python("""
+        import sys
+        import fpn_fast
+        model = fpn_fast.resnet50_fpn_backbone(weights=None)
+        print("DEMO " + str(sorted(m for m in sys.modules if m.startswith("fpn_fast.demo"))))
+    """, unset=("FPN_FAST_BACKEND",), block=_DEMO_ONLY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEMO []" in proc.stdout
 
 
 SMALL = ["--model", "backbone", "--size", "64x96", "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
@@ -171,7 +207,7 @@ def test_optimize_adds_a_checked_and_timed_variant(optimized_run):
 def test_optimize_outside_the_parity_bound_fails_the_job(monkeypatch, capsys):
     """A wrong fold must not pass as a timing: shift one output conv's bias of the optimized copy."""
     import fpn_fast
-    from fpn_fast import demo
+    from fpn_fast.demo import cli
 
     real = fpn_fast.optimize_for_inference
 
@@ -180,7 +216,7 @@ def test_optimize_outside_the_parity_bound_fails_the_job(monkeypatch, capsys):
         optimized.fpn.layer_blocks[0].bias.data += 1.0
         return optimized
     monkeypatch.setattr(fpn_fast, "optimize_for_inference", broken)
-    assert demo.main(SMALL + ["--backend", "torch", "--optimize"]) == 1
+    assert cli.main(SMALL + ["--backend", "torch", "--optimize"]) == 1
     out = capsys.readouterr().out
     assert "FAILED fpn_fast optimized: outside the float32 parity bound" in out
     assert "vs reference NO" in out
@@ -189,7 +225,7 @@ def test_optimize_outside_the_parity_bound_fails_the_job(monkeypatch, capsys):
 
 def test_parity_bound_applies_to_ieee_float32_only(monkeypatch):
     import torch
-    from fpn_fast.measure import parity_applies
+    from fpn_fast.demo.parity import parity_applies
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert parity_applies(torch.float32, cpu)
@@ -217,9 +253,9 @@ def eager_compile(monkeypatch):
 
 
 def test_compile_adds_torchvision_max_autotune(eager_compile, capsys, tmp_path):
-    from fpn_fast import demo
+    from fpn_fast.demo import cli
 
-    assert demo.main(SMALL + ["--backend", "torch", "--compile", "--json", str(tmp_path / "out.json")]) == 0
+    assert cli.main(SMALL + ["--backend", "torch", "--compile", "--json", str(tmp_path / "out.json")]) == 0
     assert eager_compile == [("BackboneWithFPN", {"mode": "max-autotune", "dynamic": False}),
                              ("FeaturePyramidNetwork", {"mode": "max-autotune", "dynamic": False})]
     with open(tmp_path / "out.json") as f:

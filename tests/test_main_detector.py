@@ -1,4 +1,4 @@
-"""The detector job of `python -m fpn_fast` (fpn_fast.measure.run_detector): the CLI in a subprocess on
+"""The detector job of `python -m fpn_fast` (fpn_fast.demo.run_detector): the CLI in a subprocess on
 the bundled photos and on a folder of the user's images with a checkpoint, its error exits, and the
 matching / checkpoint helpers. Small sizes (--min-size 128) keep each run to seconds."""
 import json
@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from fpn_fast import measure
+from fpn_fast import demo
 from tests.test_main import run_main
 
 # Fewer proposals and detections than torchvision's 1000 and 100: the box head's cost drops tenfold.
@@ -18,7 +18,7 @@ SMALL = ["--min-size", "128", "--max-size", "200", "--repeats", "1", "--device",
     arg for name, value in CHEAP.items() for arg in ("--model-arg", f"{name}={value}")]
 RESULT_KEYS = {"mode", "machine", "config", "backends", "images", "variants", "pyramid", "parity", "detections",
                "timings", "speedups", "speedups_vs_compiled", "failures", "runtime_s"}
-VARIANTS = [measure.TORCHVISION, measure.CONVERTED, measure.OPTIMIZED]
+VARIANTS = [demo.TORCHVISION, demo.CONVERTED, demo.OPTIMIZED]
 FPN_LEVELS = ["0", "1", "2", "3", "pool"]
 
 
@@ -49,7 +49,7 @@ def check_result(result, names, levels=FPN_LEVELS, min_size=128, max_size=200):
     assert result["parity"]["applies"] is True and result["parity"]["within"] == {v: True for v in VARIANTS[1:]}
     for label in VARIANTS[1:]:
         worst = result["pyramid"][label]
-        assert list(worst) == levels and all(0 <= rel < measure.PARITY_BOUND for rel in worst.values())
+        assert list(worst) == levels and all(0 <= rel < demo.PARITY_BOUND for rel in worst.values())
         assert worst == {level: max(row["pyramid"][label][level]["rel"] for row in result["images"])
                          for level in levels}
         d = result["detections"][label]
@@ -64,7 +64,7 @@ def check_result(result, names, levels=FPN_LEVELS, min_size=128, max_size=200):
         assert t["per_image_ms"] == pytest.approx(t["pass_s"]["median"] / n * 1e3)
         assert t["images_per_s"] == pytest.approx(n / t["pass_s"]["median"])
         assert t["first_call_s"] > 0
-    assert result["speedups"][measure.TORCHVISION] == {"detector": 1.0, "backbone": 1.0}
+    assert result["speedups"][demo.TORCHVISION] == {"detector": 1.0, "backbone": 1.0}
     assert all(s["detector"] > 0 and s["backbone"] > 0 for s in result["speedups"].values())
 
 
@@ -78,7 +78,7 @@ def bundled_run(tmp_path_factory):
 
 def test_default_job_on_the_bundled_photos(bundled_run):
     proc, result, tmp = bundled_run
-    check_result(result, list(measure.BUNDLED_PHOTOS))
+    check_result(result, list(demo.BUNDLED_PHOTOS))
     c = result["config"]
     assert (c["model"], c["weights"], c["num_classes"], c["batch"], c["backend"], c["model_args"]) == (
         "fasterrcnn_resnet50_fpn", None, 91, 1, "auto", CHEAP)
@@ -102,11 +102,11 @@ def user_folder(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("user")
     folder = tmp / "photos"
     folder.mkdir()
-    with Image.open(measure.bundled_photos()[0]) as photo:
+    with Image.open(demo.bundled_photos()[0]) as photo:
         photo.crop((20, 10, 151, 107)).save(folder / "a.png")  # (left, upper, right, lower): 97x131
         photo.crop((150, 200, 227, 323)).save(folder / "b.jpg")  # 123x77
     (folder / "notes.txt").write_text("not an image: skipped in a folder")
-    model = measure.build_detector("fasterrcnn_resnet50_fpn", num_classes=5, seed=3)
+    model = demo.build_detector("fasterrcnn_resnet50_fpn", num_classes=5, seed=3)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[1] = 8.0
     torch.save(model.state_dict(), tmp / "detector.pt")
@@ -165,9 +165,9 @@ def test_other_detectors(model, levels):
     # few boxes: the mask and keypoint heads run per detection, v2's box head (four 3x3 convs) per proposal
     cheap = ({"topk_candidates": 50, "detections_per_img": 3} if model.startswith("retinanet") else
              {"rpn_post_nms_top_n_test": 30, "box_detections_per_img": 3})
-    job = measure.DetectorJob(model=model, images=[str(measure.bundled_photos()[1])], min_size=96, max_size=160,
-                              repeats=1, model_args=cheap)
-    result, pictures = measure.run_detector(job)
+    job = demo.DetectorJob(model=model, images=[str(demo.bundled_photos()[1])], min_size=96, max_size=160,
+                           repeats=1, model_args=cheap)
+    result, pictures = demo.run_detector(job)
     check_result(result, ["chelsea.png"], levels, min_size=96, max_size=160)
     assert [list(p["heat_maps"]) for p in pictures["photos"]] == [levels]
     json.dumps(result)  # JSON-ready
@@ -175,11 +175,11 @@ def test_other_detectors(model, levels):
 
 @pytest.fixture(scope="module")
 def detector():
-    return measure.build_detector("fasterrcnn_resnet50_fpn", num_classes=3, seed=1)
+    return demo.build_detector("fasterrcnn_resnet50_fpn", num_classes=3, seed=1)
 
 
 def _fresh():
-    return measure.build_detector("fasterrcnn_resnet50_fpn", num_classes=3, seed=2)
+    return demo.build_detector("fasterrcnn_resnet50_fpn", num_classes=3, seed=2)
 
 
 @pytest.mark.parametrize("kind", ["detector", "wrapped detector", "backbone", "classifier"])
@@ -196,7 +196,7 @@ def test_load_weights_of_each_kind(kind, detector, tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"model": state, "epoch": 3} if kind == "wrapped detector" else state, path)
     model = _fresh()
-    assert measure.load_weights(model, str(path), "fasterrcnn_resnet50_fpn") == kind.split()[-1]
+    assert demo.load_weights(model, str(path), "fasterrcnn_resnet50_fpn") == kind.split()[-1]
     loaded = target_of(model).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
@@ -204,18 +204,18 @@ def test_load_weights_of_each_kind(kind, detector, tmp_path):
 def test_load_weights_rejects_what_does_not_fit(detector, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(detector.state_dict(), path)
-    model = measure.build_detector("fasterrcnn_resnet50_fpn", num_classes=4)
-    with pytest.raises(measure.InputError, match=r"4 shape mismatches .*roi_heads.box_predictor.*--num-classes"):
-        measure.load_weights(model, str(path), "fasterrcnn_resnet50_fpn")
+    model = demo.build_detector("fasterrcnn_resnet50_fpn", num_classes=4)
+    with pytest.raises(demo.InputError, match=r"4 shape mismatches .*roi_heads.box_predictor.*--num-classes"):
+        demo.load_weights(model, str(path), "fasterrcnn_resnet50_fpn")
     state = detector.state_dict()
     del state["rpn.head.conv.0.0.weight"]
     state["rpn.extra"] = torch.zeros(1)
     torch.save(state, path)
-    with pytest.raises(measure.InputError, match=r"1 missing keys .*rpn.head.conv.0.0.weight.*1 unexpected keys"):
-        measure.load_weights(_fresh(), str(path), "fasterrcnn_resnet50_fpn")
+    with pytest.raises(demo.InputError, match=r"1 missing keys .*rpn.head.conv.0.0.weight.*1 unexpected keys"):
+        demo.load_weights(_fresh(), str(path), "fasterrcnn_resnet50_fpn")
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(measure.InputError, match="neither a detector, a backbone nor a ResNet classifier"):
-        measure.load_weights(_fresh(), str(path), "fasterrcnn_resnet50_fpn")
+    with pytest.raises(demo.InputError, match="neither a detector, a backbone nor a ResNet classifier"):
+        demo.load_weights(_fresh(), str(path), "fasterrcnn_resnet50_fpn")
 
 
 def _detections(boxes, scores, labels):
@@ -226,18 +226,18 @@ def _detections(boxes, scores, labels):
 def test_match_detections_counts_ious_scores_and_labels():
     reference = _detections([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.8, 0.7], [1, 2, 3])
     other = _detections([[0, 0, 10, 9], [20, 20, 30, 30], [100, 100, 110, 110]], [0.85, 0.8, 0.6], [1, 5, 3])
-    m = measure.match_detections(reference, other)
+    m = demo.match_detections(reference, other)
     assert (m["reference"], m["other"], m["matched"], m["unmatched_reference"], m["unmatched_other"]) == (3, 3, 2, 1, 1)
     assert m["min_iou"] == pytest.approx(0.9) and m["mean_iou"] == pytest.approx(0.95)
     assert m["max_score_diff"] == pytest.approx(0.05) and m["label_mismatches"] == 1
     # greedy by reference score: the higher-scoring box takes the only candidate, at a lower IoU
-    greedy = measure.match_detections(_detections([[0, 0, 10, 10], [0, 0, 10, 8]], [0.9, 0.95], [1, 1]),
-                                      _detections([[0, 0, 10, 10]], [0.9], [1]))
+    greedy = demo.match_detections(_detections([[0, 0, 10, 10], [0, 0, 10, 8]], [0.9, 0.95], [1, 1]),
+                                   _detections([[0, 0, 10, 10]], [0.9], [1]))
     assert (greedy["matched"], greedy["unmatched_reference"]) == (1, 1)
     assert greedy["min_iou"] == pytest.approx(0.8) and greedy["max_score_diff"] == pytest.approx(0.05)
-    empty = measure.match_detections(reference, _detections([], [], []))
+    empty = demo.match_detections(reference, _detections([], [], []))
     assert (empty["matched"], empty["min_iou"], empty["max_score_diff"]) == (0, None, None)
-    total = measure.total_matches([m, empty])
+    total = demo.total_matches([m, empty])
     assert (total["reference"], total["matched"], total["unmatched_reference"]) == (6, 2, 4)
     assert total["mean_iou"] == pytest.approx(0.95) and total["min_iou"] == pytest.approx(0.9)
 
@@ -251,16 +251,16 @@ def test_compile_adds_torchvision_max_autotune(monkeypatch):
         calls.append((type(model).__name__, kwargs))
         return real(model, backend="eager", dynamic=kwargs["dynamic"])
     monkeypatch.setattr(torch, "compile", fake)
-    job = measure.DetectorJob(images=[str(measure.bundled_photos()[1])], min_size=96, max_size=160, repeats=1,
-                              compile=True, model_args={"rpn_post_nms_top_n_test": 30, "box_detections_per_img": 3})
+    job = demo.DetectorJob(images=[str(demo.bundled_photos()[1])], min_size=96, max_size=160, repeats=1,
+                           compile=True, model_args={"rpn_post_nms_top_n_test": 30, "box_detections_per_img": 3})
     try:
-        result, _ = measure.run_detector(job)
+        result, _ = demo.run_detector(job)
     finally:
         torch._dynamo.reset()
     assert calls == [("BackboneWithFPN", {"mode": "max-autotune", "dynamic": False})]
-    assert result["variants"] == VARIANTS + [measure.COMPILED] and result["failures"] == {}
-    assert max(result["pyramid"][measure.COMPILED].values()) < 1e-6  # the same ops, traced
-    assert result["detections"][measure.COMPILED]["unmatched_reference"] == 0
-    t = result["timings"][measure.COMPILED]
+    assert result["variants"] == VARIANTS + [demo.COMPILED] and result["failures"] == {}
+    assert max(result["pyramid"][demo.COMPILED].values()) < 1e-6  # the same ops, traced
+    assert result["detections"][demo.COMPILED]["unmatched_reference"] == 0
+    t = result["timings"][demo.COMPILED]
     assert 0 < t["backbone_pass_s"]["median"] < t["pass_s"]["median"]  # the hooks time the compiled backbone
-    assert result["speedups_vs_compiled"][measure.COMPILED] == {"detector": 1.0, "backbone": 1.0}
+    assert result["speedups_vs_compiled"][demo.COMPILED] == {"detector": 1.0, "backbone": 1.0}

@@ -373,7 +373,7 @@ def test_optimized_backbone_runs_winograd_and_matches_torchvision():
     """The optimized ResNet50-FPN at an odd size: its 3x3 convs run Winograd (packs made) and every
     level stays within 1e-4 of torchvision's scale."""
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from fpn_fast.measure import randomize_norms
+    from fpn_fast.demo.models import randomize_norms
     torch.manual_seed(0)
     model = fpn_fast.resnet_fpn_backbone(backbone_name="resnet50").eval()
     randomize_norms(model, 0)

@@ -7,9 +7,10 @@ backbone compiled by torch.compile max-autotune); reports per-image latency, ima
 backbone's share, and parity of the pyramid levels and detections against torchvision eager.
 ``--model backbone`` times the ResNet50-FPN backbone alone on a random batch, per fpn_fast backend.
 
-This module is only the command line; the work is in :mod:`fpn_fast.measure` and
-:mod:`fpn_fast.report`. Exit status: 0 ok, 1 a variant failed or broke the parity bound, 2 a usage
-error, a bad path, an unreadable image or a checkpoint that does not fit.
+This module is only the command line; the work is in the jobs (:mod:`fpn_fast.demo.detector_job`,
+:mod:`fpn_fast.demo.backbone_job`) and :mod:`fpn_fast.demo.report`. Exit status: 0 ok, 1 a variant
+failed or broke the parity bound, 2 a usage error, a bad path, an unreadable image or a checkpoint
+that does not fit.
 """
 import argparse
 import ast
@@ -21,9 +22,15 @@ from typing import List, Optional
 
 import torch
 
-from . import measure, ops, report
+from fpn_fast import ops
 
-MODELS = measure.DETECTORS + ("backbone",)
+from . import report
+from .backbone_job import BackboneJob, run_backbone
+from .common import DTYPES, InputError, torchvision
+from .detector_job import DetectorJob, run_detector
+from .models import DETECTORS
+
+MODELS = DETECTORS + ("backbone",)
 # Options of one job only: given to the other job they are a usage error.
 _BACKBONE_ONLY = ("size", "channels_last", "optimize")
 _DETECTOR_ONLY = ("images", "weights", "num_classes", "model_args", "min_size", "max_size")
@@ -94,7 +101,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=_size, metavar="HxW", help="backbone job: image size (default 800x1216)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(measure.DTYPES), default="float32",
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="bfloat16/float16 run under autocast (default float32)")
     p.add_argument("--channels-last", action="store_true", help="backbone job: model and input in channels_last")
     p.add_argument("--backend", choices=("all",) + ops.BACKENDS, default=None,
@@ -139,9 +146,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--device must be cpu or cuda, not {args.device}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")
-    if args.compile and measure.torchvision is None:
+    if args.compile and torchvision is None:
         p.error("--compile compiles torchvision's model: torchvision is not installed")
-    if detector and measure.torchvision is None:
+    if detector and torchvision is None:
         p.error(f"--model {args.model} needs torchvision (pip install torchvision)")
     for option in ("json", "report"):
         folder = os.path.dirname(os.path.abspath(getattr(args, option))) if getattr(args, option) else None
@@ -154,14 +161,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.min_size = args.min_size or 800
         args.max_size = args.max_size or 1333
         args.backend = args.backend or "auto"
-        # On this 2-core CPU one 800x1200 photo takes ~3-5 s per variant: 2 passes keep `make demo` to minutes.
+        # On CPU a pass costs seconds per photo and row (benchmarks/RESULTS.md): 2 passes keep `make demo` to minutes.
         args.repeats = args.repeats or (10 if on_gpu else 2)
         args.warmup = (2 if on_gpu else 0) if args.warmup is None else args.warmup
     else:
         args.batch = args.batch or 2
         args.size = args.size or (800, 1216)
         args.backend = args.backend or "all"
-        # On CPU the default-size backbone takes ~10 s a run on 2 cores: 3 runs keep the job to minutes.
+        # On CPU a run of the default-size backbone costs seconds (benchmarks/RESULTS.md): 3 runs keep the job
+        # to minutes.
         args.repeats = args.repeats or (20 if on_gpu else 3)
         args.warmup = (5 if on_gpu else 1) if args.warmup is None else args.warmup
     return args
@@ -185,10 +193,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         if args.model == "backbone":
-            result, pictures = measure.run_backbone(_job(measure.BackboneJob, args)), None
+            result, pictures = run_backbone(_job(BackboneJob, args)), None
         else:
-            result, pictures = measure.run_detector(_job(measure.DetectorJob, args))
-    except measure.InputError as err:
+            result, pictures = run_detector(_job(DetectorJob, args))
+    except InputError as err:
         print(f"fpn-fast: error: {err}", file=sys.stderr)
         return 2
     if pictures is None:

@@ -1,4 +1,5 @@
-"""Text and PNG reports of the results of :mod:`fpn_fast.measure` (the ``python -m fpn_fast`` job).
+"""Text and PNG reports of the main job's results (``python -m fpn_fast``): those of
+:mod:`fpn_fast.demo.backbone_job` and :mod:`fpn_fast.demo.detector_job`.
 
 matplotlib is imported only to write a PNG.
 """
@@ -7,7 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .measure import COMPILED, OPTIMIZED, TORCHVISION
+from .common import COMPILED, OPTIMIZED, TORCHVISION
 
 # Detections drawn on the photos: those scoring at least this, at most this many per photo.
 DRAW_SCORE = 0.5
@@ -40,7 +41,7 @@ def print_backbone(result: Dict[str, object], out=None) -> None:
     """Print the backbone job's report: backends, pyramid shapes, differences, timings.
 
     Args:
-        result: :func:`fpn_fast.measure.run_backbone`'s result.
+        result: :func:`fpn_fast.demo.backbone_job.run_backbone`'s result.
         out: a text stream (stdout when None).
     """
     say = _writer(out)
@@ -111,7 +112,7 @@ def print_detector(result: Dict[str, object], out=None) -> None:
     """Print the detector job's report: photos, pyramid and detection parity, end-to-end timings.
 
     Args:
-        result: the first item of :func:`fpn_fast.measure.run_detector`'s return value.
+        result: the first item of :func:`fpn_fast.demo.detector_job.run_detector`'s return value.
         out: a text stream (stdout when None).
     """
     say = _writer(out)
@@ -191,7 +192,7 @@ def write_backbone_png(result: Dict[str, object], path: str) -> None:
     """Write the backbone job's speed-up bars (neck and whole backbone, per variant) as a PNG.
 
     Args:
-        result: :func:`fpn_fast.measure.run_backbone`'s result, with a speed-up baseline.
+        result: :func:`fpn_fast.demo.backbone_job.run_backbone`'s result, with a speed-up baseline.
         path: the PNG file.
     """
     plt = _pyplot()
@@ -226,7 +227,7 @@ def write_detector_png(result: Dict[str, object], pictures: Dict[str, object], p
     scoring at least ``DRAW_SCORE`` of torchvision eager beside those of fpn_fast.
 
     Args:
-        result: the first item of :func:`fpn_fast.measure.run_detector`'s return value.
+        result: the first item of :func:`fpn_fast.demo.detector_job.run_detector`'s return value.
         pictures: its second item.
         path: the PNG file.
     """
