@@ -31,8 +31,8 @@
 #include <tuple>
 #include <vector>
 
-#include "conv3x3_checks.h"
-#include "huge_pages.h"
+#include "ops/cpu/conv3x3_checks.h"
+#include "runtime/cpu/huge_pages.h"
 
 // Compiled for AVX-512, AVX2 + FMA and the baseline, picked at load time (GCC / clang ifunc).
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)

@@ -7,8 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
-#include "upsample_add_ops.h"
-#include "upsample_index.h"
+#include "ops/upsample_add_driver.h"
+#include "ops/upsample_index.h"
 
 // Importing fpn_fast._C runs the static registrations below; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {

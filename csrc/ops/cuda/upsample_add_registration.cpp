@@ -2,7 +2,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../upsample_add_ops.h"
+#include "ops/upsample_add_driver.h"
 
 namespace fpn_fast {
 namespace {

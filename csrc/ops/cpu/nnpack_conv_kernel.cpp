@@ -15,7 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "conv3x3_checks.h"
+#include "ops/cpu/conv3x3_checks.h"
 
 #include <dlfcn.h>
 
