@@ -3,7 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 export MAX_JOBS ?= 2
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp)
+# Every file under csrc/ (any depth): a change to any of them rebuilds the extension.
+SOURCES := setup.py $(shell find csrc -type f | LC_ALL=C sort)
 DEMO_ARGS ?=
 
 .PHONY: demo test test-pinned test-oldest gpu-check-dry bench install clean

@@ -59,9 +59,21 @@ def _want_cuda():
     return True, home
 
 
+def _sources():
+    """The extension's sources under csrc/, sorted: (CPU sources, CUDA-only sources).
+
+    CUDA-only: every .cu, and every file in a directory named cuda/ (e.g. csrc/ops/cuda/,
+    whose .cpp files include the CUDA headers); everything else is compiled in every build.
+    """
+    found = sorted(
+        path for ext in ("cpp", "cu") for path in glob.glob(os.path.join("csrc", "**", "*." + ext), recursive=True))
+    cuda = [p for p in found if p.endswith(".cu") or "cuda" in p.split(os.sep)[:-1]]
+    return [p for p in found if p not in cuda], cuda
+
+
 def _extensions():
     with_cuda, cuda_home = _want_cuda()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources, cuda_sources = _sources()
     include_dirs = [os.path.join(ROOT, "csrc")]
     # torch picks the C++ standard its headers need (C++20 for torch >= 2.10).
     # -fopenmp: at::parallel_for is a header template that only runs in parallel where the
@@ -85,7 +97,7 @@ def _extensions():
             inc = os.path.join(site, "nvidia", sub, "include")
             if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in include_dirs:
                 include_dirs.append(inc)
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    sources += cuda_sources
     extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [cpp_extension.CUDAExtension("fpn_fast._C", sources, include_dirs=include_dirs,
                                         extra_compile_args=extra, extra_link_args=link,

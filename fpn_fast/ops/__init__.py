@@ -444,7 +444,7 @@ def empty_cpu_cache() -> int:
     """Free the CPU blocks the optimized backbones' buffer pool keeps between calls (blocks in
     use stay), as torch.cuda.empty_cache does for CUDA. Returns the bytes freed.
 
-    The pool (``csrc/cpu/memory_pool.cpp``) serves CPU allocations of 1 MiB and more made inside
+    The pool (``csrc/runtime/cpu/memory_pool.cpp``) serves CPU allocations of 1 MiB and more made inside
     an optimized backbone's forward, and keeps up to a limit of them for the next call: glibc
     returns such blocks to the system on free, and faulting a fresh 62 MB map in again costs
     ~13 ms on the 2-core build machine. The limit is FPN_FAST_CPU_POOL_MB MiB (default 1024; 0

@@ -1,5 +1,5 @@
 """A pool of large CPU buffers for inference, so FPN-sized maps are not page-faulted in anew on
-every call (the C++ side, ``csrc/cpu/memory_pool.cpp``, says why and how).
+every call (the C++ side, ``csrc/runtime/cpu/memory_pool.cpp``, says why and how).
 
 ``pooled()`` opens a scope on the current thread in which CPU allocations of 1 MiB and more are
 served from, and go back to, the pool; ``optimize_for_inference``'s backbones run their CPU

@@ -1,6 +1,6 @@
 """Winograd F(4x4, 3x3) convolution for 3x3 stride-1 convolutions of float32 CPU maps.
 
-The extension's ``fpn_fast::winograd_conv_3x3`` (``csrc/cpu/winograd_conv.cpp``) computes a
+The extension's ``fpn_fast::winograd_conv_3x3`` (``csrc/ops/cpu/winograd_conv_kernel.cpp``) computes a
 3x3 convolution tile by tile in the Winograd domain (Lavin & Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016): the input and output transforms are its own kernels,
 vectorised across the channels of NHWC maps, and the 36 matrix products between them run as one

@@ -5,7 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
-#include "upsample_add.h"
+#include "ops/upsample_add.h"
 
 namespace fpn_fast {
 

@@ -1,20 +1,15 @@
-// Schemas of the fpn_fast ops and their device-independent host code.
-#include <Python.h>
+// The device-independent host code of fpn_fast::upsample_add, upsample_add_ and
+// upsample_add_backward_top (input checks, layout handling, allocation: the drivers each
+// device's registration hands its kernel), and the test hooks of the index math.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 
-#include "upsample_add_ops.h"
-#include "upsample_index.h"
+#include <vector>
 
-// Importing fpn_fast._C runs the static registrations below; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+#include "ops/upsample_add_driver.h"
+#include "ops/upsample_index.h"
 
 namespace fpn_fast {
 namespace {
@@ -143,38 +138,6 @@ at::Tensor upsample_add_backward_top_driver(const at::Tensor& grad, int64_t top_
 
 namespace {
 
-// Autograd kernel of the in-place op: it has no derivative, so tensors that need one are
-// refused (instead of leaving their .grad silently None); otherwise it runs the device kernel
-// and bumps lateral's version counter, as ATen's in-place ops do.
-void upsample_add_inplace_autograd(c10::DispatchKeySet keys, const at::Tensor& lateral, const at::Tensor& top,
-                                   const std::optional<at::Tensor>& bias) {
-  const bool needs_grad = lateral.requires_grad() || top.requires_grad() || (bias.has_value() && bias->requires_grad());
-  TORCH_CHECK(!(c10::GradMode::is_enabled() && needs_grad),
-              "fpn_fast::upsample_add_ writes into lateral in place and has no gradient, but an input requires "
-              "grad; use the out-of-place fpn_fast::upsample_add (fpn_fast.ops.upsample_add), or run under "
-              "torch.no_grad() / torch.inference_mode()");
-  {
-    // Redispatch below autograd (not a fresh call, which the JIT tracer would record twice).
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fpn_fast::upsample_add_", "")
-                         .typed<void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, lateral, top, bias);
-  }
-  lateral.unsafeGetTensorImpl()->bump_version();
-}
-
-// Autograd kernel of the layout copy: with a tensor that needs grad it is ATen's differentiable
-// clone (the same values, and autograd keeps the graph); otherwise the device kernel.
-at::Tensor nhwc_to_nchw_autograd(c10::DispatchKeySet keys, const at::Tensor& x) {
-  if (c10::GradMode::is_enabled() && x.requires_grad()) return x.clone(at::MemoryFormat::Contiguous);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fpn_fast::nhwc_to_nchw", "")
-                       .typed<at::Tensor(const at::Tensor&)>();
-  return op.redispatch(keys & c10::after_ADInplaceOrView_keyset, x);
-}
-
 // Test hook for the index arithmetic at sizes too large to allocate: for output element
 // `index` of a lateral of `lateral_shape` (N, C, H, W) upsampling a top of `top_hw`, returns
 // [n, c, h, w, source h, source w, offset of the source element in top] as the kernels compute it.
@@ -200,16 +163,9 @@ std::vector<int64_t> nearest_window_starts(int64_t in_size, int64_t out_size) {
 }  // namespace
 }  // namespace fpn_fast
 
-TORCH_LIBRARY(fpn_fast, m) {
-  m.def("upsample_add(Tensor lateral, Tensor top, Tensor? bias) -> Tensor");
-  m.def("upsample_add_(Tensor(a!) lateral, Tensor top, Tensor? bias) -> ()");
-  m.def("upsample_add_backward_top(Tensor grad, SymInt top_h, SymInt top_w) -> Tensor");
-  m.def("nhwc_to_nchw(Tensor x) -> Tensor");
-  m.def("_upsample_add_index_probe", &fpn_fast::upsample_add_index_probe);
-  m.def("_nearest_window_starts", &fpn_fast::nearest_window_starts);
-}
-
-TORCH_LIBRARY_IMPL(fpn_fast, Autograd, m) {
-  m.impl("upsample_add_", &fpn_fast::upsample_add_inplace_autograd);
-  m.impl("nhwc_to_nchw", &fpn_fast::nhwc_to_nchw_autograd);
+// The test hooks run on no tensor, so they take every dispatch key (as they did when they
+// were declared from these functions).
+TORCH_LIBRARY_IMPL(fpn_fast, CompositeImplicitAutograd, m) {
+  m.impl("_upsample_add_index_probe", &fpn_fast::upsample_add_index_probe);
+  m.impl("_nearest_window_starts", &fpn_fast::nearest_window_starts);
 }

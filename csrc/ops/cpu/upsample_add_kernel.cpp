@@ -7,9 +7,9 @@
 
 #include <vector>
 
-#include "../upsample_add_ops.h"
-#include "huge_pages.h"
-#include "../upsample_index.h"
+#include "ops/upsample_add_driver.h"
+#include "ops/upsample_index.h"
+#include "runtime/cpu/huge_pages.h"
 
 namespace fpn_fast {
 namespace {

@@ -31,8 +31,8 @@
 #include <tuple>
 #include <vector>
 
-#include "conv3x3_checks.h"
-#include "huge_pages.h"
+#include "ops/cpu/conv3x3_checks.h"
+#include "runtime/cpu/huge_pages.h"
 
 // Compiled for AVX-512, AVX2 + FMA and the baseline, picked at load time (GCC / clang ifunc).
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -284,8 +284,8 @@ std::tuple<at::Tensor, bool> winograd_conv_3x3(const at::Tensor& x, const at::Te
 }  // namespace
 }  // namespace fpn_fast
 
-TORCH_LIBRARY_FRAGMENT(fpn_fast, m) {
-  m.def("winograd_conv_3x3(Tensor x, Tensor packed, Tensor? bias, int out_channels, int[2] padding, bool relu, "
-        "bool channels_last, int group, int chunk) -> (Tensor, bool)",
-        &fpn_fast::winograd_conv_3x3);
+// Registered for every dispatch key (as when it was declared from this function); it refuses
+// anything but float32 CPU tensors itself.
+TORCH_LIBRARY_IMPL(fpn_fast, CompositeImplicitAutograd, m) {
+  m.impl("winograd_conv_3x3", &fpn_fast::winograd_conv_3x3);
 }

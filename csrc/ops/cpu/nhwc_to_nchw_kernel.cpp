@@ -7,7 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "huge_pages.h"
+#include "runtime/cpu/huge_pages.h"
 
 namespace fpn_fast {
 namespace {

@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU 3x3 Winograd convolutions (nnpack_conv.cpp, winograd_conv.cpp).
+// Argument checks shared by the CPU 3x3 Winograd convolutions (nnpack_conv_kernel.cpp, winograd_conv_kernel.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

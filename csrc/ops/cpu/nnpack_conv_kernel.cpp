@@ -15,7 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "conv3x3_checks.h"
+#include "ops/cpu/conv3x3_checks.h"
 
 #include <dlfcn.h>
 
@@ -200,11 +200,10 @@ std::tuple<at::Tensor, bool> nnpack_conv_3x3_packed(const at::Tensor& x, at::Ten
 }  // namespace
 }  // namespace fpn_fast
 
-TORCH_LIBRARY_FRAGMENT(fpn_fast, m) {
-  m.def("_nnpack_unavailable_reason() -> str", &fpn_fast::nnpack_unavailable_reason);
-  m.def("nnpack_pack_3x3(Tensor weight, int H, int W, int[2] padding, int slices) -> Tensor[]",
-        &fpn_fast::nnpack_pack_3x3);
-  m.def("nnpack_conv_3x3_packed(Tensor x, Tensor[] packed, Tensor? bias, int out_channels, int[2] padding) -> "
-        "(Tensor, bool)",
-        &fpn_fast::nnpack_conv_3x3_packed);
+// Registered for every dispatch key (as when they were declared from these functions); they
+// refuse anything but float32 CPU tensors themselves.
+TORCH_LIBRARY_IMPL(fpn_fast, CompositeImplicitAutograd, m) {
+  m.impl("_nnpack_unavailable_reason", &fpn_fast::nnpack_unavailable_reason);
+  m.impl("nnpack_pack_3x3", &fpn_fast::nnpack_pack_3x3);
+  m.impl("nnpack_conv_3x3_packed", &fpn_fast::nnpack_conv_3x3_packed);
 }

@@ -9,8 +9,8 @@
 #include <climits>
 #include <cstdint>
 
-#include "../upsample_add.h"
-#include "../upsample_index.h"
+#include "ops/upsample_add.h"
+#include "ops/upsample_index.h"
 
 namespace fpn_fast {
 namespace {

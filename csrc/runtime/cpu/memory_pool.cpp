@@ -208,10 +208,12 @@ std::vector<int64_t> cpu_pool_stats() {
 }  // namespace
 }  // namespace fpn_fast
 
-TORCH_LIBRARY_FRAGMENT(fpn_fast, m) {
-  m.def("_cpu_pool_enter() -> bool", &fpn_fast::cpu_pool_enter);
-  m.def("_cpu_pool_exit() -> ()", &fpn_fast::cpu_pool_exit);
-  m.def("_cpu_pool_set_limit(int limit_bytes) -> int", &fpn_fast::cpu_pool_set_limit);
-  m.def("_cpu_pool_release() -> int", &fpn_fast::cpu_pool_release);
-  m.def("_cpu_pool_stats() -> int[]", &fpn_fast::cpu_pool_stats);
+// The pool's controls take no tensor, so they are registered for every dispatch key (as when
+// they were declared from these functions); fpn_fast/ops/_memory.py calls them.
+TORCH_LIBRARY_IMPL(fpn_fast, CompositeImplicitAutograd, m) {
+  m.impl("_cpu_pool_enter", &fpn_fast::cpu_pool_enter);
+  m.impl("_cpu_pool_exit", &fpn_fast::cpu_pool_exit);
+  m.impl("_cpu_pool_set_limit", &fpn_fast::cpu_pool_set_limit);
+  m.impl("_cpu_pool_release", &fpn_fast::cpu_pool_release);
+  m.impl("_cpu_pool_stats", &fpn_fast::cpu_pool_stats);
 }
