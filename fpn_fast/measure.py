@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import fpn_fast
 from fpn_fast import ops
-from fpn_fast.ops._triton_lateral import cudnn_conv_allows_tf32
+from fpn_fast.ops.lateral._triton import cudnn_conv_allows_tf32
 
 try:
     import torchvision

@@ -47,8 +47,8 @@ from torch.nn.modules import module as _module_state
 from .. import ops
 from ..backbone import IntermediateLayerGetter
 from ..fpn import LastLevelMaxPool, check_fpn_inputs
-from ..ops import _dispatch
-from ..ops._triton_lateral import cudnn_conv_allows_tf32
+from ..ops import dispatch as _dispatch
+from ..ops.lateral._triton import cudnn_conv_allows_tf32
 from . import select
 
 __all__ = ["signature", "Plan", "PlanError", "build_plan", "WeightGuard", "StructureGuard", "Engine"]
