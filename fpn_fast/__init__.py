@@ -3,8 +3,9 @@ from . import ops
 from .backbone import BackboneWithFPN, IntermediateLayerGetter, resnet50_fpn_backbone, resnet_fpn_backbone
 from .convert import convert
 from .fpn import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
+from .export import decompositions
 from .inference import optimize_for_inference
-from .ops import decompositions, library_path
+from .ops import library_path
 from .resnet import FrozenBatchNorm2d, ResNet
 
 __version__ = "0.1.0"

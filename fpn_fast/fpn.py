@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ._fast_path import fusable_lateral_conv
 from ._torchvision_compat import ExtraFPNBlockBase, FeaturePyramidNetworkBase
 from . import ops
-from .ops import _script, stride2_pool, upsample_add, upsample_add_
+from .export import script as _script
+from .ops import stride2_pool, upsample_add, upsample_add_
 
 # FX symbolic tracing (torchvision's create_feature_extractor) records the ops as single leaf
 # calls instead of tracing into their checks and dispatch.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fpn_fast import ops
-from fpn_fast.ops import _dispatch
+from fpn_fast.ops import dispatch
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BACKENDS = ("extension", "triton", "torch")
@@ -68,7 +68,7 @@ def running(op: str, backend: str, device: str) -> Iterator[None]:
     run), after checking that the dispatch table sends the op to what the backend names for it."""
     require(backend, device)
     with ops.use_backend(backend):
-        assert _dispatch.resolve(op, device) == _dispatch.TABLE[(op, device)][backend][0]
+        assert dispatch.resolve(op, device) == dispatch.TABLE[(op, device)][backend][0]
         yield
 
 

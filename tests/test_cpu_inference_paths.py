@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fpn_fast
 from fpn_fast import ops
-from fpn_fast.ops import _nnpack
+from fpn_fast.ops.conv import _nnpack
 
 NNPACK = pytest.mark.skipif(_nnpack.unavailable_reason() is not None,
                             reason=f"NNPACK unusable here: {_nnpack.unavailable_reason()}")
@@ -28,11 +28,11 @@ EXTENSION = pytest.mark.skipif(ops._extension.unavailable_reason("cpu") is not N
 @pytest.fixture
 def no_winograd(monkeypatch):
     """The extension's Winograd convolution turned off, so the NNPACK route it precedes runs."""
-    monkeypatch.setattr(ops._winograd, "unavailable_reason", lambda: "turned off by the test")
-    ops._dispatch._PROBED.clear()
+    monkeypatch.setattr(ops.conv._winograd, "unavailable_reason", lambda: "turned off by the test")
+    ops.dispatch._PROBED.clear()
     yield
     monkeypatch.undo()
-    ops._dispatch._PROBED.clear()
+    ops.dispatch._PROBED.clear()
 
 
 def _reference(x, weight, bias, padding):
@@ -65,12 +65,12 @@ def test_conv2d_nchw_matches_conv2d(shape, channels_last, bias, padding):
         out = ops.conv2d_nchw(x, weight, b, (1, 1), padding)
     want = _reference(x, weight, b, padding)
     assert out.shape == want.shape and out.dtype == torch.float32 and out.is_contiguous()
-    implementation = ops._conv2d_nchw_implementation(x, weight, b, (1, 1), padding, (1, 1), 1)
-    expect_winograd = (ops._winograd.unavailable_reason() is None
-                       and ops._winograd.worthwhile(c, k, ops._winograd.tiles(x.shape, padding)))
+    implementation = ops.conv.conv2d_nchw_implementation(x, weight, b, (1, 1), padding, (1, 1), 1)
+    expect_winograd = (ops.conv._winograd.unavailable_reason() is None
+                       and ops.conv._winograd.worthwhile(c, k, ops.conv._winograd.tiles(x.shape, padding)))
     expect_nnpack = h * w >= _nnpack.min_pixels() and _nnpack.unavailable_reason() is None
     assert implementation == ("winograd" if expect_winograd else "nnpack" if expect_nnpack
-                              else "onednn" if ops._onednn.unavailable_reason() is None else "torch")
+                              else "onednn" if ops.conv._onednn.unavailable_reason() is None else "torch")
     bound = 1e-4 if implementation in ("winograd", "nnpack") else 1e-5
     assert (out.double() - want).abs().max().item() <= bound * want.abs().max().item()
 
@@ -88,7 +88,7 @@ def test_conv2d_nchw_non_finite_and_huge_values_take_the_direct_path(value, size
         out = ops.conv2d_nchw(x, weight, b, (1, 1), (1, 1))
         raw = torch._nnpack_spatial_convolution(x, weight, b, [1, 1], [1, 1])
         want = F.conv2d(x, weight, b, 1, 1)
-    assert ops._conv2d_nchw_implementation(x, weight, b, (1, 1), (1, 1), (1, 1), 1) == "nnpack"
+    assert ops.conv.conv2d_nchw_implementation(x, weight, b, (1, 1), (1, 1), (1, 1), 1) == "nnpack"
     if value != 3e36:
         # the case is real: NNPACK alone would not match eager's mask
         assert not torch.equal(raw.isnan(), want.isnan()) or not torch.equal(raw.isinf(), want.isinf())
@@ -103,7 +103,7 @@ def test_conv2d_nchw_dispatch(no_winograd):
     x, weight, b = _inputs(1, 8, 40, 40, 8, seed=1)
 
     def implementation(x=x, weight=weight, bias=b, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1):
-        return ops._conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+        return ops.conv.conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
 
     assert implementation() == "nnpack"
     assert implementation(x=x[:, :, :19, :20]) != "nnpack"  # under min_pixels
@@ -176,7 +176,7 @@ def test_conv2d_act_runs_nnpack_for_wide_3x3_convs(shape, channels_last, bias, r
     n, c, h, w, k = shape
     x, weight, b = _inputs(n, c, h, w, k, seed=c + h, bias=bias, channels_last=channels_last)
     r = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last) if residual else None
-    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops.conv.conv2d_act_supports(
         impl, x, weight, b, (1, 1), (1, 1), (1, 1), relu, r)) == "nnpack"
     with torch.no_grad():
         out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=relu, residual=r)
@@ -187,11 +187,11 @@ def test_conv2d_act_runs_nnpack_for_wide_3x3_convs(shape, channels_last, bias, r
     assert (out.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
     # not for narrower convs, strided ones, groups, or under 20x20 pixels
     for args in [(x[:, :100], weight[:, :100]), (x[:, :, :19, :20], weight)]:
-        assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+        assert ops.resolve("conv2d_act", "cpu", lambda impl: ops.conv.conv2d_act_supports(
             impl, args[0], args[1], b, (1, 1), (1, 1), (1, 1), relu, None)) != "nnpack"
-    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops.conv.conv2d_act_supports(
         impl, x, weight, b, (2, 2), (1, 1), (1, 1), relu, None)) != "nnpack"
-    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops.conv.conv2d_act_supports(
         impl, x, weight[:, : c // 2], b, (1, 1), (1, 1), (1, 1), relu, None)) != "nnpack"  # groups=2
 
 
@@ -275,15 +275,15 @@ def test_cpu_pool_limit_and_bad_environment(run_python):
     proc = run_python(textwrap.dedent("""
         import torch
         from fpn_fast import ops
-        from fpn_fast.ops import _memory
-        with _memory.pooled() as active:
+        from fpn_fast.ops import cpu_cache
+        with cpu_cache.pooled() as active:
             assert active
             blocks = [torch.empty(3 << 20, dtype=torch.uint8) for _ in range(4)]  # 12 MiB in use
         del blocks  # freed outside the scope: back to the pool, up to its 8 MiB limit
         stats = ops.cpu_cache_stats()
         assert stats["limit_bytes"] == 8 << 20 and 0 < stats["cached_bytes"] <= 8 << 20, stats
         assert stats["blocks_in_use"] == 0, stats
-        with _memory.pooled():
+        with cpu_cache.pooled():
             again = torch.empty(3 << 20, dtype=torch.uint8)
         assert ops.cpu_cache_stats()["hits"] == 1
         print("ok")
@@ -310,7 +310,7 @@ def test_cpu_pool_survives_fork(run_python):
     itself hangs in a forked child that uses more (checked here with a bare F.conv2d)."""
     proc = run_python(textwrap.dedent("""
         import os, threading, torch, fpn_fast
-        from fpn_fast.ops import _memory
+        from fpn_fast.ops import cpu_cache
         m = fpn_fast.optimize_for_inference(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18"))
         x = torch.randn(1, 3, 96, 96)
         with torch.no_grad():
@@ -318,7 +318,7 @@ def test_cpu_pool_survives_fork(run_python):
             stop = threading.Event()
             def churn():  # another thread allocating and freeing pooled blocks meanwhile
                 while not stop.is_set():
-                    with _memory.pooled():
+                    with cpu_cache.pooled():
                         torch.empty(2 << 20, dtype=torch.uint8)
             t = threading.Thread(target=churn); t.start()
             pids = []

@@ -14,7 +14,7 @@ import torch
 import fpn_fast
 from fpn_fast.inference import InferenceBackboneWithFPN
 from fpn_fast.inference.plan import signature
-from fpn_fast.ops import _dispatch
+from fpn_fast.ops import dispatch
 from tests.test_modules import randomise_
 
 tv_backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
@@ -68,11 +68,11 @@ def test_second_call_of_a_signature_resolves_nothing():
     model = _optimized()
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
-        start = _dispatch.resolution_count()
+        start = dispatch.resolution_count()
         model(x)
-        first = _dispatch.resolution_count() - start
+        first = dispatch.resolution_count() - start
         model(x)
-        second = _dispatch.resolution_count() - start - first
+        second = dispatch.resolution_count() - start - first
     assert first > 0 and second == 0, (first, second)
 
 
@@ -112,10 +112,10 @@ def test_cache_hits_misses_and_lru_eviction():
         assert [e["hits"] for e in model.plans()] == [0, 1]
         model(torch.randn(shapes[2]))  # evicts the least recently used: shapes[1]
         assert [e["signature"][0] for e in model.plans()] == [torch.Size(shapes[0]), torch.Size(shapes[2])]
-        start = _dispatch.resolution_count()
+        start = dispatch.resolution_count()
         x = torch.randn(shapes[1])
         _assert_same(model(x), model._run_as_written(x))  # planned anew
-        assert _dispatch.resolution_count() > start
+        assert dispatch.resolution_count() > start
 
 
 def test_signature_separates_modes_and_layouts():
@@ -491,9 +491,9 @@ def test_hook_present_at_the_first_call_fires_once_and_planning_resumes_after():
             handle.remove()
             calls.clear()
             _assert_same(model(x), expected)
-            start = _dispatch.resolution_count()
+            start = dispatch.resolution_count()
             _assert_same(model(x), expected)
-            assert _dispatch.resolution_count() == start, (type(module).__name__, model.plans())
+            assert dispatch.resolution_count() == start, (type(module).__name__, model.plans())
             assert all(entry["planned"] for entry in model.plans()), model.plans()
             assert calls == []
 

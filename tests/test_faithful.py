@@ -242,7 +242,7 @@ def _counting(monkeypatch, module, name, calls):
 def test_use_backend_is_per_thread(monkeypatch):
     if ops.available_backends()["extension"]["cpu"] is not None:
         pytest.skip("needs the extension beside the torch backend")
-    from fpn_fast.ops import _extension
+    from fpn_fast.ops.top_down import _extension
     calls = defaultdict(list)
     for module in (_extension, reference):
         _counting(monkeypatch, module, "upsample_add", calls)

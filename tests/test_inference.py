@@ -299,7 +299,7 @@ def test_triton_epilogue_is_exact(device, dtype, out_layout, res_layout, bias, r
     """relu?((out + bias) + residual) in place equals the same adds done by torch in float32
     and rounded once, bit for bit; a padded out's margin stays untouched. int64 forces the
     offset path only tensors past 2**31 elements take otherwise."""
-    from fpn_fast.ops import _triton_epilogue
+    from fpn_fast.ops.conv import _triton_epilogue
 
     if int64:
         monkeypatch.setattr(_triton_epilogue, "_needs_int64", lambda *tensors: True)
@@ -329,7 +329,7 @@ def test_triton_epilogue_is_exact(device, dtype, out_layout, res_layout, bias, r
 
 @pytest.mark.parametrize("device", EPILOGUE_DEVICES)
 def test_triton_epilogue_keeps_nan_and_refuses_bad_inputs(device):
-    from fpn_fast.ops import _triton_epilogue
+    from fpn_fast.ops.conv import _triton_epilogue
 
     out = torch.randn(1, 3, 4, 5, device=device)
     out[0, 1, 2, 3] = float("nan")
@@ -358,7 +358,7 @@ CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
                          list(itertools.product([False, True], [False, True], [False, True], [False, True])))
 @pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=_NEEDS_TRITON_CPU)])
 def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend, monkeypatch):
-    from fpn_fast.ops import _triton_epilogue
+    from fpn_fast.ops.conv import _triton_epilogue
 
     epilogue_calls = []
     kernel = _triton_epilogue.bias_act_
@@ -452,12 +452,12 @@ def test_compiled_optimized_backbone_matches_eager():
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse, monkeypatch):
-    from fpn_fast.ops import _triton_lateral
+    from fpn_fast.ops.lateral import _triton as _triton_lateral
 
     def launched(*args, **kwargs):
         raise AssertionError("a kernel ran on bad inputs")
-    for name in ("conv1x1", "conv2d_act", "upsample_add_"):
-        monkeypatch.setattr(ops, name, launched)
+    for name in ("conv1x1", "conv2d_act", "upsample_add_"):  # as the op looks them up
+        monkeypatch.setattr(ops.lateral, name, launched)
     monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", launched)
     if fuse and ops.available_backends()["triton"]["cpu"] is None:
         ops.set_backend("triton")  # the fused path on CPU tensors (interpreter); conftest restores it
@@ -523,9 +523,9 @@ def no_tf32():
 def test_cuda_parity_float32(no_tf32, channels_last, monkeypatch):
     """On the GPU in float32 without TF32 (the 1e-4 bound is a float32 one): the fused Triton
     lateral kernel (auto picks it for CUDA tensors) and cuDNN's folded convolutions."""
-    from fpn_fast.ops import _triton_lateral
+    from fpn_fast.ops.lateral import _triton as _triton_lateral
 
-    from fpn_fast.ops import _triton_epilogue
+    from fpn_fast.ops.conv import _triton_epilogue
 
     calls, epilogue_calls = [], []
     kernel = _triton_lateral.lateral_upsample_add
@@ -609,7 +609,7 @@ def test_cuda_autocast_within_low_precision_error(dtype, monkeypatch):
 @pytest.mark.parametrize("device", EPILOGUE_DEVICES)
 def test_triton_epilogue_opcheck(device):
     """The registered mutating op: schema, fake kernel, and its declared mutation of out."""
-    from fpn_fast.ops import _triton_epilogue  # noqa: F401  (registers the op)
+    from fpn_fast.ops.conv import _triton_epilogue  # noqa: F401  (registers the op)
 
     out = torch.randn(2, 5, 6, 7, device=device)
     samples = [(out.clone(), torch.randn(5, device=device), torch.randn_like(out), True),
@@ -623,7 +623,7 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
     """Conv2dAct prepacks its weight for oneDNN once (channels_last inputs): the outputs are the
     unpacked path's bit for bit, at the packing size and others; the pack is not pickled or
     copied, and is remade when the weight changes."""
-    if ops._onednn.unavailable_reason() is not None:
+    if ops.conv._onednn.unavailable_reason() is not None:
         pytest.skip("needs oneDNN's fused convolution")
     # The modules' own caches (plan=False): a plan holds the packs it was made with.
     optimized = fpn_fast.optimize_for_inference(_backbone(), plan=False)
@@ -632,7 +632,7 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
         packed = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))
                   for i, size in enumerate(sizes)]
         assert any("_onednn_weight" in vars(m).get("_packs", {}) for m in optimized.modules())
-        monkeypatch.setattr(ops._onednn, "pack_weight", lambda weight, *args: weight)
+        monkeypatch.setattr(ops.conv._onednn, "pack_weight", lambda weight, *args: weight)
         for m in optimized.modules():
             vars(m).get("_packs", {}).pop("_onednn_weight", None)
         plain = [optimized(torch.randn(size, generator=torch.Generator().manual_seed(i)))
@@ -648,8 +648,8 @@ def test_prepacked_onednn_weights_are_bit_identical_and_not_saved(monkeypatch):
     copied = copy.deepcopy(optimized)
     assert not any("_onednn_weight" in vars(m).get("_packs", {}) for m in copied.modules())
     # the FPN's 24x32 level ran the extension's Winograd convolution, else NNPACK's sliced path
-    cache = ("_winograd_weight" if ops._winograd.unavailable_reason() is None
-             else "_nnpack_weight" if ops._nnpack.sliced_unavailable_reason() is None else None)
+    cache = ("_winograd_weight" if ops.conv._winograd.unavailable_reason() is None
+             else "_nnpack_weight" if ops.conv._nnpack.sliced_unavailable_reason() is None else None)
     if cache is not None:
         assert any(cache in vars(m).get("_packs", {}) for m in optimized.modules())
         assert not any(cache in vars(m).get("_packs", {}) for m in copied.modules())

@@ -1,4 +1,4 @@
-"""fpn_fast.ops: the dispatch table and the backend choice (fpn_fast.ops._dispatch), and the CPU
+"""fpn_fast.ops: the dispatch table and the backend choice (fpn_fast.ops.dispatch), and the CPU
 inference helpers conv1x1 / to_nchw. The parity of each FPN op on every backend is in
 test_upsample_add.py and test_stride2_pool.py."""
 import threading
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fpn_fast.ops as ops
-from fpn_fast.ops import _dispatch, _extension, _triton, reference
+from fpn_fast.ops import _extension, _triton, dispatch, pool, reference, top_down
 from tests._cases import BACKENDS, DTYPES, require
 
 OPS = ("upsample_add", "stride2_pool", "conv2d_act", "conv2d_nchw", "lateral_upsample_add", "to_nchw")
@@ -19,15 +19,15 @@ IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "torch
 def unavailable(monkeypatch):
     """unavailable(implementation, device_type, reason): make the lazy probe answer `reason`."""
     def make(implementation, device_type, reason):
-        monkeypatch.setitem(_dispatch._PROBED, (implementation, device_type), reason)
+        monkeypatch.setitem(dispatch._PROBED, (implementation, device_type), reason)
     return make
 
 
 # ----------------------------------------------------------------------------- the table
 
 def test_every_row_names_every_backend_and_ends_in_torch():
-    assert set(_dispatch.TABLE) == {(op, device) for op in OPS for device in ("cpu", "cuda")}
-    for key, row in _dispatch.TABLE.items():
+    assert set(dispatch.TABLE) == {(op, device) for op in OPS for device in ("cpu", "cuda")}
+    for key, row in dispatch.TABLE.items():
         assert set(row) == set(ops.BACKENDS), key
         for backend, implementations in row.items():
             assert implementations and implementations[-1] == "torch", (key, backend)
@@ -56,29 +56,29 @@ def test_every_row_names_every_backend_and_ends_in_torch():
     ("lateral_upsample_add", "cuda", "auto", ("triton", "torch")),
 ])
 def test_named_backend_meaning_per_op(op, device, backend, expected):
-    assert _dispatch.TABLE[(op, device)][backend] == expected
+    assert dispatch.TABLE[(op, device)][backend] == expected
 
 
 def test_extension_named_for_the_pool_level_runs_atens_strided_copy(monkeypatch):
     require("extension", "cpu")
     calls = []
-    for module, name in ((reference, "torch"), (_triton, "triton")):
+    for module, name in ((reference, "torch"), (pool._triton, "triton")):
         original = module.stride2_pool
         monkeypatch.setattr(module, "stride2_pool", lambda x, _f=original, _n=name: calls.append(_n) or _f(x))
     x = torch.randn(2, 3, 7, 11)
     with ops.use_backend("extension"):
-        assert _dispatch.resolve("stride2_pool", "cpu") == "torch"
+        assert dispatch.resolve("stride2_pool", "cpu") == "torch"
         assert torch.equal(ops.stride2_pool(x), F.max_pool2d(x, 1, 2, 0))
     assert calls == ["torch"]
 
 
 def test_resolve_skips_what_cannot_run_or_is_not_exact(unavailable):
     require("extension", "cpu")
-    assert _dispatch.resolve("upsample_add", "cpu") == "extension"
-    assert _dispatch.resolve("upsample_add", "cpu", exact=lambda impl: impl != "extension") == "torch"
+    assert dispatch.resolve("upsample_add", "cpu") == "extension"
+    assert dispatch.resolve("upsample_add", "cpu", supports=lambda impl: impl != "extension") == "torch"
     unavailable("extension", "cpu", "not built (test)")
-    assert _dispatch.resolve("upsample_add", "cpu") == "torch"  # "auto" moves on
-    assert _dispatch.resolve("no_such_op", "cpu") == "torch"
+    assert dispatch.resolve("upsample_add", "cpu") == "torch"  # "auto" moves on
+    assert dispatch.resolve("no_such_op", "cpu") == "torch"
 
 
 def test_available_backends_reports_every_backend_and_device():
@@ -121,7 +121,7 @@ def test_a_named_backend_is_used_or_refused_never_replaced(unavailable):
     lateral, top = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)
     with ops.use_backend("extension"):
         for call in (lambda: ops.upsample_add(lateral, top), lambda: ops.stride2_pool(lateral),
-                     lambda: _dispatch.resolve("to_nchw", "cpu")):
+                     lambda: dispatch.resolve("to_nchw", "cpu")):
             with pytest.raises(ops.BackendUnavailableError, match=r"backend 'extension' cannot run \w+ on cpu "
                                r"tensors: not built \(test reason\)"):
                 call()
@@ -138,9 +138,9 @@ def test_naming_a_backend_for_cuda_tensors_without_a_gpu_says_why():
         with ops.use_backend(backend):
             with pytest.raises(ops.BackendUnavailableError, match=f"cannot run upsample_add on cuda tensors: "
                                                                   f"{reason[:20]}"):
-                _dispatch.resolve("upsample_add", "cuda")
+                dispatch.resolve("upsample_add", "cuda")
     with ops.use_backend("torch"):
-        assert _dispatch.resolve("upsample_add", "cuda") == "torch"
+        assert dispatch.resolve("upsample_add", "cuda") == "torch"
 
 
 def test_use_backend_restores_previous_even_on_error_and_nests():
@@ -160,7 +160,7 @@ def test_use_backend_is_per_thread(monkeypatch):
     each runs its own backend (counted), and the process default is unchanged after."""
     kernel_backend = "extension" if ops.available_backends()["extension"]["cpu"] is None else "triton"
     require(kernel_backend, "cpu")
-    module = {"extension": _extension, "triton": _triton}[kernel_backend]
+    module = {"extension": top_down._extension, "triton": top_down._triton}[kernel_backend]
     lateral, top = torch.randn(1, 2, 5, 7), torch.randn(1, 2, 3, 4)
     expected = reference.upsample_add(lateral, top)
     calls = {"torch": [], kernel_backend: []}
@@ -194,7 +194,7 @@ def test_use_backend_is_per_thread(monkeypatch):
     assert calls == {"torch": ["torch"] * 3, kernel_backend: [kernel_backend] * 3}
     assert seen == {"torch": {"torch"}, kernel_backend: {kernel_backend},
                     "torch after": {"auto"}, kernel_backend + " after": {"auto"}}
-    assert ops.get_backend() == "auto" and _dispatch._default == "auto"
+    assert ops.get_backend() == "auto" and dispatch._default == "auto"
 
 
 # ----------------------------------------------------------------------------- environment, import

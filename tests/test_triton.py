@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from fpn_fast.ops import _triton, reference
+from fpn_fast.ops.pool import _triton as pool_triton
+from fpn_fast.ops.top_down import _triton as top_down_triton
 from tests._cases import laid_out, require
 
 
@@ -45,19 +47,20 @@ def test_many_small_tiles(triton_device, int64, monkeypatch):
     int64 offset path that only >= 2**31-element tensors take otherwise."""
     monkeypatch.setattr(_triton, "_TILE", 1024)
     if int64:
-        monkeypatch.setattr(_triton, "_needs_int64", lambda *tensors: True)
+        for module in (top_down_triton, pool_triton):  # the modules that launch the kernels
+            monkeypatch.setattr(module, "_needs_int64", lambda *tensors: True)
     lateral0, top0, bias = _inputs((46, 69), (14, 21), torch.float32, triton_device)
     for layout in ("contiguous", "channels_last"):
         lateral = laid_out(lateral0, layout)
         top = laid_out(top0.clone(), layout).requires_grad_()
-        out = _triton.upsample_add(lateral, top, bias)
+        out = top_down_triton.upsample_add(lateral, top, bias)
         assert torch.equal(out, reference.upsample_add(lateral, top.detach(), bias)), layout
         grad = torch.randn_like(out)
         out.backward(grad)
         # the forward map's own backward (ATen's CUDA backward differs at 46x69 <- 14x21)
         assert torch.equal(top.grad, reference.nearest_upsample_backward(grad, 14, 21)), layout
         x = lateral.clone().requires_grad_()
-        pooled = _triton.stride2_pool(x)
+        pooled = pool_triton.stride2_pool(x)
         assert torch.equal(pooled, F.max_pool2d(x.detach(), 1, 2, 0)), layout
         pooled.backward(torch.ones_like(pooled))
         expected = torch.zeros_like(x)
@@ -101,7 +104,7 @@ def test_in_place_op_refuses_autograd(triton_device):
 
 
 def _pyramid_step(lateral, top, bias, p5):
-    return _triton.upsample_add(lateral, top, bias), _triton.stride2_pool(p5)
+    return top_down_triton.upsample_add(lateral, top, bias), pool_triton.stride2_pool(p5)
 
 
 def test_compile_fullgraph(triton_device):
@@ -137,20 +140,21 @@ def test_triton_op_registration_eager():
     torch < 2.12's wrap_triton takes compiled kernels only, not the interpreter's: there the GPU
     check runs this path, and test_triton_registration.py its registrations."""
     try:
-        torch.library.wrap_triton(_triton._stride2_pool_kernel)
+        torch.library.wrap_triton(pool_triton._stride2_pool_kernel)
     except RuntimeError as err:
         pytest.skip(f"this torch's wrap_triton refuses the interpreter's kernels: {err}")
-    ops_ = _triton._define_ops("fpn_fast_triton_tritonop_test", as_triton_op=True)
+    top_down_ops = top_down_triton.define_ops("fpn_fast_triton_tritonop_test", as_triton_op=True)
+    pool_ops = pool_triton.define_ops("fpn_fast_triton_tritonop_test", as_triton_op=True)
     lateral, top, bias = _inputs((7, 11), (4, 6), torch.float32, "cpu")
     grad = torch.randn_like(lateral)
     top_a, top_b = top.clone().requires_grad_(), top.clone().requires_grad_()
-    out = ops_.upsample_add(lateral, top_a, bias)
+    out = top_down_ops.upsample_add(lateral, top_a, bias)
     assert torch.equal(out, reference.upsample_add(lateral, top, bias))
     out.backward(grad)
-    _triton.upsample_add(lateral, top_b, bias).backward(grad)
+    top_down_triton.upsample_add(lateral, top_b, bias).backward(grad)
     assert torch.equal(top_a.grad, top_b.grad)
     target = lateral.clone()
-    ops_.upsample_add_(target, top, bias)
+    top_down_ops.upsample_add_(target, top, bias)
     assert torch.equal(target, out)
     x = torch.randn(2, 3, 7, 11)
-    assert torch.equal(ops_.stride2_pool(x), x[:, :, ::2, ::2])
+    assert torch.equal(pool_ops.stride2_pool(x), x[:, :, ::2, ::2])

@@ -1,4 +1,4 @@
-"""The Triton lateral GEMM (fpn_fast.ops._triton_lateral) against plain torch:
+"""The Triton lateral GEMM (fpn_fast.ops.lateral._triton) against plain torch:
 F.conv2d(x, weight) + bias + F.interpolate(top, mode="nearest").
 
 Without a GPU the kernel runs on CPU tensors through the Triton interpreter (conftest.py sets
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from fpn_fast.ops import _triton, _triton_lateral, reference  # noqa: E402  (after importorskip)
+from fpn_fast.ops import _triton, reference  # noqa: E402  (after importorskip)
+from fpn_fast.ops.lateral import _triton as _triton_lateral  # noqa: E402
 from tests._cases import laid_out  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -231,7 +232,7 @@ def test_dot_precision_reads_the_newer_precision_flags():
         pytest.skip("this torch has no per-op fp32_precision flags")
     code = textwrap.dedent("""
         import torch
-        from fpn_fast.ops import _triton_lateral
+        from fpn_fast.ops.lateral import _triton as _triton_lateral
         torch.backends.cudnn.conv.fp32_precision = "ieee"
         assert _triton_lateral._dot_precision(torch.float32) == "ieee"
         torch.backends.cudnn.conv.fp32_precision = "tf32"

@@ -25,7 +25,9 @@ import json
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 import fpn_fast  # the import itself was what failed on torch 2.11
-from fpn_fast.ops import _triton, _triton_epilogue, _triton_lateral
+from fpn_fast.ops import _triton
+from fpn_fast.ops.conv import _triton_epilogue
+from fpn_fast.ops.lateral import _triton as _triton_lateral
 
 ns = torch.ops.fpn_fast_triton
 OPS = %(ops)r

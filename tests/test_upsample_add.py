@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fpn_fast.ops as ops
-from fpn_fast.ops import _dispatch, reference
+from fpn_fast.ops import dispatch, reference
 from tests._cases import BACKENDS, DTYPES, LAYOUTS, SHAPES, backend_cases, laid_out, make_inputs, running, shape_id
 
 
@@ -16,7 +16,7 @@ def on_backend(request, device):
     checks that upsample_add then runs that backend's own kernel."""
     backend = request.node.callspec.params["backend"]
     with running("upsample_add", backend, device):
-        assert _dispatch.TABLE[("upsample_add", device)][backend][0] == backend
+        assert dispatch.TABLE[("upsample_add", device)][backend][0] == backend
         yield backend
 
 

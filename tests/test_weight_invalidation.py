@@ -9,9 +9,9 @@ a forward has made the packs, and compares each output level with torchvision's
 previous checkpoint: errors of the order of the outputs themselves (the float16/bfloat16 round
 trips: 1e-4 to 1e-2, the rounding of the weights).
 
-ResNet18 on a 1x3x96x96 image: every map is at most 48x48, below ``ops._PACK_MAX_PIXELS`` (128x128),
+ResNet18 on a 1x3x96x96 image: every map is at most 48x48, below ``ops.selection.PACK_MAX_PIXELS`` (128x128),
 so every direct convolution runs on oneDNN's prepacked weight; the 3x3 convolutions of 64 or more
-channels have >= 36 tiles (``ops._winograd.worthwhile``), so they run the extension's Winograd
+channels have >= 36 tiles (``ops.conv._winograd.worthwhile``), so they run the extension's Winograd
 convolution on its cached kernel transforms; with that turned off, the FPN's 24x24 level runs
 NNPACK's sliced convolution on its cached kernels. Each test runs on those three routes and checks
 that their packs were made.
@@ -40,10 +40,10 @@ IMAGE = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(22))
 # route -> (the packs it must make, why it cannot run here or None)
 ROUTES = {
     "winograd": ({"_onednn_weight", "_winograd_weight"},
-                 ops._onednn.unavailable_reason() or ops._winograd.unavailable_reason()),
+                 ops.conv._onednn.unavailable_reason() or ops.conv._winograd.unavailable_reason()),
     "nnpack": ({"_onednn_weight", "_nnpack_weight"},
-               ops._onednn.unavailable_reason() or ops._nnpack.sliced_unavailable_reason()),
-    "direct": ({"_onednn_weight"}, ops._onednn.unavailable_reason()),
+               ops.conv._onednn.unavailable_reason() or ops.conv._nnpack.sliced_unavailable_reason()),
+    "direct": ({"_onednn_weight"}, ops.conv._onednn.unavailable_reason()),
 }
 
 
@@ -55,11 +55,11 @@ def route(request, monkeypatch):
     if reason is not None:
         pytest.skip(f"the {request.param} route cannot run here: {reason}")
     if request.param == "nnpack":
-        monkeypatch.setattr(ops._winograd, "unavailable_reason", lambda: "turned off by the test")
-    ops._dispatch._PROBED.clear()
+        monkeypatch.setattr(ops.conv._winograd, "unavailable_reason", lambda: "turned off by the test")
+    ops.dispatch._PROBED.clear()
     yield request.param
     monkeypatch.undo()
-    ops._dispatch._PROBED.clear()
+    ops.dispatch._PROBED.clear()
 
 
 def _reference(seed: int, half_exact: bool = False) -> nn.Module:
@@ -253,7 +253,7 @@ def test_weights_stay_normal_tensors_on_every_entry_point():
             assert not duplicate.weight.is_inference() and not duplicate.bias.is_inference()
         conv._parameters["weight"] = nn.Parameter(torch.randn(8, 4, 3, 3), requires_grad=False)  # no hook sees it
         conv(torch.randn(1, 4, 10, 10).contiguous(memory_format=torch.channels_last))
-        if ops._onednn.unavailable_reason() is None:  # the pack lookup found it
+        if ops.conv._onednn.unavailable_reason() is None:  # the pack lookup found it
             assert not conv.weight.is_inference() and "_onednn_weight" in conv._pack_cache()
     assert conv.weight.dtype == torch.float32 and isinstance(conv.weight, nn.Parameter)
     assert not conv.weight.requires_grad
@@ -353,9 +353,9 @@ def test_cpu_pool_limit_set_before_first_use_replaces_the_environment(run_python
     proc = run_python(textwrap.dedent("""
         import torch
         from fpn_fast import ops
-        from fpn_fast.ops import _memory
+        from fpn_fast.ops import cpu_cache
         assert ops.set_cpu_cache_limit(0) == 0
-        with _memory.pooled() as active:
+        with cpu_cache.pooled() as active:
             assert not active
         assert ops.cpu_cache_stats()["limit_bytes"] == 0
         print("ok")

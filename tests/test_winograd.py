@@ -1,5 +1,5 @@
 """The extension's Winograd F(4x4, 3x3) convolution (``fpn_fast::winograd_conv_3x3``,
-``ops._winograd``) and its place in ``ops.conv2d_act`` / ``ops.conv2d_nchw``.
+``ops.conv._winograd``) and its place in ``ops.conv2d_act`` / ``ops.conv2d_nchw``.
 
 Every result is compared with F.conv2d computed in float64 on fresh random inputs: odd map sizes
 (partial 4x4 output tiles on both edges), channel counts off the kernels' 64-channel runs, batch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fpn_fast
 from fpn_fast import ops
 from fpn_fast.inference import Conv2dAct
-from fpn_fast.ops import _winograd
+from fpn_fast.ops.conv import _winograd
 
 pytestmark = pytest.mark.skipif(_winograd.unavailable_reason() is not None,
                                 reason=f"the extension's Winograd convolution is unusable here: "
@@ -198,12 +198,12 @@ def test_ops_hand_non_finite_results_to_the_direct_conv(value, route):
     args = (x, weight, b, (1, 1), (1, 1), (1, 1), 1)
     with torch.no_grad():
         if route == "conv2d_act":
-            assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+            assert ops.resolve("conv2d_act", "cpu", lambda impl: ops.conv.conv2d_act_supports(
                 impl, x, weight, b, (1, 1), (1, 1), (1, 1), True, None)) == "winograd"
             out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=True)
             want = F.conv2d(x, weight, b, 1, 1).relu()
         else:
-            assert ops._conv2d_nchw_implementation(*args) == "winograd"
+            assert ops.conv.conv2d_nchw_implementation(*args) == "winograd"
             out = ops.conv2d_nchw(x, weight, b, (1, 1), (1, 1))
             want = F.conv2d(x, weight, b, 1, 1)
         raw, _ = _op(x, weight, b, (1, 1), relu=route == "conv2d_act")
@@ -231,12 +231,12 @@ def test_winograd_false_keeps_the_direct_convolution():
     x, weight, b = _inputs(1, 64, 30, 30, 64, seed=6)
     with torch.no_grad():
         out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=True, winograd=False)
-        want = ops._conv2d_act_direct(x, weight, b, (1, 1), (1, 1), (1, 1), 1, True, None, None)
+        want = ops.conv.conv2d_act_direct(x, weight, b, (1, 1), (1, 1), (1, 1), 1, True, None, None)
         nchw = ops.conv2d_nchw(x, weight, b, (1, 1), (1, 1), winograd=False)
-        nchw_want = ops.to_nchw(ops._conv2d_act_direct(x, weight, b, (1, 1), (1, 1), (1, 1), 1, False, None, None))
+        nchw_want = ops.to_nchw(ops.conv.conv2d_act_direct(x, weight, b, (1, 1), (1, 1), (1, 1), 1, False, None, None))
     assert torch.equal(out, want) and torch.equal(nchw, nchw_want)
     assert ops.conv2d_nchw_input_format(x, weight, b, (1, 1), (1, 1), winograd=False) == torch.channels_last
-    assert ops._conv2d_nchw_implementation(x, weight, b, (1, 1), (1, 1), (1, 1), 1, False) not in ("winograd", "nnpack")
+    assert ops.conv.conv2d_nchw_implementation(x, weight, b, (1, 1), (1, 1), (1, 1), 1, False) not in ("winograd", "nnpack")
 
 
 def test_mismatched_channels_and_negative_padding_give_conv2d_errors():
@@ -277,7 +277,7 @@ def test_conv2d_act_runs_winograd_with_the_tail(channels_last, residual, relu):
     if not channels_last:
         x = x.contiguous()
     r = torch.randn(2, 96, 21, 19) if residual else None
-    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops._conv2d_act_is_exact(
+    assert ops.resolve("conv2d_act", "cpu", lambda impl: ops.conv.conv2d_act_supports(
         impl, x, weight, b, (1, 1), (1, 1), (1, 1), relu, r)) == "winograd"
     with torch.no_grad():
         out = ops.conv2d_act(x, weight, b, (1, 1), (1, 1), relu=relu, residual=r)
@@ -311,7 +311,7 @@ def test_dispatch_takes_winograd_only_where_it_fits_and_pays(monkeypatch):
     x, weight, b = _inputs(1, 64, 40, 40, 64, seed=1)
 
     def implementation(x=x, weight=weight, bias=b, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1):
-        return ops._conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
+        return ops.conv.conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups)
 
     assert implementation() == "winograd"
     assert implementation(x=x.double(), weight=weight.double(), bias=b.double()) != "winograd"
@@ -453,13 +453,13 @@ def test_optimize_for_inference_can_keep_every_convolution_direct():
     assert any("_winograd_weight" in vars(m).get("_packs", {}) for m in default.modules())
     with ops.use_backend("auto"), pytest.MonkeyPatch.context() as patch:
         patch.setattr(_winograd, "unavailable_reason", lambda: "off")
-        patch.setattr(ops._nnpack, "unavailable_reason", lambda: "off")
-        ops._dispatch._PROBED.clear()
+        patch.setattr(ops.conv._nnpack, "unavailable_reason", lambda: "off")
+        ops.dispatch._PROBED.clear()
         try:
             with torch.no_grad():
                 want = fpn_fast.optimize_for_inference(model)(x)
         finally:
-            ops._dispatch._PROBED.clear()
+            ops.dispatch._PROBED.clear()
     for name in want:
         assert torch.equal(got[name], want[name]), name
         assert _error(fast[name], want[name].double()) <= BOUND

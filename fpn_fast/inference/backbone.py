@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _memory
+from ..ops import cpu_cache as _memory
 from .conv import _check_inference
 from .engine import Engine
 from .modules import InferenceFPN

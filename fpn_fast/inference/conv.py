@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.conv import _nnpack, _onednn, _winograd
 
 __all__ = ["Conv2dAct"]
 
@@ -196,7 +197,7 @@ class Conv2dAct(nn.Module):
         cache = self._pack_cache()
         cached = cache.get("_onednn_weight")
         if cached is None or cached[0] is not token:
-            packed = ops._onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
+            packed = _onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
                                              x.shape)
             cached = cache["_onednn_weight"] = (token, packed)
         return cached[1]
@@ -211,7 +212,7 @@ class Conv2dAct(nn.Module):
         cache = self._pack_cache()
         cached = cache.get("_nnpack_weight")
         if cached is None or cached[0] is not token or cached[1] != made_for:
-            kernels = ops._nnpack.pack(self.weight, self.padding, slices)
+            kernels = _nnpack.pack(self.weight, self.padding, slices)
             cached = cache["_nnpack_weight"] = (token, made_for, kernels)
         return cached[2]
 
@@ -220,17 +221,17 @@ class Conv2dAct(nn.Module):
         """A batch entry size for a map of ``tiles`` tiles and the Winograd kernel transforms
         prepacked for it (4x the weight's size: 9 MiB for a 256 -> 256 conv): the first map's
         entry size, or the fallback one for maps it would pad too much
-        (``ops._winograd.group_to_use``; at most two packs). Made on first use, kept while the
+        (``_winograd.group_to_use``; at most two packs). Made on first use, kept while the
         weight is unchanged (``_pack_token``); not saved or copied."""
         token = self._pack_token()
         cache = self._pack_cache()
         cached = cache.get("_winograd_weight")
         if cached is None or cached[0] is not token:
-            cached = cache["_winograd_weight"] = (token, ops._winograd.group_for(tiles), {})
-        group = ops._winograd.group_to_use(cached[1], tiles)
+            cached = cache["_winograd_weight"] = (token, _winograd.group_for(tiles), {})
+        group = _winograd.group_to_use(cached[1], tiles)
         packs = cached[2]
         if group not in packs:
-            packs[group] = ops._winograd.pack(self.weight, group)
+            packs[group] = _winograd.pack(self.weight, group)
         return group, packs[group]
 
     def extra_repr(self) -> str:

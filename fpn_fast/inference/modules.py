@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._fast_path import _global_hooks
 from ..fpn import check_fpn_inputs
-from ..ops import _script
+from ..export import script as _script
 from .conv import Conv2dAct, _check_inference
 
 __all__ = ["FoldedResidualBlock", "InferenceFPN"]

@@ -12,7 +12,7 @@ Three changes, each optional, none touching the model passed in (it is copied):
 
 The backbone then decides once per input signature and replays (``plan.py``, ``cuda_graphs.py``).
 On CPU (float32), the 3x3 stride-1 convolutions run a Winograd convolution where it pays, and the
-backbone's forward runs inside fpn_fast's CPU buffer pool (``ops._memory``).
+backbone's forward runs inside fpn_fast's CPU buffer pool (``ops.cpu_cache``).
 """
 import copy
 import warnings

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..backbone import IntermediateLayerGetter
 from ..fpn import LastLevelMaxPool, check_fpn_inputs
-from ..ops import _dispatch
-from ..ops._triton_lateral import cudnn_conv_allows_tf32
+from ..ops import dispatch as _dispatch
+from ..ops.lateral._triton import cudnn_conv_allows_tf32
 from . import select
 from .conv import Conv2dAct
 from .guards import StructureGuard, WeightGuard, _global_hooks, _hooked_or_training

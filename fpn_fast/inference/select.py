@@ -1,7 +1,7 @@
 """Decide once: the implementation of every convolution and FPN step of a plan, bound into a
 runner that does nothing else per call.
 
-``fpn_fast.ops`` resolves an implementation on every call (the dispatch table, the exactness
+``fpn_fast.ops`` resolves an implementation on every call (the dispatch table, the ``supports``
 predicates, the autocast state, the capture checks). Every one of those answers depends only on
 the module and the input's signature, so a plan (``plan.py``) asks them once, here, with the real
 input of its first call, and keeps a runner: a closure over the chosen op, the prepacked weight
@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
-from ..ops import _dispatch, _nnpack, _winograd
+from ..ops import dispatch as _dispatch
 from ..ops import reference as _reference
-from ..ops._triton_lateral import cudnn_conv_allows_tf32
+from ..ops import conv as _conv
+from ..ops import lateral as _lateral
+from ..ops import conv1x1
+from ..ops.conv import _nnpack, _winograd
+from ..ops.lateral._triton import cudnn_conv_allows_tf32
+from ..ops.selection import NNPACK_SLICED_MAX_PIXELS, PACK_MAX_PIXELS
 
 Runner = Callable[..., Tensor]
 
@@ -50,11 +54,11 @@ def conv2d_act_runner(conv, x: Tensor, residual: Optional[Tensor]) -> Runner:
     weight, bias = conv.weight, conv.bias
     stride, padding, dilation, groups, relu = conv.stride, conv.padding, conv.dilation, conv.groups, conv.relu
     winograd = getattr(conv, "winograd", True)
-    implementation = ops._dispatch.resolve(
-        "conv2d_act", x.device.type, lambda impl: (winograd or impl not in ops._WINOGRAD)
-        and ops._conv2d_act_is_exact(impl, x, weight, bias, stride, padding, dilation, relu, residual))
+    implementation = _dispatch.resolve(
+        "conv2d_act", x.device.type, lambda impl: (winograd or impl not in _conv.WINOGRAD_ROUTES)
+        and _conv.conv2d_act_supports(impl, x, weight, bias, stride, padding, dilation, relu, residual))
     if implementation == "winograd":
-        channels_last = ops._channels_last_like(x)
+        channels_last = _conv.channels_last_like(x)
         count = _winograd.tiles(x.shape, padding)
         packs = conv._winograd_kernels(count)
         direct = _direct_runner(conv, x, residual)
@@ -67,7 +71,7 @@ def conv2d_act_runner(conv, x: Tensor, residual: Optional[Tensor]) -> Runner:
             return out if residual is None else _tail(out, residual, relu)
         return run_winograd
     if implementation == "nnpack":
-        channels_last = ops._channels_last_like(x)
+        channels_last = _conv.channels_last_like(x)
         kernels = _nnpack_kernels(conv, x)
         direct = _direct_runner(conv, x, residual)
         to_nchw = to_nchw_runner(x)
@@ -105,7 +109,7 @@ def _measured_cuda_runner(conv, x: Tensor, residual: Optional[Tensor], implement
     candidates = {"table": table}
     if implementation != "torch":
         candidates["torch"] = _direct_runner(conv, x, residual, "torch")
-    low = ops._autocast_dtype("cuda")
+    low = _dispatch.autocast_dtype("cuda")
     if conv.relu and conv.groups == 1 and _cudnn_fused_allowed() and _cudnn_relu_keeps_nan(x.device, low or x.dtype):
         candidates["cudnn"] = _cudnn_runner(conv, x)
     key = (str(x.device), tuple(x.shape), x.stride(), x.dtype, tuple(conv.weight.shape), conv.bias is None,
@@ -179,7 +183,7 @@ def _median_ms(fn) -> float:
 def _cudnn_runner(conv, x: Tensor) -> Runner:
     """cuDNN's fused convolution with bias, residual and ReLU (what TorchScript's freezing emits);
     not an autocast op, so its operands are cast as autocast would cast a convolution's."""
-    low = ops._autocast_dtype("cuda")
+    low = _dispatch.autocast_dtype("cuda")
     weight = _low_precision(conv.weight, low)
     bias = conv.bias if conv.bias is not None else torch.zeros(conv.weight.shape[0], device=x.device,
                                                               dtype=conv.weight.dtype)
@@ -223,25 +227,25 @@ def _cudnn_relu_keeps_nan(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _nnpack_kernels(conv, x: Tensor):
-    """The NNPACK kernel transforms ``ops._nnpack.conv2d`` asks for on maps of x's size (its sliced
+    """The NNPACK kernel transforms ``ops.conv._nnpack.conv2d`` asks for on maps of x's size (its sliced
     path), or None where it takes torch's NNPACK call, which needs none."""
-    if x.shape[2] * x.shape[3] <= _nnpack.SLICED_MAX_PIXELS and _nnpack.sliced_unavailable_reason() is None:
+    if x.shape[2] * x.shape[3] <= NNPACK_SLICED_MAX_PIXELS and _nnpack.sliced_unavailable_reason() is None:
         return conv._nnpack_kernels(min(_nnpack.slices(), conv.weight.shape[0]))
     return None
 
 
 def _direct_runner(conv, x: Tensor, residual: Optional[Tensor], implementation: Optional[str] = None) -> Runner:
-    """The direct convolution's runner (``ops._conv2d_act_direct`` decided once)."""
+    """The direct convolution's runner (``_conv.conv2d_act_direct`` decided once)."""
     weight, bias = conv.weight, conv.bias
     stride, padding, dilation, groups, relu = conv.stride, conv.padding, conv.dilation, conv.groups, conv.relu
     if implementation is None:
-        implementation = ops._dispatch.resolve(
-            "conv2d_act", x.device.type, lambda impl: impl not in ops._WINOGRAD
-            and ops._conv2d_act_is_exact(impl, x, weight, bias, stride, padding, dilation, relu, residual))
+        implementation = _dispatch.resolve(
+            "conv2d_act", x.device.type, lambda impl: impl not in _conv.WINOGRAD_ROUTES
+            and _conv.conv2d_act_supports(impl, x, weight, bias, stride, padding, dilation, relu, residual))
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     if implementation == "onednn":
         if (_reference.memory_format_of(x) == torch.channels_last
-                and x.shape[2] * x.shape[3] <= ops._PACK_MAX_PIXELS):
+                and x.shape[2] * x.shape[3] <= PACK_MAX_PIXELS):
             weight = conv._packed_weight(x)
         unary = torch.ops.mkldnn._convolution_pointwise.default
         binary = torch.ops.mkldnn._convolution_pointwise.binary
@@ -254,7 +258,7 @@ def _direct_runner(conv, x: Tensor, residual: Optional[Tensor], implementation: 
             return out.relu_() if relu else out
         return run_onednn
     if implementation == "triton":
-        low = ops._autocast_dtype(x.device.type)
+        low = _dispatch.autocast_dtype(x.device.type)
         epilogue = torch.ops.fpn_fast_triton.bias_act_.default
         cast_bias = _low_precision(bias, low)
 
@@ -276,7 +280,7 @@ def conv2d_nchw_runner(conv, x: Tensor) -> Runner:
     weight, bias = conv.weight, conv.bias
     stride, padding, dilation, groups = conv.stride, conv.padding, conv.dilation, conv.groups
     winograd = getattr(conv, "winograd", True)
-    implementation = ops._conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups, winograd)
+    implementation = _conv.conv2d_nchw_implementation(x, weight, bias, stride, padding, dilation, groups, winograd)
     direct = _direct_runner(conv, x, None)
     to_nchw = to_nchw_runner(direct(x))
     if implementation == "winograd":
@@ -314,12 +318,12 @@ def lateral_runner(inner_block, x: Tensor, top: Optional[Tensor], fuse: bool) ->
     """``run(x, top)`` computing ``ops.lateral_upsample_add(x, block.weight, block.bias, top,
     fuse=fuse)`` for a folded lateral block and inputs of x's and top's signature."""
     weight, bias = inner_block.weight, inner_block.bias
-    low = ops._autocast_dtype(x.device.type)
+    low = _dispatch.autocast_dtype(x.device.type)
     cast = (lambda t: _low_precision(t, low)) if low is not None else _same_or_none
     x_low = cast(x)
     weight, bias = cast(weight), cast(bias)
     implementation = _dispatch.resolve("lateral_upsample_add", x.device.type,
-                                       lambda impl: ops._lateral_is_exact(impl, x_low, fuse))
+                                       lambda impl: _lateral.lateral_supports(impl, x_low, fuse))
     if implementation == "triton":
         op = torch.ops.fpn_fast_triton.lateral_upsample_add.default
         fused = lambda x, top=None: op(cast(x), weight, bias, cast(top))  # noqa: E731
@@ -340,7 +344,7 @@ def _unfused_lateral(x_low: Tensor, weight: Tensor, bias: Optional[Tensor], top_
                      cast: Callable) -> Runner:
     """The lateral convolution, then the top-down step written into its output."""
     if x_low.is_contiguous():
-        conv = lambda x: ops.conv1x1(x, weight)  # noqa: E731
+        conv = lambda x: conv1x1(x, weight)  # noqa: E731
     else:  # ops.conv2d_act(x, weight): the lateral convolution alone, decided once
         conv = _direct_runner(_BareConv(weight), x_low, None)
     if top_low is None:

@@ -1,7 +1,7 @@
 """Pure-PyTorch implementations: the 'torch' backend and the reference every kernel is checked against.
 
 Written so TorchScript compiles them too (scripted fpn_fast modules use them where the
-extension cannot run), and so torch.export traces them into ATen ops (``fpn_fast.ops.decompositions``).
+extension cannot run), and so torch.export traces them into ATen ops (``fpn_fast.export.decompositions``).
 """
 from typing import List, Optional
 
@@ -18,7 +18,7 @@ def memory_format_of(t: torch.Tensor):  # -> torch.memory_format (TorchScript ha
 
 def nearest_source_index(out_size: int, in_size: int) -> torch.Tensor:
     """Source index of each destination index for nearest resize, as PyTorch computes it
-    (float32 scale, floor, clamp); the formula every backend implements (see DESIGN.md)."""
+    (float32 scale, floor, clamp); the formula every backend implements (docs/design.md, Exact op semantics)."""
     if out_size == in_size:
         return torch.arange(out_size)
     if out_size == 2 * in_size:

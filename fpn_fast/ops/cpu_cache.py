@@ -1,6 +1,8 @@
-"""A pool of large CPU buffers for inference, so FPN-sized maps are not page-faulted in anew on
-every call (the C++ side, ``csrc/runtime/cpu/memory_pool.cpp``, says why and how).
+"""The CPU buffer pool of the inference path: a pool of large CPU buffers, so FPN-sized maps are
+not page-faulted in anew on every call (the C++ side, ``csrc/runtime/cpu/memory_pool.cpp``, says why and
+how).
 
+Public: ``empty_cpu_cache()``, ``set_cpu_cache_limit(mb)``, ``cpu_cache_stats()``.
 ``pooled()`` opens a scope on the current thread in which CPU allocations of 1 MiB and more are
 served from, and go back to, the pool; ``optimize_for_inference``'s backbones run their CPU
 forward in one. The pool keeps up to a limit of free blocks between calls: FPN_FAST_CPU_POOL_MB
@@ -15,6 +17,8 @@ from typing import Dict, Iterator
 import torch
 
 from . import _extension
+
+__all__ = ["empty_cpu_cache", "set_cpu_cache_limit", "cpu_cache_stats", "pooled"]
 
 _ENV = "FPN_FAST_CPU_POOL_MB"
 _DEFAULT_MB = 1024
@@ -80,7 +84,7 @@ def set_limit(limit_bytes: int) -> int:
     they die. Returns the bytes freed (0 without the extension).
 
     Raises:
-        ValueError: ``limit_bytes`` is negative (with the extension; ``ops.set_cpu_cache_limit``
+        ValueError: ``limit_bytes`` is negative (with the extension; ``set_cpu_cache_limit``
             checks its argument itself).
     """
     global _configured
@@ -111,3 +115,57 @@ def stats() -> Dict[str, int]:
     if not _available():
         return dict.fromkeys(keys, 0)
     return dict(zip(keys, (int(v) for v in torch.ops.fpn_fast._cpu_pool_stats())))
+
+
+def empty_cpu_cache() -> int:
+    """Free the CPU blocks the optimized backbones' buffer pool keeps between calls (blocks in
+    use stay), as torch.cuda.empty_cache does for CUDA.
+
+    The pool (``csrc/runtime/cpu/memory_pool.cpp``) serves CPU allocations of 1 MiB and more made inside
+    an optimized backbone's forward, and keeps up to a limit of them for the next call: glibc
+    returns such blocks to the system on free, and faulting a fresh map in again is slow
+    (benchmarks/RESULTS.md). The limit is FPN_FAST_CPU_POOL_MB MiB (default 1024; 0 turns the
+    pool off), read once, the first time the pool is used or queried; change it at run time with
+    ``set_cpu_cache_limit``. Blocks in use now come back to the pool when they die, up to that
+    limit.
+
+    Returns:
+        The bytes freed (0 without the compiled extension, which holds the pool).
+    """
+    return empty_cache()
+
+
+def set_cpu_cache_limit(megabytes: int) -> int:
+    """Set how much the optimized backbones' CPU buffer pool keeps between calls, at run time
+    (it replaces FPN_FAST_CPU_POOL_MB's value, for the whole process).
+
+    Args:
+        megabytes: the limit in MiB, a whole number >= 0. A lower limit than the pool holds
+            frees cached blocks (the largest first) until what stays fits; 0 turns the pool off:
+            every cached block is freed, no later forward pools, and blocks still in use are freed
+            when they die instead of being cached.
+
+    Returns:
+        The bytes freed now (0 without the compiled extension, which holds the pool).
+
+    Raises:
+        TypeError: ``megabytes`` is not an int.
+        ValueError: ``megabytes`` is negative.
+    """
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int):
+        raise TypeError(f"set_cpu_cache_limit takes a whole number of MiB, got {type(megabytes).__name__}")
+    if megabytes < 0:
+        raise ValueError(f"set_cpu_cache_limit takes a limit >= 0 MiB (0 turns the pool off), got {megabytes}")
+    return set_limit(megabytes << 20)
+
+
+def cpu_cache_stats() -> Dict[str, int]:
+    """The CPU buffer pool's counters.
+
+    Returns:
+        {"cached_bytes", "cached_blocks", "blocks_in_use", "limit_bytes", "hits", "misses"}: ints
+        (all 0 without the extension; the counts 0 before first use).
+
+    Raises:
+        ValueError: FPN_FAST_CPU_POOL_MB, read on first use, is not a whole number >= 0."""
+    return stats()

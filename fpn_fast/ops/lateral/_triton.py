@@ -4,7 +4,7 @@
 
 A GEMM over rows m = (n, h, w) (M = N*H*W), reduction over K = C_in, columns o (O = out channels):
 A[m, k] = x[n, k, h, w], B[k, o] = weight[o, k]. The lateral map lives only in the accumulator;
-the epilogue adds bias and the nearest-upsampled top (exact ATen indices, DESIGN.md) and stores
+the epilogue adds bias and the nearest-upsampled top (exact ATen indices, docs/design.md) and stores
 ``out`` once. Every operand is read through its strides: for channels_last x, A is a row-major
 [M, K] matrix and out a row-major [M, O] one (the fast case); NCHW works through the same code.
 
@@ -18,15 +18,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_lateral_upsample_add
-from ._triton import (
+from .._checks import check_lateral_upsample_add
+from .._triton import (
     _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
     _precision, _resize_mode, define_inference_op, on_device_of, triton)
 
 if triton is not None:
     import triton.language as tl
 
-    from ._triton import _round_to, _source_index
+    from .._triton import _round_to, _source_index
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -3,8 +3,11 @@
 A *backend* is what users name ("auto", "extension", "triton", "torch"); an *implementation*
 is what runs: the compiled extension, a Triton kernel, oneDNN's fused convolution, or plain
 PyTorch. ``TABLE[(op, device_type)][backend]`` lists the implementations in the order they
-are tried: the first one that can run here and can do this call exactly (``exact``) wins, so a
-fast path that cannot be exact gives way to the next entry, and every list ends in "torch".
+are tried: the first one that can run here and that takes this call (the op's per-call
+``supports`` predicate: dtype, layout, autocast, capture, the thresholds of ``selection``) wins,
+so a fast path that cannot take a call gives way to the next entry, and every list ends in
+"torch". Each op's module declares its rows beside the op (``declare``); which implementations
+round differently from the reference is recorded in ``selection.ROUNDING``.
 
 What runs where is probed lazily, once per (implementation, device type), and cached:
 ``import fpn_fast`` loads no GPU driver and runs no convolution.
@@ -20,8 +23,9 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "TABLE", "set_backend", "get_backend", "use_backend",
-           "available_backends", "unavailable_reason", "resolve", "resolution_count", "capturing_graph"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "TABLE", "row", "declare", "set_backend", "get_backend",
+           "use_backend", "available_backends", "unavailable_reason", "resolve", "resolution_count",
+           "capturing_graph", "autocast_dtype"]
 
 BACKENDS = ("auto", "extension", "triton", "torch")
 
@@ -34,44 +38,18 @@ def _same(backend: str) -> Tuple[str, ...]:
     return (backend, "torch") if backend != "torch" else ("torch",)
 
 
-def _row(auto: Tuple[str, ...], **named: Tuple[str, ...]) -> Dict[str, Tuple[str, ...]]:
+def row(auto: Tuple[str, ...], **named: Tuple[str, ...]) -> Dict[str, Tuple[str, ...]]:
     """One table row: naming a backend runs its own implementation unless ``named`` says what
-    it means for this op; every list falls back to "torch" for calls the others cannot do exactly."""
-    row = {"auto": auto}
+    it means for this op; every list falls back to "torch" for calls the others cannot do."""
+    entries = {"auto": auto}
     for backend in BACKENDS[1:]:
-        row[backend] = named.get(backend, _same(backend))
-    return row
+        entries[backend] = named.get(backend, _same(backend))
+    return entries
 
 
-# (op, device type) -> {backend: implementations tried in order}.
-TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {
-    # The top-down step: nearest upsample + add (+ bias), forward and backward.
-    ("upsample_add", "cpu"): _row(("extension", "torch")),
-    ("upsample_add", "cuda"): _row(("extension", "triton", "torch")),
-    # The 'pool' level is a strided copy: only Triton has a kernel; the extension means ATen's copy.
-    ("stride2_pool", "cpu"): _row(("torch",), extension=("torch",)),
-    ("stride2_pool", "cuda"): _row(("triton", "torch"), extension=("torch",)),
-    # Inference only. A folded convolution and its tail (bias, residual, ReLU): oneDNN post-ops on CPU,
-    # one Triton pass after cuDNN on CUDA; "extension" means oneDNN on CPU (the CPU fast path).
-    # Winograd first for 3x3 stride-1 convs: the extension's F(4x4, 3x3) where it pays (ops._winograd),
-    # else NNPACK's for >= 128 channels over >= 20x20 pixels.
-    ("conv2d_act", "cpu"): _row(("winograd", "nnpack", "onednn", "torch"),
-                                extension=("winograd", "nnpack", "onednn", "torch")),
-    ("conv2d_act", "cuda"): _row(("triton", "torch"), extension=("torch",)),
-    # Inference only. Lateral 1x1 conv + top-down step: one Triton GEMM on CUDA; elsewhere
-    # ("torch") the convolution, then upsample_add_ on whatever backend it resolves to.
-    ("lateral_upsample_add", "cpu"): _row(("torch",), extension=("torch",)),
-    ("lateral_upsample_add", "cuda"): _row(("triton", "torch"), extension=("torch",)),
-    # Inference only. A convolution whose output is wanted in NCHW (the FPN's 3x3 output convs):
-    # a Winograd convolution writing NCHW (the extension's, else NNPACK's), else the conv2d_act
-    # route then to_nchw.
-    ("conv2d_nchw", "cpu"): _row(("winograd", "nnpack", "onednn", "torch"),
-                                 extension=("winograd", "nnpack", "onednn", "torch"), triton=("torch",)),
-    ("conv2d_nchw", "cuda"): _row(("torch",), extension=("torch",), triton=("torch",)),
-    # Inference only. NHWC -> NCHW output copy: the extension's blocked transpose on CPU.
-    ("to_nchw", "cpu"): _row(("extension", "torch"), triton=("torch",)),
-    ("to_nchw", "cuda"): _row(("torch",), extension=("torch",), triton=("torch",)),
-}
+# (op, device type) -> {backend: implementations tried in order}. Each op's module declares its
+# rows beside the op (``declare``); importing fpn_fast.ops imports them all.
+TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {}
 
 
 def _extension_reason(device_type: str) -> Optional[str]:
@@ -84,32 +62,31 @@ def _triton_reason(device_type: str) -> Optional[str]:
     return _triton.unavailable_reason(device_type)
 
 
-def _onednn_reason(device_type: str) -> Optional[str]:
-    if device_type != "cpu":
-        return f"oneDNN's fused convolution runs on CPU tensors only, not {device_type}"
-    from . import _onednn
-    return _onednn.unavailable_reason()
-
-
-def _nnpack_reason(device_type: str) -> Optional[str]:
-    if device_type != "cpu":
-        return f"NNPACK runs on CPU tensors only, not {device_type}"
-    from . import _nnpack
-    return _nnpack.unavailable_reason()
-
-
-def _winograd_reason(device_type: str) -> Optional[str]:
-    if device_type != "cpu":
-        return f"the extension's Winograd convolution runs on CPU tensors only, not {device_type}"
-    from . import _winograd
-    return _winograd.unavailable_reason()
-
-
+# implementation -> probe(device_type): None when it runs on that device type here, else why not.
 _PROBES: Dict[str, Callable[[str], Optional[str]]] = {
-    "extension": _extension_reason, "triton": _triton_reason, "onednn": _onednn_reason, "nnpack": _nnpack_reason,
-    "winograd": _winograd_reason,
-    "torch": lambda device_type: None,
+    "extension": _extension_reason, "triton": _triton_reason, "torch": lambda device_type: None,
 }
+
+
+def declare(rows: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]],
+            probes: Optional[Dict[str, Callable[[str], Optional[str]]]] = None) -> None:
+    """Add an op's rows to TABLE, and the probes of implementations only its rows name (oneDNN,
+    Winograd, NNPACK: the convolutions'). Called once per op module, at its import.
+
+    Raises:
+        ValueError: a row is declared twice, a list does not end in "torch", or names an
+            implementation without a probe.
+    """
+    known = {**_PROBES, **(probes or {})}
+    for key, entries in rows.items():
+        if key in TABLE:
+            raise ValueError(f"dispatch row {key!r} is declared twice")
+        for backend, implementations in entries.items():
+            if implementations[-1:] != ("torch",) or not set(implementations) <= set(known):
+                raise ValueError(f"TABLE[{key!r}][{backend!r}] = {implementations!r}: each list names probed "
+                                 "implementations and ends in 'torch'")
+    _PROBES.update(probes or {})
+    TABLE.update(rows)
 
 
 _PROBED: Dict[Tuple[str, str], Optional[str]] = {}
@@ -213,6 +190,14 @@ def capturing_graph() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for device_type, or None. The inference ops are not autocast
+    ops, so they cast their inputs themselves, as autocast would cast a convolution's."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 @torch.compiler.assume_constant_result
 def _exporting_to_onnx() -> bool:
     return torch.onnx.is_in_onnx_export()
@@ -227,14 +212,16 @@ def resolution_count() -> int:
     return _resolutions[0]
 
 
-def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = None) -> str:
+def resolve(op: str, device_type: str, supports: Optional[Callable[[str], bool]] = None) -> str:
     """The implementation that runs ``op`` on ``device_type`` tensors under the current backend.
 
     Args:
         op: a key of TABLE's rows ("upsample_add", "stride2_pool", ...).
         device_type: the tensors' device type ("cpu", "cuda", ...).
-        exact: ``exact(implementation)`` says whether it computes this particular call exactly
-            (dtype, layout, autocast...); implementations it rejects are skipped.
+        supports: ``supports(implementation)`` says whether that implementation takes this
+            particular call (dtype, layout, autocast, capture, the routing thresholds of
+            ``selection``); implementations it rejects are skipped. It decides what runs, not
+            how it rounds: ``selection.ROUNDING`` says which implementations round differently.
 
     Returns:
         The implementation's name: "extension", "triton", "onednn", "winograd", "nnpack" or "torch". While a model is
@@ -257,8 +244,8 @@ def resolve(op: str, device_type: str, exact: Optional[Callable[[str], bool]] = 
     if row is None:
         return "torch"
     for implementation in row[backend]:
-        # exact() first: it rejects fused paths while a graph is being captured, so a probe that
+        # supports() first: it rejects fused paths while a graph is being captured, so a probe that
         # runs a test convolution (oneDNN's) is never traced into the graph.
-        if (exact is None or exact(implementation)) and unavailable_reason(implementation, device_type) is None:
+        if (supports is None or supports(implementation)) and unavailable_reason(implementation, device_type) is None:
             return implementation
     raise AssertionError(f"TABLE[{(op, device_type)!r}][{backend!r}] does not end in 'torch'")

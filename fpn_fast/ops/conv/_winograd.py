@@ -9,15 +9,15 @@ convolution (``pack``) and reordered into the blocked layout oneDNN picks. 4x fe
 multiplications than the direct convolution, no NCHW conversion on the way in, and the result in
 NHWC or NCHW, with bias and ReLU applied by the output transform.
 
-Results differ from the direct convolution's by ~1e-5 of the output's largest value (measured
-6e-6 to 1.4e-5 against float64 on random data, where oneDNN's direct one is at ~1.5e-6; the
-transform matrices' entries of up to 5 and 8 round on the way).
+Results differ from the direct convolution's by ~1e-5 of the output's largest value (the
+transform matrices' entries of up to 5 and 8 round on the way; ``selection.ROUNDING`` gives the
+bound the tests hold, benchmarks/RESULTS.md the measurements).
 
 Non-finite values are where Winograd and the direct sum part ways: an inf in a 6x6 input tile
 becomes NaN across the tile's outputs (inf - inf in the transforms) where the direct convolution
 gives inf at its neighbours only. The op reports whether every output (before the ReLU) is
-finite and within 1e30; ``conv2d`` returns None when one is not, and the caller runs the direct
-convolution, so NaN and inf propagate exactly as in eager.
+finite and within ``selection.WINOGRAD_FINITE_BOUND``; ``conv2d`` returns None when one is not,
+and the caller runs the direct convolution, so NaN and inf propagate exactly as in eager.
 """
 import functools
 from typing import Callable, Optional, Sequence, Tuple
@@ -25,7 +25,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _extension, _onednn
+from .. import _extension
+from ..selection import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_PROBE_TOLERANCE
+from . import _onednn
 
 # F(4x4, 3x3)'s kernel transform G (6x3), Lavin & Gray 2016, section 4.2 (points 0, +-1, +-2, inf).
 _G = ((1 / 4, 0.0, 0.0),
@@ -43,8 +45,6 @@ FALLBACK_GROUP = 16
 # The transformed input and products of this many bytes are made at a time (a chunk of tiles)
 # so they stay in the L2/L3 caches between the three steps (measured: see chunk_tiles).
 _CHUNK_BYTES = 12 << 20
-# The probe's tolerance, relative to the output's largest value (measured ~1e-5 on random data).
-_PROBE_TOLERANCE = 1e-4
 
 
 def tiles(x_shape: Sequence[int], padding: Sequence[int]) -> int:
@@ -55,26 +55,22 @@ def tiles(x_shape: Sequence[int], padding: Sequence[int]) -> int:
 
 
 def worthwhile(in_channels: int, out_channels: int, count: int) -> bool:
-    """Whether Winograd beats oneDNN's direct convolution for this many channels and tiles (the
-    products are weight-bound on small maps: the kernel transforms are 4x the weight). Measured
-    on the 2-core build machine (benchmarks/RESULTS.md), float32, batch 1, Winograd vs direct:
-    16 channels at 80x80 0.27 vs 0.16 ms, 32 at 80x80 0.40 vs 0.55, 64 at 10x10 (9 tiles) 0.07 vs
-    0.06, 64 at 20x20 0.12 vs 0.15, 128 at 10x10 0.13 vs 0.14, 256 at 7x7 (4 tiles) 0.25 vs 0.26,
-    256 at 10x10 0.31 vs 0.50, 512 at 7x7 2.0 vs 0.94, 512 at 10x10 1.55 vs 1.9 ms with a pack
-    for its 9 tiles but 2.2 vs 1.9 ms in entries of 16 tiles (a model used at several sizes),
-    so over 256 channels from 16 tiles, 2048 at 5x5 22.6 vs 10.4 ms."""
-    if min(in_channels, out_channels) < 32:
+    """Whether Winograd beats oneDNN's direct convolution for this many channels and ``count``
+    4x4 output tiles: ``selection.WINOGRAD_MIN_CHANNELS`` and ``WINOGRAD_MIN_TILES``, measured
+    on the build machine (benchmarks/RESULTS.md)."""
+    if min(in_channels, out_channels) < WINOGRAD_MIN_CHANNELS:
         return False
-    if in_channels < 128:
-        return count >= 25
-    return count >= (9 if in_channels <= 256 else 16)
+    for channel_limit, min_tiles in WINOGRAD_MIN_TILES:
+        if channel_limit is None or in_channels <= channel_limit:
+            return count >= min_tiles
+    return False
 
 
 def group_for(count: int) -> int:
     """The tiles per batch entry a convolution keeps once it has seen a map of ``count`` tiles
     (its first): the whole map up to 128 tiles, else the size in 64..128 that pads it least
     (larger on a tie). Maps of the same size, the common case, then run unpadded on the layout
-    oneDNN picks for them (10-25% faster products than entries of 16 tiles, measured)."""
+    oneDNN picks for them (faster products than entries of 16 tiles; benchmarks/RESULTS.md)."""
     if count <= _MAX_GROUP:
         return count
     return min(range(_MAX_GROUP, _MAX_GROUP // 2 - 1, -1), key=lambda g: -(-count // g) * g)
@@ -111,7 +107,7 @@ def kernel_transforms(weight: torch.Tensor) -> torch.Tensor:
 def pack(weight: torch.Tensor, group: int) -> torch.Tensor:
     """``kernel_transforms(weight)`` reordered once into the layout oneDNN picks for batch entries
     of ``group`` tiles (an opaque mkldnn tensor, 4x the weight's size: 36 / 9 values per kernel).
-    Calls on batches of other entry sizes would reorder it back on every call (36x slower)."""
+    Calls on batches of other entry sizes would reorder it back on every call."""
     u = kernel_transforms(weight)
     return _onednn.pack_weight(u, (1, 1), (0, 0), (1, 1), _POINTS, (1, _POINTS * weight.shape[1], group, 1))
 
@@ -162,6 +158,6 @@ def unavailable_reason() -> Optional[str]:
         return f"the Winograd convolution is unusable: {err}"
     for out, finite in got:
         if not finite or out.shape != want.shape or \
-                not float((out - want).abs().max()) <= _PROBE_TOLERANCE * float(want.abs().max()):
+                not float((out - want).abs().max()) <= WINOGRAD_PROBE_TOLERANCE * float(want.abs().max()):
             return "the Winograd convolution disagrees with F.conv2d"
     return None

@@ -14,13 +14,13 @@ from typing import Optional
 
 import torch
 
-from ._triton import (_NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
+from .._triton import (_NUM_WARPS, _grid_and_meta, _ints, _is_channels_last, _needs_int64,
                       _precision, define_inference_op, on_device_of, triton)
 
 if triton is not None:
     import triton.language as tl
 
-    from ._triton import _round_to, _tile_indices
+    from .._triton import _round_to, _tile_indices
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

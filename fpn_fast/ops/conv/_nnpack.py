@@ -7,24 +7,21 @@ NNPACK ships inside torch (libtorch_cpu). For a 3x3, stride-1 convolution it com
 Winograd domain, F(6x6, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
 2016): fewer multiplications for the same result up to float rounding. It is called two ways:
 
-- up to ``SLICED_MAX_PIXELS``, the extension's ``fpn_fast::nnpack_conv_3x3_packed``: each of
-  torch's OpenMP threads runs NNPACK on its own slice of output channels, from kernel transforms
-  made once (``pack``; ``Conv2dAct`` caches them) instead of on every call;
+- up to ``selection.NNPACK_SLICED_MAX_PIXELS``, the extension's
+  ``fpn_fast::nnpack_conv_3x3_packed``: each of torch's OpenMP threads runs NNPACK on its own
+  slice of output channels, from kernel transforms made once (``pack``; ``Conv2dAct`` caches them) instead of on every call;
 - above it, torch's ``aten::_nnpack_spatial_convolution`` (NNPACK's own thread pool, which splits
   the image instead and is faster on large maps).
 
-Measured on the 2-core build machine (benchmarks/RESULTS.md), 256 -> 256 channels, float32, batch
-1, against oneDNN's direct convolution: 20x20 pixels 1.58 vs 2.01 ms, 40x40 ~4-5 vs 8.4 ms, 80x80
-15-19 vs 34 ms, 200x304 116-130 vs 340 ms; below ~20x20 oneDNN is as fast or faster
-(``min_pixels``). Results differ from the direct convolution's by about 1e-5 of the output's
-largest value (a few 1e-6 over a whole ResNet50-FPN), where the direct one's differ from float64
-by about 1e-6.
+It beats oneDNN's direct convolution from about 20x20 pixels on (``min_pixels``; measurements in
+benchmarks/RESULTS.md). Results differ from the direct convolution's by about 1e-5 of the output's
+largest value (``selection.ROUNDING``).
 
 Non-finite values are where Winograd and the direct sum part ways: an inf in an 8x8 input tile
 becomes NaN across the tile's outputs (inf - inf in the transforms) where the direct convolution
 gives inf at its neighbours only. A Winograd output is non-finite wherever its input tile is, so
-``conv2d`` checks its output and returns None when any value is non-finite or beyond 1e30 in
-magnitude (near float32 overflow the two may round apart); the caller then runs the direct
+``conv2d`` checks its output and returns None when any value is non-finite or beyond
+``selection.WINOGRAD_FINITE_BOUND`` in magnitude (near float32 overflow the two may round apart); the caller then runs the direct
 convolution, so NaN and inf propagate exactly as in eager.
 """
 import functools
@@ -33,21 +30,16 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _extension
-
-# The sliced, pre-transformed path up to this many pixels; torch's NNPACK call above (measured
-# crossover between 80x128 and 100x152 pixels).
-SLICED_MAX_PIXELS = 100 * 100
-# Outputs beyond this magnitude go to the direct convolution (see the module docstring).
-_FINITE_BOUND = 1e30
-# The probe's tolerance, relative to the output's largest value (measured ~1e-5 on random data).
-_PROBE_TOLERANCE = 1e-4
+from .. import _extension
+from ..selection import (NNPACK_MIN_PIXELS, NNPACK_MIN_PIXELS_UNSLICED, NNPACK_SLICED_MAX_PIXELS,
+                         WINOGRAD_FINITE_BOUND, WINOGRAD_PROBE_TOLERANCE)
 
 
 def min_pixels() -> int:
-    """The smallest map (H*W) NNPACK takes: 20x20 with the extension's sliced path, else 32x32
-    (torch's call transforms the kernel on every call: 256 channels at 20x20 ran 0.65x oneDNN)."""
-    return 20 * 20 if sliced_unavailable_reason() is None else 32 * 32
+    """The smallest map (H*W) NNPACK takes: ``selection.NNPACK_MIN_PIXELS`` with the extension's
+    sliced path, else ``NNPACK_MIN_PIXELS_UNSLICED`` (torch's call transforms the kernel on every
+    call)."""
+    return NNPACK_MIN_PIXELS if sliced_unavailable_reason() is None else NNPACK_MIN_PIXELS_UNSLICED
 
 
 def slices() -> int:
@@ -67,11 +59,11 @@ def pack(weight: torch.Tensor, padding: Sequence[int], count: int) -> List[torch
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
            packed: Optional[Callable[[int], List[torch.Tensor]]] = None) -> Optional[torch.Tensor]:
     """F.conv2d(x, weight, bias, stride=1, padding) for a float32 CPU x and a 3x3 weight, as a
-    contiguous NCHW tensor; None when the result has a value that is not finite or beyond 1e30
-    (the caller then runs the direct convolution). ``packed(slices)`` returns the kernel
+    contiguous NCHW tensor; None when the result has a value that is not finite or beyond
+    ``selection.WINOGRAD_FINITE_BOUND`` (the caller then runs the direct convolution). ``packed(slices)`` returns the kernel
     transforms (``pack``) for the sliced path; without it they are made for this call."""
     x = x.contiguous()
-    if x.shape[2] * x.shape[3] <= SLICED_MAX_PIXELS and sliced_unavailable_reason() is None:
+    if x.shape[2] * x.shape[3] <= NNPACK_SLICED_MAX_PIXELS and sliced_unavailable_reason() is None:
         count = min(slices(), weight.shape[0])
         kernels = packed(count) if packed is not None else pack(weight, padding, count)
         out, finite = torch.ops.fpn_fast.nnpack_conv_3x3_packed(x, kernels, bias, weight.shape[0], list(padding))
@@ -79,7 +71,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     out = torch._nnpack_spatial_convolution(x, weight.contiguous(), bias, list(padding), [1, 1])
     if out.numel():
         low, high = torch.aminmax(out)
-        if not (bool(low > -_FINITE_BOUND) and bool(high < _FINITE_BOUND)):  # NaN fails both
+        if not (bool(low > -WINOGRAD_FINITE_BOUND) and bool(high < WINOGRAD_FINITE_BOUND)):  # NaN fails both
             return None
     return out
 
@@ -114,6 +106,6 @@ def unavailable_reason() -> Optional[str]:
         return f"NNPACK's convolution is unusable: {err}"
     for out in got:
         if out is None or out.shape != want.shape or \
-                not float((out - want).abs().max()) <= _PROBE_TOLERANCE * float(want.abs().max()):
+                not float((out - want).abs().max()) <= WINOGRAD_PROBE_TOLERANCE * float(want.abs().max()):
             return "NNPACK's convolution disagrees with F.conv2d"
     return None

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from ..ops import _extension, reference
 
 __all__ = ["upsample_add", "upsample_add_", "stride2_pool", "to_nchw"]
 
@@ -63,6 +63,7 @@ else:
         """``fpn_fast.ops.upsample_add_`` in TorchScript (refuses tensors that need grad)."""
         _refuse_grad(lateral, top, bias)
         return lateral.copy_(reference.upsample_add(lateral, top, bias))
+
     def to_nchw(x: Tensor) -> Tensor:
         """``fpn_fast.ops.to_nchw`` in TorchScript: ATen's copy (no extension)."""
         return x.contiguous()

@@ -6,7 +6,7 @@ CPU; eager code can call them too. Each fused post-op saves a full pass over the
 so they are probed once, on first use, against ``F.conv2d`` and not used unless they exist and agree.
 
 oneDNN's ReLU post-op is not used: it maps NaN to 0 where torch.relu keeps NaN (its eltwise
-ReLU is a max with 0); torch's in-place ReLU after the call measured within 2% of the fused
+ReLU is a max with 0); torch's in-place ReLU after the call costs about the same as the fused
 post-op over a whole ResNet50-FPN (benchmarks/RESULTS.md).
 """
 import functools
