@@ -310,7 +310,7 @@ def test_exported_program_keeps_fused_ops_and_decomposes_to_aten(optimized, tmp_
                 node.target
     with torch.no_grad():
         assert_close_to_scale(program.module()(image), expected, rel=1e-5 if optimized else 0)
-    portable = program.run_decompositions(ops.decompositions())
+    portable = program.run_decompositions(fpn_fast.decompositions())
     assert not any("fpn_fast" in str(n.target) for n in portable.graph.nodes)
     torch.export.save(portable, str(tmp_path / "portable.pt2"))
     torch.save(image, tmp_path / "image.pt")

@@ -165,11 +165,3 @@ class InferenceFPN(nn.Module):
             if i == level:
                 out = block(inner)
         return out
-
-
-def __getattr__(name: str):
-    # Models pickled before the backbone moved to backbone.py name it here (PEP 562).
-    if name == "InferenceBackboneWithFPN":
-        from .backbone import InferenceBackboneWithFPN
-        return InferenceBackboneWithFPN
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

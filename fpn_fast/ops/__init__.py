@@ -50,14 +50,5 @@ __all__ = [
     "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
     "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "set_cpu_cache_limit", "cpu_cache_stats",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
-    "TABLE", "nearest_source_index", "decompositions", "library_path",
+    "TABLE", "nearest_source_index", "library_path",
 ]
-
-
-def __getattr__(name: str):
-    # fpn_fast.ops.decompositions, kept where it was: defined in fpn_fast.export (which builds on
-    # the ops), looked up on first use so that importing the ops never imports export.
-    if name == "decompositions":
-        from ..export import decompositions
-        return decompositions
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
