@@ -42,10 +42,7 @@ test-pinned: install
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PY   := $(abspath $(OLDEST_VENV))/bin/python
 OLDEST_SRC  := build/oldest-torch
-OLDEST_TESTS ?= tests/test_ops.py tests/test_upsample_add.py tests/test_stride2_pool.py tests/test_extension.py \
-	tests/test_triton.py tests/test_triton_lateral.py tests/test_triton_registration.py tests/test_modules.py \
-	tests/test_torchvision_api.py tests/test_faithful.py tests/test_inference.py tests/test_cpu_inference_paths.py \
-	tests/test_winograd.py tests/test_deploy.py tests/test_compile.py tests/test_engine.py
+OLDEST_TESTS ?= tests/ops tests/modules tests/inference tests/integration/test_deploy.py tests/integration/test_compile.py
 
 $(OLDEST_VENV)/.deps: requirements-oldest.txt
 	$(PYTHON) -m venv $(OLDEST_VENV)

@@ -80,3 +80,17 @@ def run_python():
     optional packages missing): ``run_python(code, env=None, unset=(), timeout=300, block=())
     -> subprocess.CompletedProcess``."""
     return _run_python
+
+
+# fpn_fast.ops is imported only now, after TRITON_INTERPRET is set above.
+import fpn_fast.ops as ops  # noqa: E402
+
+
+@pytest.fixture(params=sorted(ops.available_backends()))
+def backend(request):
+    """Each fpn_fast.ops backend that can run on CPU here (the others skip, saying why)."""
+    reason = ops.available_backends()[request.param]["cpu"]
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} cannot run on cpu: {reason}")
+    with ops.use_backend(request.param):
+        yield request.param

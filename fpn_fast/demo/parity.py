@@ -11,7 +11,7 @@ from fpn_fast.ops.lateral._triton import cudnn_conv_allows_tf32
 
 from .common import torchvision
 
-# The optimized model's float32 parity bound (tests/test_inference.py): every output level within
+# The optimized model's float32 parity bound (tests/inference/test_inference.py): every output level within
 # 1e-4 of that level's largest magnitude. It does not hold for TF32 or low-precision runs.
 PARITY_BOUND = 1e-4
 # Detections are matched greedily, reference boxes by descending score, at this IoU or more.

@@ -1,7 +1,7 @@
 """The plan cache: ``Engine`` keeps one plan per input signature (least recently used evicted),
 serves each call from it while its guards hold, builds a plan on a miss, and on CUDA replays the
 plan as a CUDA graph (``cuda_graphs.py``). See docs/design.md ("Inference engine") for the
-invariants and tests/test_engine.py for their tests.
+invariants and tests/inference/test_engine.py for their tests.
 """
 import operator
 import threading

@@ -11,7 +11,7 @@ Two kinds of facts, kept apart on purpose:
 - **How an implementation rounds** (``ROUNDING``): bit-exact with the reference, or within a
   stated bound of it. The Winograd routes are supported but not bit-exact; the inference mode
   accepts them because its contract is float rounding (1e-4 of each level's scale,
-  tests/test_inference.py), and keeps eager's NaN/inf propagation by recomputing any result
+  tests/inference/test_inference.py), and keeps eager's NaN/inf propagation by recomputing any result
   beyond ``WINOGRAD_FINITE_BOUND`` with the direct convolution.
 
 This module imports nothing of fpn_fast: the op modules and their backends read it.
@@ -69,7 +69,7 @@ class Rounding(NamedTuple):
     source: str
 
 
-_EXACT_TOP_DOWN = Rounding(True, None, "docs/design.md, Exact op semantics; tests/test_upsample_add.py")
+_EXACT_TOP_DOWN = Rounding(True, None, "docs/design.md, Exact op semantics; tests/ops/test_upsample_add.py")
 _REORDERED_SUM = "sums ordered differently from the direct convolution's: float rounding"
 
 # (op, implementation) -> Rounding. Ops not listed take the reference's bits on every route.
@@ -77,22 +77,22 @@ ROUNDING: Dict[Tuple[str, str], Rounding] = {
     ("upsample_add", "extension"): _EXACT_TOP_DOWN,
     ("upsample_add", "triton"): _EXACT_TOP_DOWN,
     ("upsample_add", "torch"): _EXACT_TOP_DOWN,
-    ("stride2_pool", "triton"): Rounding(True, None, "a copy; tests/test_stride2_pool.py"),
-    ("stride2_pool", "torch"): Rounding(True, None, "a copy; tests/test_stride2_pool.py"),
-    ("to_nchw", "extension"): Rounding(True, None, "a copy; tests/test_extension.py"),
+    ("stride2_pool", "triton"): Rounding(True, None, "a copy; tests/ops/test_stride2_pool.py"),
+    ("stride2_pool", "torch"): Rounding(True, None, "a copy; tests/ops/test_stride2_pool.py"),
+    ("to_nchw", "extension"): Rounding(True, None, "a copy; tests/ops/test_extension.py"),
     # The convolutions: the Winograd routes round differently from the direct sum (~1e-5 of the
-    # output's scale, measured; held to 1e-4: tests/test_winograd.py BOUND,
-    # tests/test_cpu_inference_paths.py; docs/design.md, Exact op semantics).
-    ("conv2d_act", "winograd"): Rounding(False, 1e-4, "tests/test_winograd.py"),
-    ("conv2d_act", "nnpack"): Rounding(False, 1e-4, "tests/test_cpu_inference_paths.py"),
-    ("conv2d_nchw", "winograd"): Rounding(False, 1e-4, "tests/test_winograd.py"),
-    ("conv2d_nchw", "nnpack"): Rounding(False, 1e-4, "tests/test_cpu_inference_paths.py"),
+    # output's scale, measured; held to 1e-4: tests/ops/test_winograd.py BOUND,
+    # tests/ops/test_cpu_inference_paths.py; docs/design.md, Exact op semantics).
+    ("conv2d_act", "winograd"): Rounding(False, 1e-4, "tests/ops/test_winograd.py"),
+    ("conv2d_act", "nnpack"): Rounding(False, 1e-4, "tests/ops/test_cpu_inference_paths.py"),
+    ("conv2d_nchw", "winograd"): Rounding(False, 1e-4, "tests/ops/test_winograd.py"),
+    ("conv2d_nchw", "nnpack"): Rounding(False, 1e-4, "tests/ops/test_cpu_inference_paths.py"),
     # oneDNN's fused call and F.conv2d's plain one may block the sum apart on some small maps.
-    ("conv2d_act", "onednn"): Rounding(False, 1e-5, "tests/test_cpu_inference_paths.py"),
-    ("conv2d_nchw", "onednn"): Rounding(False, 1e-5, "tests/test_cpu_inference_paths.py"),
+    ("conv2d_act", "onednn"): Rounding(False, 1e-5, "tests/ops/test_cpu_inference_paths.py"),
+    ("conv2d_nchw", "onednn"): Rounding(False, 1e-5, "tests/ops/test_cpu_inference_paths.py"),
     # The epilogue adds the bias after cuDNN's convolution, in the reference's order.
-    ("conv2d_act", "triton"): Rounding(False, None, "tests/test_inference.py; " + _REORDERED_SUM),
-    ("conv1x1", "bmm"): Rounding(False, None, "tests/test_inference.py; " + _REORDERED_SUM),
+    ("conv2d_act", "triton"): Rounding(False, None, "tests/inference/test_inference.py; " + _REORDERED_SUM),
+    ("conv1x1", "bmm"): Rounding(False, None, "tests/inference/test_inference.py; " + _REORDERED_SUM),
     # The GEMM's sum order is its own; TF32 for float32 exactly where cuDNN may use it.
-    ("lateral_upsample_add", "triton"): Rounding(False, None, "tests/test_triton_lateral.py; " + _REORDERED_SUM),
+    ("lateral_upsample_add", "triton"): Rounding(False, None, "tests/ops/test_triton_lateral.py; " + _REORDERED_SUM),
 }

@@ -51,7 +51,7 @@ def slices() -> int:
 def pack(weight: torch.Tensor, padding: Sequence[int], count: int) -> List[torch.Tensor]:
     """NNPACK's kernel transforms of a float32 [K, C, 3, 3] weight, one per slice of output
     channels (opaque uint8 buffers, 64 kB per 256 input channels per output channel). They do
-    not depend on the input's size (tests/test_cpu_inference_paths.py checks it), so one set
+    not depend on the input's size (tests/ops/test_cpu_inference_paths.py checks it), so one set
     serves every image size."""
     return torch.ops.fpn_fast.nnpack_pack_3x3(weight, 64, 64, list(padding), min(count, weight.shape[0]))
 

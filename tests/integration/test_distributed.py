@@ -16,7 +16,7 @@ import fpn_fast
 WORLD_SIZE = 2
 BATCH = 4
 LR = 0.5
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _build():

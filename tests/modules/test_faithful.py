@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize, prune
 import fpn_fast
 from fpn_fast import ops
 from fpn_fast.ops import reference
-from tests.test_modules import IN_CHANNELS, assert_levels_close, backend, random_features, randomise_  # noqa: F401
+from tests._models import IN_CHANNELS, assert_levels_close, random_features, randomise_  # noqa: F401
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.ops import FeaturePyramidNetwork as TvFPN  # noqa: E402

@@ -11,9 +11,9 @@ import fpn_fast
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import detection  # noqa: E402
 
-from test_detection import _seeded  # noqa: E402
-from test_modules import randomise_  # noqa: E402
-from test_torchvision_api import damp_residual_ends_  # noqa: E402
+from tests.integration.test_detection import _seeded  # noqa: E402
+from tests._models import randomise_  # noqa: E402
+from tests.modules.test_torchvision_api import damp_residual_ends_  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -127,7 +127,7 @@ def test_missing_module_of_fpn_fast_itself_is_not_blamed_on_the_extra(run_python
 def test_demo_extra_holds_the_modules_the_command_line_needs():
     from fpn_fast.__main__ import DEMO_EXTRA_MODULES
 
-    with open(os.path.join(os.path.dirname(__file__), os.pardir, "setup.py")) as f:
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "setup.py")) as f:
         extra = re.search(r'"demo":\s*\[([^\]]*)\]', f.read())
     assert extra, "setup.py has no 'demo' extra"
     distributions = [re.match(r'\s*"([A-Za-z0-9_.-]+)', spec).group(1).lower() for spec in extra.group(1).split(",")

@@ -15,7 +15,7 @@ import fpn_fast
 from fpn_fast.inference import InferenceBackboneWithFPN
 from fpn_fast.inference.plan import signature
 from fpn_fast.ops import dispatch
-from tests.test_modules import randomise_
+from tests._models import randomise_
 
 tv_backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
 

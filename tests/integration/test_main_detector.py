@@ -10,7 +10,7 @@ import torchvision
 from PIL import Image
 
 from fpn_fast import demo
-from tests.test_main import run_main
+from tests.integration.test_main import run_main
 
 # Fewer proposals and detections than torchvision's 1000 and 100: the box head's cost drops tenfold.
 CHEAP = {"rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20}

@@ -21,8 +21,9 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock as TvExtraFPNB
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool as TvLastLevelMaxPool  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBatchNorm2d  # noqa: E402
 
-from test_detection import _seeded  # noqa: E402
-from test_modules import IN_CHANNELS, _counting, assert_levels_close, random_features, randomise_  # noqa: E402
+from tests.integration.test_detection import _seeded  # noqa: E402
+from tests._models import IN_CHANNELS, assert_levels_close, random_features, randomise_  # noqa: E402
+from tests.modules.test_modules import _counting  # noqa: E402
 
 NEW_BODIES = ["resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 # (inner width of layer1's bottlenecks, groups of their 3x3 conv), as torchvision lays them out.

@@ -21,7 +21,7 @@ from fpn_fast import ops
 from fpn_fast.inference import (Conv2dAct, FoldedResidualBlock, InferenceBackboneWithFPN, InferenceFPN,
                                 fold_conv_norm, fold_norms)
 from tests._cases import require
-from tests.test_modules import randomise_
+from tests._models import randomise_
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import detection  # noqa: E402

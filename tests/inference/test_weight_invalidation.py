@@ -5,7 +5,7 @@ can be set at run time.
 Every weight test swaps or edits the weights the way a server hot-reloading checkpoints does, after
 a forward has made the packs, and compares each output level with torchvision's
 ``resnet_fpn_backbone`` holding the same weights (random weights, norm statistics and biases), to
-1e-4 of the level's largest value, as tests/test_inference.py does. A stale pack computes with the
+1e-4 of the level's largest value, as tests/inference/test_inference.py does. A stale pack computes with the
 previous checkpoint: errors of the order of the outputs themselves (the float16/bfloat16 round
 trips: 1e-4 to 1e-2, the rounding of the weights).
 
@@ -27,13 +27,13 @@ from torch import nn
 import fpn_fast
 from fpn_fast import ops
 from fpn_fast.inference import Conv2dAct
-from tests.test_modules import randomise_
+from tests._models import randomise_
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as tv_resnet_fpn_backbone  # noqa: E402
 
 REL_TOL = 1e-4
-# Conv2dAct's pack caches (as tests/test_inference.py and tests/test_winograd.py name them).
+# Conv2dAct's pack caches (as tests/inference/test_inference.py and tests/ops/test_winograd.py name them).
 PACK_SLOTS = ("_onednn_weight", "_nnpack_weight", "_winograd_weight")
 IMAGE = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(22))
 
@@ -284,7 +284,7 @@ POOL_LIMIT_SCRIPT = textwrap.dedent("""
     import os
     import torch, fpn_fast
     from fpn_fast import ops
-    from tests.test_modules import randomise_
+    from tests._models import randomise_
     model = fpn_fast.optimize_for_inference(randomise_(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18")))
     x = torch.randn(1, 3, 320, 320)
     with torch.no_grad():

@@ -227,7 +227,7 @@ POOL_SCRIPT = textwrap.dedent("""
     import threading
     import torch, fpn_fast
     from fpn_fast import ops
-    from tests.test_modules import randomise_
+    from tests._models import randomise_
     torch.manual_seed(0)
     model = randomise_(fpn_fast.resnet_fpn_backbone(backbone_name="resnet18")).eval()
     optimized = fpn_fast.optimize_for_inference(model)

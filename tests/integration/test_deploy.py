@@ -18,7 +18,7 @@ from torch import nn
 import fpn_fast
 from fpn_fast import ops
 from fpn_fast.ops import _extension
-from tests.test_modules import IN_CHANNELS, random_features, randomise_
+from tests._models import IN_CHANNELS, random_features, randomise_
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import detection  # noqa: E402
@@ -343,7 +343,7 @@ def test_fx_feature_extraction(kind):
         expected = model(image)
         assert_close_to_scale(traced(image), expected, rel=0)
     # torchvision's feature extraction keeps the FPN one leaf node, as it keeps torchvision's own
-    # (tests/test_fx.py compares the whole node lists).
+    # (tests/modules/test_fx.py compares the whole node lists).
     nodes = get_graph_node_names(model)[1]
     assert "fpn" in nodes and not any(n.startswith("fpn.") for n in nodes)
     extractor = create_feature_extractor(model, return_nodes={"fpn": "p", "body.layer3": "c4"})

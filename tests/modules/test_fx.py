@@ -16,7 +16,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as t
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names  # noqa: E402
 from torchvision.ops import FeaturePyramidNetwork as TvFPN  # noqa: E402
 
-from test_modules import assert_levels_close, randomise_  # noqa: E402
+from tests._models import assert_levels_close, randomise_  # noqa: E402
 
 # Odd sizes: levels of 23x31 .. 3x4, coarser-to-finer ratios that are not 2.
 IMAGE_SIZE = (2, 3, 90, 122)
