@@ -49,6 +49,8 @@ class _Entry:
 
 
 MAX_CAPTURES = 3
+_IN_CAPTURE = ("the current stream is already capturing a CUDA graph (graphs do not nest): the call runs the "
+               "plan's steps, or the modules where there is no plan yet, inside it")
 
 
 class Engine:
@@ -108,6 +110,7 @@ class Engine:
         if capturing:
             # Inside a user's capture: the plan's steps (never a replay). Under autocast they would
             # bake in the weights' casts made at build time, which the user's graph would then keep.
+            _cuda_graphs().warn_once(self.warned, _IN_CAPTURE)
             return plan.run(x) if key[4] is None else backbone._run_as_written(x)
         graphed, guard = entry.graphed, entry.graph_guard
         if graphed is None or guard is None:
@@ -136,7 +139,10 @@ class Engine:
                 out = self._serve(entry, backbone, x, key, capturing)
                 if out is not None:
                     return out
-            if (capturing or backbone.training or _global_hooks() or _hooked_or_training(backbone.body)
+            if capturing:
+                _cuda_graphs().warn_once(self.warned, _IN_CAPTURE)
+                return backbone._run_as_written(x)
+            if (backbone.training or _global_hooks() or _hooked_or_training(backbone.body)
                     or _hooked_or_training(backbone.fpn)):
                 return backbone._run_as_written(x)
             if entry is not None and entry.plan is not None and not entry.plan.applies():

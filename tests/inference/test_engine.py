@@ -313,7 +313,7 @@ def test_cuda_call_inside_a_users_capture_never_replays_or_builds():
         outer = torch.cuda.CUDAGraph()
         static = x.clone()
         torch.cuda.synchronize()
-        with torch.inference_mode():
+        with torch.inference_mode(), pytest.warns(UserWarning, match="already capturing"):
             with torch.cuda.graph(outer):
                 out = model(static)
         outer.replay()
