@@ -238,7 +238,8 @@ class FeaturePyramidNetwork(FeaturePyramidNetworkBase):
         if not isinstance(feature, torch.fx.Proxy) and _grad_needed(feature, top, conv.weight, conv.bias):
             # Training: the conv keeps its bias, exactly torchvision's op (and its bias gradient,
             # computed inside the convolution's backward: a separate sum over the map in low
-            # precision measured ~10x slower than float32 on CPU); the fused step adds top only.
+            # precision was far slower than float32 on CPU, benchmarks/RESULTS.md 2026-12-04); the
+            # fused step adds top only.
             lateral = F.conv2d(feature, conv.weight, conv.bias)
             return lateral if top is None else upsample_add(lateral, top)
         lateral = F.conv2d(feature, conv.weight)  # fresh: only this method sees it

@@ -132,7 +132,8 @@ class InferenceFPN(nn.Module):
         ``ops.conv2d_nchw`` (a Winograd convolution on CPU maps that writes NCHW). Inputs it takes
         in NCHW (NNPACK's route) are converted first, then the convolutions run from the smallest
         map to the largest, so the largest, where NNPACK runs on its own thread pool (over 100x100
-        pixels; ~30% slower while OpenMP's workers still spin after an ATen op), run back to back."""
+        pixels; slower while OpenMP's workers still spin after an ATen op: benchmarks/RESULTS.md),
+        run back to back."""
         blocks = list(self.layer_blocks)
         direct = [_plain_conv(block) and not block.relu and not self.output_channels_last for block in blocks]
         inputs = list(inners)
