@@ -17,9 +17,9 @@ __all__ = ["has_hooks", "runs_as_written", "fusable_lateral_conv"]
 
 
 def _global_hooks() -> bool:
-    return any(getattr(_module_state, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks"))
+    """Whether hooks are registered for every module (``register_module_forward_hook``...)."""
+    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks
+                or _module_state._global_backward_hooks or _module_state._global_backward_pre_hooks)
 
 
 def has_hooks(module: nn.Module) -> bool:

@@ -163,8 +163,6 @@ def why_not_capturable(x: Tensor) -> Optional[str]:
     """Why a plan for x cannot be captured now (None if it can be tried)."""
     if x.device.type != "cuda":
         return f"CUDA graphs need CUDA tensors; the input is on {x.device}"
-    if torch.cuda.is_current_stream_capturing():
-        return "the current stream is already capturing a CUDA graph (graphs do not nest): the plan runs as is"
     return None
 
 

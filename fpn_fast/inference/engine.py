@@ -12,8 +12,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._fast_path import _global_hooks
 from .conv import _check_inference
-from .guards import GraphGuard, StructureGuard, WeightGuard, _global_hooks, _hooked_or_training, _why_not_hide
+from .guards import GraphGuard, StructureGuard, WeightGuard, _hooked_or_training, _why_not_hide
 from .plan import Plan, PlanError, build_plan, signature
 
 __all__ = ["Engine"]
@@ -97,8 +98,8 @@ class Engine:
         plan = entry.plan
         if plan is None:
             # Cannot be planned: as written, until a module changes.
-            return backbone._run_as_written(x) if entry.structure.holds() else None
-        if not (plan.structure.holds() and plan.guard.holds()) or _global_hooks():
+            return backbone._run_as_written(x) if _valid(entry) else None
+        if not _valid(entry) or _global_hooks():
             return None
         if key[5] and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
             return backbone._run_as_written(x)
@@ -132,22 +133,21 @@ class Engine:
 
     def _slow(self, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool) -> Dict[str, Tensor]:
         """A call the cached plans do not serve: as written (hooks, training, a capture in
-        progress), or a new plan."""
+        progress), or a new plan. Only building takes the lock: calls run outside it."""
+        if capturing:
+            _cuda_graphs().warn_once(self.warned, _IN_CAPTURE)
+            return backbone._run_as_written(x)
+        entry = self.entries.get(key)
+        if (backbone.training or _global_hooks() or _hooked_or_training(backbone.body)
+                or _hooked_or_training(backbone.fpn)
+                or (entry is not None and entry.plan is not None and not entry.plan.applies())):
+            return backbone._run_as_written(x)  # a hook or training mode where a plan would hide it
         with self.lock:
             entry = self.entries.get(key)
-            if entry is not None:  # another thread may have just built it
-                out = self._serve(entry, backbone, x, key, capturing)
-                if out is not None:
-                    return out
-            if capturing:
-                _cuda_graphs().warn_once(self.warned, _IN_CAPTURE)
-                return backbone._run_as_written(x)
-            if (backbone.training or _global_hooks() or _hooked_or_training(backbone.body)
-                    or _hooked_or_training(backbone.fpn)):
-                return backbone._run_as_written(x)
-            if entry is not None and entry.plan is not None and not entry.plan.applies():
-                return backbone._run_as_written(x)  # a hook or training mode on a module it elides
-            return self._build(backbone, x, key)
+            if entry is None or not _valid(entry):  # else another thread has just built it
+                return self._build(backbone, x, key)
+        out = self._serve(entry, backbone, x, key, capturing)
+        return backbone._run_as_written(x) if out is None else out
 
     def _build(self, backbone: nn.Module, x: Tensor, key: Tuple) -> Dict[str, Tensor]:
         _check_inference(backbone.training, "InferenceBackboneWithFPN", [x])  # raises as eager would
@@ -209,11 +209,7 @@ class Engine:
         """Drop the plans whose weights or modules changed (they hold packs and graph memory); a
         plan that fails only because a module it elides has a hook stays for when it is gone."""
         for key, entry in list(self.entries.items()):
-            if entry.plan is None:
-                stale = entry.structure is not None and not entry.structure.holds()
-            else:
-                stale = not entry.plan.guard.holds() or (not entry.plan.structure.holds() and entry.plan.applies())
-            if stale:
+            if not _valid(entry) and (entry.plan is None or entry.plan.applies()):
                 self.entries.pop(key, None)
                 entry.retire()
 
@@ -235,6 +231,13 @@ class Engine:
                      reason=entry.reason, hits=entry.hits,
                      graph_bytes=entry.graphed.captured_bytes if entry.graphed is not None else 0)
                 for key, entry in items]
+
+
+def _valid(entry: _Entry) -> bool:
+    """Whether the entry still matches the weights and modules it was made from."""
+    if entry.plan is None:
+        return entry.structure.holds()
+    return entry.plan.structure.holds() and entry.plan.guard.holds()
 
 
 def _cuda_graphs():

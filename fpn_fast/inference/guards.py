@@ -10,7 +10,7 @@ import weakref
 from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_state
+
 
 __all__ = ["WeightGuard", "StructureGuard", "GraphGuard"]
 
@@ -132,10 +132,6 @@ _OUTER_IGNORED = frozenset(("_engine", "_forward_hooks", "_forward_hooks_with_kw
                             "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                             "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
                             "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
-
-
-def _global_hooks() -> bool:
-    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
 
 
 def _hooked_or_training(module: nn.Module) -> bool:

@@ -12,18 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .._fast_path import _global_hooks
+from .._fast_path import runs_as_written
 from ..fpn import check_fpn_inputs
 from ..export import script as _script
 from .conv import Conv2dAct, _check_inference
 
 __all__ = ["FoldedResidualBlock", "InferenceFPN"]
-
-
-def _plain_conv(block: nn.Module) -> bool:
-    """Whether calling ``block`` is exactly Conv2dAct's forward (its type, no hooks), so its
-    work may be done by the ops directly; otherwise the block is called and its hooks run."""
-    return type(block) is Conv2dAct and not (block._forward_hooks or block._forward_pre_hooks or _global_hooks())
 
 
 
@@ -75,7 +69,7 @@ class InferenceFPN(nn.Module):
     @torch.jit.unused
     def _top_down(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
         block = self.inner_blocks[level]
-        if _plain_conv(block):
+        if runs_as_written(block, Conv2dAct):
             return ops.lateral_upsample_add(feature, block.weight, block.bias, top, fuse=self.fuse_lateral)
         lateral = block(feature)  # a kept block's output: hooks may hold it, so not in place
         return lateral if top is None else ops.upsample_add(lateral, top)
@@ -135,7 +129,7 @@ class InferenceFPN(nn.Module):
         pixels; slower while OpenMP's workers still spin after an ATen op: benchmarks/RESULTS.md),
         run back to back."""
         blocks = list(self.layer_blocks)
-        direct = [_plain_conv(block) and not block.relu and not self.output_channels_last for block in blocks]
+        direct = [runs_as_written(block, Conv2dAct) and not block.relu and not self.output_channels_last for block in blocks]
         inputs = list(inners)
         for level, block in enumerate(blocks):
             if direct[level] and ops.conv2d_nchw_input_format(

@@ -38,13 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._fast_path import _global_hooks, runs_as_written
 from ..backbone import IntermediateLayerGetter
 from ..fpn import LastLevelMaxPool, check_fpn_inputs
 from ..ops import dispatch as _dispatch
-from ..ops.lateral._triton import cudnn_conv_allows_tf32
 from . import select
 from .conv import Conv2dAct
-from .guards import StructureGuard, WeightGuard, _global_hooks, _hooked_or_training
+from .guards import StructureGuard, WeightGuard, _hooked_or_training
 from .modules import FoldedResidualBlock, InferenceFPN
 
 __all__ = ["signature", "Plan", "PlanError", "build_plan"]
@@ -66,8 +66,7 @@ def signature(x: Tensor) -> Tuple:
     device = x.device
     kind = device.type
     if kind == "cuda":
-        flags = (torch.backends.cudnn.enabled, cudnn_conv_allows_tf32(), torch.backends.cudnn.deterministic,
-                 torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+        flags = select.cuda_flags()
     else:  # the thread count decides the Winograd routes' chunks and NNPACK's slices
         flags = (torch._C._get_mkldnn_enabled(), torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
@@ -138,11 +137,6 @@ class _Writer:
         return target, result
 
 
-def _plain(module: nn.Module, kind) -> bool:
-    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks or
-                                         module._backward_hooks or module._backward_pre_hooks)
-
-
 def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]:
     """Decide every step of ``backbone(x)`` (an ``InferenceBackboneWithFPN``) for x's signature.
 
@@ -177,22 +171,22 @@ def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]
         return writer.call(runner, [var, residual[0]], [value, residual[1]])
 
     def walk(module, var, value):
-        if _plain(module, nn.Identity):
+        if runs_as_written(module, nn.Identity):
             writer.elided.append(module)
             return var, value
-        if _plain(module, Conv2dAct):
+        if runs_as_written(module, Conv2dAct):
             return conv(module, var, value)
-        if _plain(module, FoldedResidualBlock) and _plain(module.last, Conv2dAct):
+        if runs_as_written(module, FoldedResidualBlock) and runs_as_written(module.last, Conv2dAct):
             writer.elided.append(module)
             shortcut = (var, value) if module.downsample is None else walk(module.downsample, var, value)
             branch = walk(module.convs, var, value)
             return conv(module.last, branch[0], branch[1], residual=shortcut)
-        if _plain(module, nn.Sequential):
+        if runs_as_written(module, nn.Sequential):
             writer.elided.append(module)
             for child in module:
                 var, value = walk(child, var, value)
             return var, value
-        if _plain(module, nn.MaxPool2d) and not module.return_indices:
+        if runs_as_written(module, nn.MaxPool2d) and not module.return_indices:
             writer.elided.append(module)
             pool = _max_pool(module)
             return writer.call(pool, [var], [value])
@@ -229,7 +223,7 @@ def _plan_fpn(writer: _Writer, fpn: nn.Module, features, walk) -> List[Tuple[str
     for level in range(last, -1, -1):
         _, var, value = features[level]
         block = fpn.inner_blocks[level]
-        if _plain(block, Conv2dAct):
+        if runs_as_written(block, Conv2dAct):
             writer.elided.append(block)
             writer.convs.append(block)
             runner = select.lateral_runner(block, value, top[1], fpn.fuse_lateral)
@@ -241,7 +235,7 @@ def _plan_fpn(writer: _Writer, fpn: nn.Module, features, walk) -> List[Tuple[str
                 ops.upsample_add, [lateral[0], top[0]], [lateral[1], top[1]])
         top = inners[level]
     blocks = list(fpn.layer_blocks)
-    direct = [_plain(block, Conv2dAct) and not block.relu and not fpn.output_channels_last for block in blocks]
+    direct = [runs_as_written(block, Conv2dAct) and not block.relu and not fpn.output_channels_last for block in blocks]
     inputs = list(inners)
     for level, block in enumerate(blocks):
         if direct[level] and ops.conv2d_nchw_input_format(
@@ -262,7 +256,7 @@ def _plan_fpn(writer: _Writer, fpn: nn.Module, features, walk) -> List[Tuple[str
     extra = fpn.extra_blocks
     if extra is None:
         pass
-    elif _plain(extra, LastLevelMaxPool):
+    elif runs_as_written(extra, LastLevelMaxPool):
         writer.elided.append(extra)
         results.append(writer.call(select.stride2_pool_runner(results[-1][1]), [results[-1][0]],
                                    [results[-1][1]]))

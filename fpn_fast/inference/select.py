@@ -52,7 +52,7 @@ def conv2d_act_runner(conv, x: Tensor, residual: Optional[Tensor]) -> Runner:
         A function of (x, residual) returning the output.
     """
     weight, bias = conv.weight, conv.bias
-    stride, padding, dilation, groups, relu = conv.stride, conv.padding, conv.dilation, conv.groups, conv.relu
+    stride, padding, dilation, relu = conv.stride, conv.padding, conv.dilation, conv.relu
     winograd = getattr(conv, "winograd", True)
     implementation = _dispatch.resolve(
         "conv2d_act", x.device.type, lambda impl: (winograd or impl not in _conv.WINOGRAD_ROUTES)
@@ -114,7 +114,7 @@ def _measured_cuda_runner(conv, x: Tensor, residual: Optional[Tensor], implement
         candidates["cudnn"] = _cudnn_runner(conv, x)
     key = (str(x.device), tuple(x.shape), x.stride(), x.dtype, tuple(conv.weight.shape), conv.bias is None,
            conv.stride, conv.padding, conv.dilation, conv.groups, conv.relu, residual is not None, low, implementation,
-           _cuda_flags())
+           cuda_flags())
     choice = _CUDA_CHOICES.get(key)
     if choice is None or choice not in candidates:
         choice = _CUDA_CHOICES[key] = _fastest(candidates, x, residual)
@@ -128,7 +128,8 @@ def _measuring(x: Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def _cuda_flags() -> tuple:
+def cuda_flags() -> tuple:
+    """The cuDNN, TF32 and determinism flags a CUDA route choice depends on."""
     return (cudnn_conv_allows_tf32(), torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
 
@@ -331,7 +332,7 @@ def lateral_runner(inner_block, x: Tensor, top: Optional[Tensor], fuse: bool) ->
             return fused
         # Measured against cuDNN's 1x1 convolution then the in-place top-down step, per level.
         key = ("lateral", str(x.device), tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), bias is None,
-               top is None or (tuple(top.shape), top.stride()), low, _cuda_flags())
+               top is None or (tuple(top.shape), top.stride()), low, cuda_flags())
         candidates = {"fused": fused, "unfused": _unfused_lateral(x_low, weight, bias, cast(top), cast)}
         choice = _CUDA_CHOICES.get(key)
         if choice is None:
