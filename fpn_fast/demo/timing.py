@@ -9,7 +9,6 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
 import fpn_fast
 from fpn_fast import ops
@@ -117,8 +116,11 @@ def summary_stats(times: Sequence[float]) -> Dict[str, float]:
             "q1": q1, "q3": q3, "runs": len(times)}
 
 
-def progress(total: int, label: str) -> tqdm:
+def progress(total: int, label: str):
     """A progress bar on stderr, prefixed ``[fpn-fast]``.
+
+    tqdm is imported here, not at import time: the benchmarks use this package as a library
+    (models, parity, timing) on machines that may lack the demo extra's progress bars.
 
     Args:
         total: the number of steps.
@@ -126,7 +128,11 @@ def progress(total: int, label: str) -> tqdm:
 
     Returns:
         A ``tqdm`` bar; call ``update()`` per step and ``close()`` at the end.
+
+    Raises:
+        ImportError: tqdm is not installed (the demo extra: ``pip install "fpn_fast[demo]"``).
     """
+    from tqdm import tqdm
     return tqdm(total=total, desc=f"[fpn-fast] {label}", file=sys.stderr, unit="run", dynamic_ncols=True)
 
 
