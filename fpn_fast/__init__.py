@@ -4,7 +4,7 @@ from .backbone import BackboneWithFPN, IntermediateLayerGetter, resnet50_fpn_bac
 from .convert import convert
 from .fpn import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 from .export import decompositions
-from .inference import optimize_for_inference
+from .inference import optimize_for_inference, warmup
 from .ops import library_path
 from .resnet import FrozenBatchNorm2d, ResNet
 
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "BackboneWithFPN", "IntermediateLayerGetter", "resnet_fpn_backbone", "resnet50_fpn_backbone",
     "convert", "optimize_for_inference", "ExtraFPNBlock", "FeaturePyramidNetwork", "LastLevelMaxPool",
-    "FrozenBatchNorm2d", "ResNet", "library_path", "decompositions",
+    "FrozenBatchNorm2d", "ResNet", "library_path", "decompositions", "warmup",
 ]

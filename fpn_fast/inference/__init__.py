@@ -11,12 +11,14 @@ Files, in the order of the steps (each imports only those before it):
 - ``engine``: the plans by signature (LRU), served per call.
 - ``backbone``: ``InferenceBackboneWithFPN``, whose eager calls go through the engine.
 - ``optimize``: ``optimize_for_inference``, the entry point.
+- ``warmup``: ``warmup``, every serving shape planned (and captured) ahead of the first request.
 """
 from .backbone import InferenceBackboneWithFPN
 from .conv import Conv2dAct
 from .fold import fold_conv_norm, fold_norms
 from .modules import FoldedResidualBlock, InferenceFPN
 from .optimize import optimize_for_inference
+from .warmup import warmup
 
 __all__ = ["optimize_for_inference", "Conv2dAct", "FoldedResidualBlock", "InferenceFPN",
-           "InferenceBackboneWithFPN", "fold_conv_norm", "fold_norms"]
+           "InferenceBackboneWithFPN", "fold_conv_norm", "fold_norms", "warmup"]
