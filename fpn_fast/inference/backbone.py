@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import cpu_cache as _memory
-from .conv import _check_inference
+from .conv import Conv2dAct, _check_inference
 from .engine import Engine
 from .modules import InferenceFPN
 
@@ -24,6 +24,39 @@ def _python_modes() -> bool:
         from torch.utils._device import DeviceContext
         return any(type(mode) is not DeviceContext for mode in _get_current_function_mode_stack())
     return False
+
+
+def _check_image(x, stem: Optional[nn.Module]) -> None:
+    """The entry check of the optimized backbone's eager calls, made before any plan is looked
+    up, so a bad input is named here instead of failing inside a kernel or a layout change.
+
+    Args:
+        x: the input. stem: the body's first convolution (``body.conv1``), whose input channels
+            the image must have where it is a folded or plain convolution.
+
+    Raises:
+        TypeError: ``x`` is not a tensor (a list of images, a numpy array).
+        ValueError: ``x`` is neither (N, C, H, W) nor an unbatched (C, H, W) image, or its C is
+            not the stem convolution's input channels.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        return  # symbolic tracing: nothing to check until the traced graph runs
+    if not isinstance(x, Tensor):
+        raise TypeError(f"InferenceBackboneWithFPN expects an image batch as a Tensor of shape (N, C, H, W) (or "
+                        f"one image, (C, H, W)), got a {type(x).__name__}; a detection model's transform batches "
+                        f"a list of images into one tensor")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"InferenceBackboneWithFPN expects a tensor of shape (N, C, H, W) (or one image, "
+                         f"(C, H, W)), got shape {tuple(x.shape)}")
+    channels = None
+    if isinstance(stem, nn.Conv2d):
+        channels = stem.in_channels
+    elif isinstance(stem, Conv2dAct) and stem._parameters.get("weight") is not None:
+        channels = stem._parameters["weight"].shape[1] * stem.groups
+    if channels is not None and x.shape[-3] != channels:
+        raise ValueError(f"InferenceBackboneWithFPN expects a tensor of shape (N, {channels}, H, W) (or one "
+                         f"image, ({channels}, H, W)): its first convolution takes {channels} channels; got "
+                         f"shape {tuple(x.shape)}")
 
 
 class InferenceBackboneWithFPN(nn.Module):
@@ -63,6 +96,7 @@ class InferenceBackboneWithFPN(nn.Module):
 
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Dict[str, Tensor]:
+        _check_image(x, getattr(self.body, "conv1", None))
         engine = self.__dict__.get("_engine")
         # A plan runs plain tensors outside tracing and torch's Python modes (FakeTensor, FLOP
         # counters, a TorchFunctionMode besides set_default_device's): those see every op as written.

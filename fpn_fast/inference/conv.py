@@ -23,7 +23,9 @@ def _check_inference(training: bool, name: str, tensors: List[Optional[Tensor]])
     tracers, which run with grad mode on, work)."""
     if training:
         raise RuntimeError(name + " comes from fpn_fast.optimize_for_inference and runs in eval mode only "
-                           "(its norms are folded into the convolutions): call model.eval()")
+                           "(its norms are folded into the convolutions): call model.eval(). Losses (a "
+                           "validation loss, for example) need training mode: compute them with the original "
+                           "model or with fpn_fast.convert(model), which gives torchvision's losses")
     needs_grad = False
     for t in tensors:
         if t is not None and t.requires_grad:
@@ -54,6 +56,13 @@ def _normal_tensor(tensor: Tensor) -> Tensor:
         return nn.Parameter(normal, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else normal
 
 
+def _same_tensor(before: Optional[tuple], after: Optional[tuple]) -> bool:
+    """Whether two ``Conv2dAct._weights_state`` entries are the same tensor, unchanged."""
+    if before is None or after is None:
+        return before is after
+    return before[0] is after[0] and before[1:] == after[1:]
+
+
 class Conv2dAct(nn.Module):
     """A convolution with its norm folded in: relu?(conv2d(x, weight, bias) + residual).
 
@@ -68,8 +77,9 @@ class Conv2dAct(nn.Module):
       no writes; later writes to the inference tensor itself are then not the module's.
     - Every path that can replace them bumps a generation: assignment (``__setattr__``, which
       ``load_state_dict(assign=True)`` uses), ``_load_from_state_dict``, ``_apply`` (``.to``,
-      ``.half``, ``.float``, ``.cuda``, also with ``torch.__future__``'s swap_tensors), unpickling
-      and deepcopy (``__setstate__``).
+      ``.half``, ``.float``, ``.cuda``, also with ``torch.__future__``'s swap_tensors) where it
+      changes a weight or bias (its object, storage, dtype, device or layout: a ``.to()`` that
+      changes nothing keeps the packs), unpickling and deepcopy (``__setstate__``).
     - In-place writes (``weight.mul_``, ``load_state_dict`` without ``assign``, also inside
       ``torch.inference_mode``) bump the weight's version counter.
     - A weight put in place some other way (``_parameters`` written directly, ``register_parameter``,
@@ -131,9 +141,27 @@ class Conv2dAct(nn.Module):
         self._weights_replaced()
 
     def _apply(self, *args, **kwargs):
+        # ``.to``, ``.float``, ``.cpu`` and the like return a parameter as it is where it already
+        # has the dtype, device and memory format asked for: the packs stay valid then (serving
+        # code calls ``model.to(device)`` per request), so only a real change starts a generation.
+        before = self._weights_state()
         result = super()._apply(*args, **kwargs)
-        self._weights_replaced()
+        after = self._weights_state()
+        if not all(map(_same_tensor, before, after)):
+            self._weights_replaced()
         return result
+
+    @torch.jit.unused
+    def _weights_state(self) -> List[Optional[tuple]]:
+        """Per weight and bias (None where absent): the tensor object and what a conversion can
+        change in place of it (``param.data = converted``): storage, data pointer, dtype, device,
+        shape, strides."""
+        state: List[Optional[tuple]] = []
+        for name in ("weight", "bias"):
+            t = self._parameters.get(name)
+            state.append(None if t is None else (t, t.untyped_storage().data_ptr(), t.data_ptr(), t.dtype,
+                                                 t.device, tuple(t.shape), t.stride()))
+        return state
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

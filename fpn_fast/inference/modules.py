@@ -127,7 +127,9 @@ class InferenceFPN(nn.Module):
         in NCHW (NNPACK's route) are converted first, then the convolutions run from the smallest
         map to the largest, so the largest, where NNPACK runs on its own thread pool (over 100x100
         pixels; slower while OpenMP's workers still spin after an ATen op: benchmarks/RESULTS.md),
-        run back to back."""
+        run back to back. The pyramid levels come finest first (ordered by stride), so that is the
+        coarsest level first: an order read from the maps' sizes would be a sort on symbolic
+        sizes, which torch.compile cannot trace with dynamic shapes."""
         blocks = list(self.layer_blocks)
         direct = [runs_as_written(block, Conv2dAct) and not block.relu and not self.output_channels_last for block in blocks]
         inputs = list(inners)
@@ -137,7 +139,7 @@ class InferenceFPN(nn.Module):
                     block.groups, winograd=getattr(block, "winograd", True)) == torch.contiguous_format:
                 inputs[level] = ops.to_nchw(inners[level])
         results: List[Optional[Tensor]] = [None] * len(blocks)
-        for level in sorted(range(len(blocks)), key=lambda i: inputs[i].shape[-2] * inputs[i].shape[-1]):
+        for level in range(len(blocks) - 1, -1, -1):
             block = blocks[level]
             if direct[level]:
                 results[level] = ops.conv2d_nchw(

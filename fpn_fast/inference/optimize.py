@@ -136,13 +136,17 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
                          f"got {output_memory_format}")
     options = dict(channels_last=bool(channels_last), fold_norm=bool(fold_norm), fuse_lateral=bool(fuse_lateral),
                    output_memory_format=output_memory_format)
-    converted = convert(copy.deepcopy(model))
-    left_alone = fold.left_alone(converted)
-    if left_alone:
-        warnings.warn("fpn_fast.optimize_for_inference leaves these modules as they are (a subclass, hooks or "
-                      "parametrizations may change what they compute, so they are not folded or fused): "
-                      + ", ".join(left_alone), stacklevel=2)
-    optimized, found = _optimize(converted, options)
+    # Copied, converted and folded outside inference mode whatever mode the caller is in: a copy
+    # made under torch.inference_mode would hold inference tensors (the heads' parameters
+    # included), which autograd cannot save and load_state_dict cannot write outside it.
+    with torch.inference_mode(False):
+        converted = convert(copy.deepcopy(model))
+        left_alone = fold.left_alone(converted)
+        if left_alone:
+            warnings.warn("fpn_fast.optimize_for_inference leaves these modules as they are (a subclass, hooks "
+                          "or parametrizations may change what they compute, so they are not folded or fused): "
+                          + ", ".join(left_alone), stacklevel=2)
+        optimized, found = _optimize(converted, options)
     if found == 0:
         raise ValueError(f"optimize_for_inference found no ResNet-FPN backbone (BackboneWithFPN) or "
                          f"FeaturePyramidNetwork in the {type(model).__name__} it was given")

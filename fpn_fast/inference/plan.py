@@ -69,7 +69,7 @@ def signature(x: Tensor) -> Tuple:
         flags = select.cuda_flags()
     else:  # the thread count decides the Winograd routes' chunks and NNPACK's slices
         flags = (torch._C._get_mkldnn_enabled(), torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    autocast = _dispatch.autocast_dtype(kind)
     return (x.shape, x.stride(), x.dtype, device, autocast, torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(), _dispatch.get_backend(), flags)
 

@@ -349,7 +349,7 @@ def _unfused_lateral(x_low: Tensor, weight: Tensor, bias: Optional[Tensor], top_
     else:  # ops.conv2d_act(x, weight): the lateral convolution alone, decided once
         conv = _direct_runner(_BareConv(weight), x_low, None)
     if top_low is None:
-        column = None if bias is None else bias.view(1, -1, 1, 1)
+        column = None if bias is None else bias.detach().view(1, -1, 1, 1)  # a view of bias blocks swap_tensors
 
         def run_coarsest(x: Tensor, top: Optional[Tensor] = None) -> Tensor:
             out = conv(cast(x))

@@ -192,10 +192,24 @@ def capturing_graph() -> bool:
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype in force for device_type, or None. The inference ops are not autocast
-    ops, so they cast their inputs themselves, as autocast would cast a convolution's."""
-    if not torch.is_autocast_enabled(device_type):
+    ops, so they cast their inputs themselves, as autocast would cast a convolution's. A device
+    type without autocast (meta, for shape inference) has none in force: torch's autocast
+    queries raise for it."""
+    if not _has_autocast(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+_AUTOCAST_DEVICES: Dict[str, bool] = {}  # device type -> whether torch has autocast for it
+
+
+@torch.compiler.assume_constant_result
+def _has_autocast(device_type: str) -> bool:
+    """Whether torch has autocast for ``device_type`` (asked once per device type)."""
+    known = _AUTOCAST_DEVICES.get(device_type)
+    if known is None:
+        known = _AUTOCAST_DEVICES[device_type] = bool(torch.amp.is_autocast_available(device_type))
+    return known
 
 
 @torch.compiler.assume_constant_result
@@ -231,7 +245,8 @@ def resolve(op: str, device_type: str, supports: Optional[Callable[[str], bool]]
     Raises:
         BackendUnavailableError: a named backend cannot run on ``device_type`` here.
     """
-    _resolutions[0] += 1
+    if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile per change
+        _resolutions[0] += 1
     if _exporting_to_onnx():
         return "torch"
     backend = get_backend()
