@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import cpu_cache as _memory
+from ..ops import cpu_cache
+from ..ops.runner import step
 from .conv import _check_inference
 from .engine import Engine
 from .modules import InferenceFPN
@@ -73,7 +74,7 @@ class InferenceBackboneWithFPN(nn.Module):
                 return self._run_as_written(x)
             engine = self._make_engine()
         if x.device.type == "cpu":
-            with _memory.pooled():
+            with cpu_cache.pooled():
                 return engine(self, x)
         if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):  # Triton launches and graphs on x's device
@@ -130,13 +131,16 @@ class InferenceBackboneWithFPN(nn.Module):
         if x.dim() == 3:
             # An unbatched [C, H, W] image: torchvision's backbone returns batched maps for it (its
             # first norm broadcasts against [1, C, 1, 1]), so this one does too.
-            x = x.unsqueeze(0)
+            x = step(torch.unsqueeze, x, 0)  # recorded, as every step of this forward, by a plan
         if isinstance(x, Tensor) and x.device.type == "cpu" and not ops.capturing_graph():
-            with _memory.pooled():
+            with cpu_cache.pooled():
                 return self._run(x)
         return self._run(x)
 
     def _run(self, x: Tensor) -> Dict[str, Tensor]:
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            if torch.jit.is_scripting():
+                x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                x = ops.to_channels_last(x)
         return self.fpn(self.body(x))

@@ -41,13 +41,13 @@ from .reference import nearest_source_index
 # The op modules; each declares its rows of the dispatch table when imported.
 from .top_down import upsample_add, upsample_add_
 from .pool import stride2_pool
-from .layout import to_nchw
+from .layout import to_channels_last, to_nchw
 from .conv import conv1x1, conv2d_act, conv2d_nchw, conv2d_nchw_input_format
 from .lateral import lateral_upsample_add
 from .cpu_cache import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit
 
 __all__ = [
-    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
+    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "to_channels_last", "conv2d_act", "lateral_upsample_add",
     "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "set_cpu_cache_limit", "cpu_cache_stats",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
     "TABLE", "nearest_source_index", "library_path",

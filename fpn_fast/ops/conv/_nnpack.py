@@ -25,7 +25,7 @@ gives inf at its neighbours only. A Winograd output is non-finite wherever its i
 convolution, so NaN and inf propagate exactly as in eager.
 """
 import functools
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,15 @@ def pack(weight: torch.Tensor, padding: Sequence[int], count: int) -> List[torch
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
-           packed: Optional[Callable[[int], List[torch.Tensor]]] = None) -> Optional[torch.Tensor]:
+           packed: Optional[List[torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """F.conv2d(x, weight, bias, stride=1, padding) for a float32 CPU x and a 3x3 weight, as a
     contiguous NCHW tensor; None when the result has a value that is not finite or beyond
-    ``selection.WINOGRAD_FINITE_BOUND`` (the caller then runs the direct convolution). ``packed(slices)`` returns the kernel
-    transforms (``pack``) for the sliced path; without it they are made for this call."""
+    ``selection.WINOGRAD_FINITE_BOUND`` (the caller then runs the direct convolution). ``packed``
+    is the kernel transforms (``pack``) for the sliced path, one per slice of ``slices()``
+    (``Conv2dAct._nnpack_kernels`` keeps them); without it they are made for this call."""
     x = x.contiguous()
     if x.shape[2] * x.shape[3] <= NNPACK_SLICED_MAX_PIXELS and sliced_unavailable_reason() is None:
-        count = min(slices(), weight.shape[0])
-        kernels = packed(count) if packed is not None else pack(weight, padding, count)
+        kernels = packed if packed is not None else pack(weight, padding, min(slices(), weight.shape[0]))
         out, finite = torch.ops.fpn_fast.nnpack_conv_3x3_packed(x, kernels, bias, weight.shape[0], list(padding))
         return out if finite else None
     out = torch._nnpack_spatial_convolution(x, weight.contiguous(), bias, list(padding), [1, 1])
