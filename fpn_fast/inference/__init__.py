@@ -14,9 +14,10 @@ Files, in the order of the steps (each imports only those before it):
 """
 from .backbone import InferenceBackboneWithFPN
 from .conv import Conv2dAct
+from .engine import format_routes
 from .fold import fold_conv_norm, fold_norms
 from .modules import FoldedResidualBlock, InferenceFPN
 from .optimize import optimize_for_inference
 
 __all__ = ["optimize_for_inference", "Conv2dAct", "FoldedResidualBlock", "InferenceFPN",
-           "InferenceBackboneWithFPN", "fold_conv_norm", "fold_norms"]
+           "InferenceBackboneWithFPN", "fold_conv_norm", "fold_norms", "format_routes"]

@@ -118,6 +118,22 @@ class InferenceBackboneWithFPN(nn.Module):
         engine = self.__dict__.get("_engine")
         return [] if engine is None else engine.info()
 
+    @torch.jit.unused
+    def route_report(self) -> List[Dict[str, object]]:
+        """The routes of the cached plans: one dict per op step of each planned signature, least
+        recently used signature first, steps in order.
+
+        Returns:
+            [{"signature": plan.Signature, "step": int, "module": the name of the module whose
+            weight the step uses (e.g. "body.layer1.0.convs.0") or None, "op": str, "route": the
+            implementation run ("triton", "cudnn_relu", "onednn", "winograd", ...), "measured":
+            bool, "candidates": {implementation: {"status": "chosen" | "slower" | "raised" |
+            "disagreed" | "refused", "ms": median ms or None, "reason": str or None}} (empty where
+            the route was not measured)}]. ``engine.format_routes(rows)`` writes them as text.
+        """
+        engine = self.__dict__.get("_engine")
+        return [] if engine is None else engine.routes()
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {k: v for k, v in state.items() if k != "_engine"}

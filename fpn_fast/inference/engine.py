@@ -17,7 +17,7 @@ from .conv import _check_inference
 from .guards import GraphGuard, StructureGuard, WeightGuard, _hooked_or_training, _why_not_hide
 from .plan import Plan, PlanError, Signature, build_plan, signature
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "format_routes"]
 
 
 class _Entry:
@@ -231,6 +231,50 @@ class Engine:
                      reason=entry.reason, hits=entry.hits,
                      graph_bytes=entry.graphed.captured_bytes if entry.graphed is not None else 0)
                 for key, entry in items]
+
+    def routes(self) -> List[Dict[str, object]]:
+        """Per planned signature (least recently used first), per op step of its plan: the route
+        the plan runs and why each other candidate lost or was refused (see
+        ``InferenceBackboneWithFPN.route_report``)."""
+        with self.lock:
+            items = [(key, entry.plan) for key, entry in self.entries.items() if entry.plan is not None]
+        rows = []
+        for key, plan in items:
+            for index, route in enumerate(plan.routes):
+                decision = route.decision
+                candidates = {} if decision is None else {
+                    name: candidate._asdict() for name, candidate in decision.candidates.items()}
+                rows.append(dict(signature=key, step=index, module=route.module, op=route.op, route=route.route,
+                                 measured=decision is not None, candidates=candidates))
+        return rows
+
+
+def format_routes(rows: List[Dict[str, object]]) -> str:
+    """``InferenceBackboneWithFPN.route_report()``'s rows as text: per signature, one line per op
+    step: module, op, route (with its median time where measured), then every other candidate:
+    ``name: status [time] [(reason)]``."""
+    lines, last = [], None
+    for row in rows:
+        key = row["signature"]
+        if key != last:
+            lines.append(f"signature {tuple(key.shape)} {key.dtype} {key.device} autocast={key.autocast} "
+                         f"backend={key.backend}")
+            last = key
+        chosen = row["candidates"].get(row["route"], {})
+        timed = f" {chosen['ms']:.3f} ms" if chosen.get("ms") is not None else ""
+        others = []
+        for name, candidate in row["candidates"].items():
+            if name == row["route"]:
+                continue
+            text = f"{name}: {candidate['status']}"
+            if candidate["ms"] is not None:
+                text += f" {candidate['ms']:.3f} ms"
+            if candidate["reason"]:
+                text += f" ({candidate['reason']})"
+            others.append(text)
+        lines.append(f"  {row['module'] or '-':<28} {row['op']:<21} {row['route']}{timed}"
+                     + ("  | " + " | ".join(others) if others else ""))
+    return "\n".join(lines)
 
 
 def _valid(entry: _Entry) -> bool:

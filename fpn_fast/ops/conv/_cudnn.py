@@ -13,6 +13,7 @@ computes:
 
 Not an autocast op: its operands are cast as autocast would cast a convolution's.
 """
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -57,21 +58,22 @@ def nan_refusal(device: torch.device, dtype: torch.dtype, memory_format: torch.m
     return _NAN_PROBES[key]
 
 
+def _keeps_nan(device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+    """Whether both fused calls keep a NaN input's NaN (a bool pair on the device)."""
+    x = torch.ones(1, 16, 5, 5, device=device, dtype=dtype)
+    x[0, :, 2, 2] = float("nan")
+    x = x.contiguous(memory_format=memory_format)
+    weight = torch.ones(16, 16, 1, 1, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    bias = torch.zeros(16, device=device, dtype=dtype)
+    out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [0, 0], [1, 1], 1)
+    added = torch.cudnn_convolution_add_relu(x, weight, torch.zeros_like(out), 1.0, bias, [1, 1], [0, 0], [1, 1], 1)
+    return torch.stack([out[0, :, 2, 2].isnan().all(), added[0, :, 2, 2].isnan().all()])
+
+
 def _probe(device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> Optional[str]:
     where = f"{dtype}, {_LAYOUTS.get(memory_format, memory_format)}, on {device}"
-
-    def both_keep_nan() -> torch.Tensor:
-        x = torch.ones(1, 16, 5, 5, device=device, dtype=dtype)
-        x[0, :, 2, 2] = float("nan")
-        x = x.contiguous(memory_format=memory_format)
-        weight = torch.ones(16, 16, 1, 1, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-        bias = torch.zeros(16, device=device, dtype=dtype)
-        out = torch.cudnn_convolution_relu(x, weight, bias, [1, 1], [0, 0], [1, 1], 1)
-        added = torch.cudnn_convolution_add_relu(x, weight, torch.zeros_like(out), 1.0, bias, [1, 1], [0, 0],
-                                                [1, 1], 1)
-        return torch.stack([out[0, :, 2, 2].isnan().all(), added[0, :, 2, 2].isnan().all()])
     try:
-        kept = on_side_stream(device, both_keep_nan)
+        kept = on_side_stream(device, functools.partial(_keeps_nan, device, dtype, memory_format))
     except Exception as err:  # noqa: BLE001 (any failure refuses this key only)
         return f"cuDNN's fused convolution raised {type(err).__name__} ({where}): {err}"
     if not all(kept):
