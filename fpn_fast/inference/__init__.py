@@ -12,12 +12,19 @@ Files, in the order of the steps (each imports only those before it):
 - ``backbone``: ``InferenceBackboneWithFPN``, whose eager calls go through the engine.
 - ``optimize``: ``optimize_for_inference``, the entry point.
 """
-from .backbone import InferenceBackboneWithFPN
-from .conv import Conv2dAct
+import sys
+
+from . import folded_conv, optimized_backbone
+from .folded_conv import Conv2dAct
+from .optimized_backbone import InferenceBackboneWithFPN
 from .engine import format_routes
 from .fold import fold_conv_norm, fold_norms
 from .modules import FoldedResidualBlock, InferenceFPN
 from .optimize import optimize_for_inference
+
+# The modules' names before issue 27, so models pickled or torch.saved then still load.
+sys.modules.setdefault(__name__ + ".conv", folded_conv)
+sys.modules.setdefault(__name__ + ".backbone", optimized_backbone)
 
 __all__ = ["optimize_for_inference", "Conv2dAct", "FoldedResidualBlock", "InferenceFPN",
            "InferenceBackboneWithFPN", "fold_conv_norm", "fold_norms", "format_routes"]

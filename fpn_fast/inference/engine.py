@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._fast_path import _global_hooks
-from .conv import _check_inference
+from .folded_conv import _check_inference
 from .guards import GraphGuard, StructureGuard, WeightGuard, _hooked_or_training, _why_not_hide
 from .plan import Plan, PlanError, Signature, build_plan, signature
 

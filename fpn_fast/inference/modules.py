@@ -16,7 +16,7 @@ from ..fpn import check_fpn_inputs
 from ..ops.layout import to_nchw_scripted
 from ..ops.top_down import script as top_down_script
 from ..ops.top_down import step as top_down_step
-from .conv import Conv2dAct, _check_inference
+from .folded_conv import Conv2dAct, _check_inference
 
 __all__ = ["FoldedResidualBlock", "InferenceFPN"]
 

@@ -42,7 +42,7 @@ from ..fpn import LastLevelMaxPool
 from ..ops import dispatch as _dispatch
 from ..ops.measure import cuda_flags
 from ..ops.runner import Step, active, recording
-from .conv import Conv2dAct
+from .folded_conv import Conv2dAct
 from .guards import StructureGuard, WeightGuard, _hooked_or_training
 from .modules import FoldedResidualBlock, InferenceFPN
 

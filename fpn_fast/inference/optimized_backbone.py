@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import cpu_cache
 from ..ops.runner import step
-from .conv import _check_inference
+from .folded_conv import _check_inference
 from .engine import Engine
 from .modules import InferenceFPN
 
