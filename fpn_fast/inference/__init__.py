@@ -1,16 +1,7 @@
-"""The inference layer: ``optimize_for_inference`` and the engine it runs on.
-
-Files, in the order of the steps (each imports only those before it):
-- ``conv``: ``Conv2dAct``, the folded convolution, and its packs.
-- ``modules``: ``FoldedResidualBlock`` and ``InferenceFPN``.
-- ``fold``: norms folded into convolutions (float64, cast back), making those modules.
-- ``select``: each step's implementation decided once, bound into a runner.
-- ``guards``: what a plan assumes between calls (weights, modules, what a graph hides).
-- ``plan``: the forward for one input signature, written out as straight-line code.
-- ``cuda_graphs``: a CUDA plan captured and replayed as one graph.
-- ``engine``: the plans by signature (LRU), served per call.
-- ``backbone``: ``InferenceBackboneWithFPN``, whose eager calls go through the engine.
-- ``optimize``: ``optimize_for_inference``, the entry point.
+"""The inference layer: ``optimize_for_inference`` and the engine it runs on (fold the norms,
+record the optimized forward once per input signature as a plan, replay it, on CUDA as a graph).
+Its files, in the order of the steps: docs/design.md, "How the code is laid out"; each imports
+only those before it, and none imports a backend of the ops (tests/inference/test_layers.py).
 """
 import sys
 

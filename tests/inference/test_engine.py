@@ -778,3 +778,18 @@ def test_the_backbone_in_training_mode_refuses_on_every_call():
             model(x)
         model.training = False
         _assert_same(model(x), model._run_as_written(x))
+
+
+def test_models_pickled_under_the_old_module_names_still_load():
+    """inference/conv.py and inference/backbone.py were renamed (folded_conv.py,
+    optimized_backbone.py); a model pickled before names the old modules."""
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    text = pickle.dumps(model, protocol=0)  # module names as text lines: "c<module>\n<name>\n"
+    old = text.replace(b"fpn_fast.inference.folded_conv\n", b"fpn_fast.inference.conv\n").replace(
+        b"fpn_fast.inference.optimized_backbone\n", b"fpn_fast.inference.backbone\n")
+    assert old != text and b"fpn_fast.inference.folded_conv\n" not in old
+    with torch.inference_mode():
+        _assert_same(pickle.loads(old)(x), expected)
