@@ -97,21 +97,21 @@ def to_channels_last(x: Tensor) -> Tensor:
     return channels_last_runner(x.is_contiguous(memory_format=torch.channels_last))(x)
 
 
-# The TorchScript form (fixed at import: what the loaded library registers).
-if _LOAD_ERROR is None and has_cuda_kernels():
+# The TorchScript form. Which ops exist is fixed at import (what the loaded library registers):
+# TorchScript compiles functions, not closed-over flags, and refuses an op the library lacks.
+if _LOAD_ERROR is None:
+    if has_cuda_kernels():
+        def _on_extension(t: Tensor) -> bool:
+            return t.device.type == "cpu" or t.is_cuda
+    else:
+        def _on_extension(t: Tensor) -> bool:
+            return t.device.type == "cpu"
+
     def to_nchw_scripted(x: Tensor) -> Tensor:
-        """``to_nchw`` in TorchScript: the extension's NHWC->NCHW copy where it runs."""
+        """``to_nchw`` in TorchScript: the extension's NHWC->NCHW copy where it runs, else ATen's."""
         if x.is_contiguous():
             return x
-        if x.dim() == 4 and (x.device.type == "cpu" or x.is_cuda):
-            return torch.ops.fpn_fast.nhwc_to_nchw(x)
-        return x.contiguous()
-elif _LOAD_ERROR is None:
-    def to_nchw_scripted(x: Tensor) -> Tensor:
-        """``to_nchw`` in TorchScript: the extension's NHWC->NCHW copy where it runs."""
-        if x.is_contiguous():
-            return x
-        if x.dim() == 4 and x.device.type == "cpu":
+        if x.dim() == 4 and _on_extension(x):
             return torch.ops.fpn_fast.nhwc_to_nchw(x)
         return x.contiguous()
 else:

@@ -90,15 +90,12 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, channels_last: bool = False) 
         Tensor[N, O, H, W], x's dtype and device.
     """
     if _plain_cpu_inference(x, weight) and weight.shape[2:] == (1, 1):
+        if not channels_last:
+            return _bmm_nchw(x, weight)
         n, c, h, w = x.shape
         out_channels = weight.shape[0]
-        # bmm, not matmul: matmul folds (O, C) @ (N, C, HW) through transposed copies of x and out.
-        w2d = weight.reshape(out_channels, c)
-        x3d = x.view(n, c, h * w)
-        if channels_last:
-            nhwc = torch.bmm(x3d.transpose(1, 2), w2d.t().expand(n, -1, -1))
-            return nhwc.view(n, h, w, out_channels).permute(0, 3, 1, 2)
-        return torch.bmm(w2d.expand(n, -1, -1), x3d).view(n, out_channels, h, w)
+        nhwc = torch.bmm(x.view(n, c, h * w).transpose(1, 2), weight.reshape(out_channels, c).t().expand(n, -1, -1))
+        return nhwc.view(n, h, w, out_channels).permute(0, 3, 1, 2)
     out = F.conv2d(x, weight)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
