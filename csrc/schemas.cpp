@@ -50,7 +50,7 @@ TORCH_LIBRARY(fpn_fast, m) {
   m.def(torch::schema("_upsample_add_index_probe(int[] _0, int[] _1, bool _2, int _3) -> int[] _0",
                       c10::AliasAnalysisKind::CONSERVATIVE));
   m.def(torch::schema("_nearest_window_starts(int _0, int _1) -> int[] _0", c10::AliasAnalysisKind::CONSERVATIVE));
-  // The CPU buffer pool (runtime/cpu/memory_pool.cpp; fpn_fast/ops/_memory.py drives it).
+  // The CPU buffer pool (runtime/cpu/memory_pool.cpp; fpn_fast/ops/cpu_cache.py drives it).
   m.def("_cpu_pool_enter() -> bool");
   m.def("_cpu_pool_exit() -> ()");
   m.def("_cpu_pool_set_limit(int limit_bytes) -> int");

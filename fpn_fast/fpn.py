@@ -30,8 +30,10 @@ from torch import Tensor, nn
 from ._fast_path import fusable_lateral_conv
 from ._torchvision_compat import ExtraFPNBlockBase, FeaturePyramidNetworkBase
 from . import ops
-from .export import script as _script
 from .ops import stride2_pool, upsample_add, upsample_add_
+from .ops.pool import script as pool_script
+from .ops.top_down import script as top_down_script
+from .ops.top_down import step as top_down_step
 
 # FX symbolic tracing (torchvision's create_feature_extractor) records the ops as single leaf
 # calls instead of tracing into their checks and dispatch.
@@ -58,7 +60,7 @@ class LastLevelMaxPool(ExtraFPNBlock):
     def forward(self, results: List[Tensor], x: List[Tensor], names: List[str]) -> Tuple[List[Tensor], List[str]]:
         names.append("pool")
         if torch.jit.is_scripting():
-            results.append(_script.stride2_pool(results[-1]))
+            results.append(pool_script.stride2_pool(results[-1]))
         else:
             results.append(self._pool(results[-1]))
         return results, names
@@ -230,31 +232,24 @@ class FeaturePyramidNetwork(FeaturePyramidNetworkBase):
 
     def _top_down(self, idx: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
         """Level idx's inner map: its lateral plus the nearest-upsampled coarser inner map
-        (``top``; None at the coarsest level)."""
+        (``top``; None at the coarsest level), by the one top-down step (``ops.top_down.step``)."""
         conv = self._fusable_lateral(idx)
         if conv is None:  # the block runs as a module; its output may be seen by hooks: no in place
-            lateral = self.get_result_from_inner_blocks(feature, idx)
-            return lateral if top is None else upsample_add(lateral, top)
+            return top_down_step(self.get_result_from_inner_blocks(feature, idx), top, None, False, upsample_add)
         if not isinstance(feature, torch.fx.Proxy) and _grad_needed(feature, top, conv.weight, conv.bias):
             # Training: the conv keeps its bias, exactly torchvision's op (and its bias gradient,
             # computed inside the convolution's backward: a separate sum over the map in low
             # precision was far slower than float32 on CPU, benchmarks/RESULTS.md 2026-12-04); the
             # fused step adds top only.
-            lateral = F.conv2d(feature, conv.weight, conv.bias)
-            return lateral if top is None else upsample_add(lateral, top)
+            return top_down_step(F.conv2d(feature, conv.weight, conv.bias), top, None, False, upsample_add)
         lateral = F.conv2d(feature, conv.weight)  # fresh: only this method sees it
         # Under autocast the conv ran in low precision; so would its bias inside it.
         bias = None if conv.bias is None else conv.bias.to(lateral.dtype)
         # In place only in eager inference: a graph being captured (FX, torch.export,
         # torch.compile, torch.jit.trace) may later run with autograd, and functional ops suit
-        # those tools.
+        # those tools. The ops are passed from here, where FX's wrap of them applies.
         in_place = not (isinstance(feature, torch.fx.Proxy) or ops.capturing_graph())
-        if top is None:
-            if bias is None:
-                return lateral
-            bias = bias.view(1, -1, 1, 1)
-            return lateral.add_(bias) if in_place else lateral + bias
-        return upsample_add_(lateral, top, bias) if in_place else upsample_add(lateral, top, bias)
+        return top_down_step(lateral, top, bias, in_place, upsample_add_ if in_place else upsample_add)
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Args: x: OrderedDict of Tensor[N, C_i, H_i, W_i], finest level first.
@@ -298,18 +293,16 @@ class FeaturePyramidNetwork(FeaturePyramidNetworkBase):
             raise ValueError("FeaturePyramidNetwork expects " + str(len(self.inner_blocks))
                              + " feature maps (one per lateral block), got " + str(len(features)))
         last = len(features) - 1
-        lateral, bias, _ = self._lateral_scripted(features[last], last)
-        inner = lateral if bias is None else lateral + bias.view(1, -1, 1, 1)
-        results = [self.get_result_from_layer_blocks(inner, last)]
-        for idx in range(last - 1, -1, -1):
+        inner: Optional[Tensor] = None
+        results: List[Tensor] = []
+        for idx in range(last, -1, -1):
             lateral, bias, fused = self._lateral_scripted(features[idx], idx)
-            needs_grad = torch.is_grad_enabled() and (lateral.requires_grad or inner.requires_grad
+            needs_grad = torch.is_grad_enabled() and (lateral.requires_grad
+                                                      or (inner is not None and inner.requires_grad)
                                                       or (bias is not None and bias.requires_grad))
-            if fused and not needs_grad:
-                inner = _script.upsample_add_(lateral, inner, bias)
-            else:
-                inner = _script.upsample_add(lateral, inner, bias)
-            results.insert(0, self.get_result_from_layer_blocks(inner, idx))
+            current = top_down_script.step(lateral, inner, bias, fused and not needs_grad)
+            results.insert(0, self.get_result_from_layer_blocks(current, idx))
+            inner = current
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         out: Dict[str, Tensor] = OrderedDict()

@@ -7,7 +7,7 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor
 
-from fpn_fast.ops.lateral._triton import cudnn_conv_allows_tf32
+from fpn_fast.ops.measure import cudnn_conv_allows_tf32
 
 from .common import torchvision
 

@@ -1,25 +1,14 @@
 """The fpn_fast ops in ATen: a decomposition table for ``ExportedProgram.run_decompositions``,
-so an exported program runs in a process without fpn_fast."""
-from typing import Callable, Dict, Optional
+so an exported program runs in a process without fpn_fast. Each op's entries sit beside the op
+(``ops.top_down.aten``, ``ops.layout``); this gathers them."""
+from typing import Callable, Dict
 
 import torch
 
-from ..ops import _extension, reference
+from ..ops import layout
+from ..ops.top_down import aten as top_down_aten
 
 __all__ = ["decompositions"]
-
-
-def _backward_top_in_aten(grad: torch.Tensor, top_h: int, top_w: int) -> torch.Tensor:
-    n, c, h, w = grad.shape
-    return torch.ops.aten.upsample_nearest2d_backward(grad, [h, w], [n, c, top_h, top_w])
-
-
-def _in_aten(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return reference.upsample_add(lateral, top, bias, functional=True)
-
-
-def _in_place_in_aten(lateral: torch.Tensor, top: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
-    lateral.copy_(_in_aten(lateral, top, bias))
 
 
 def decompositions() -> Dict[Callable, Callable]:
@@ -35,10 +24,6 @@ def decompositions() -> Dict[Callable, Callable]:
         {OpOverload: Python function}, a fresh dict the caller may extend.
     """
     table = torch.export.default_decompositions()
-    if _extension.unavailable_reason("cpu") is None:
-        fused = torch.ops.fpn_fast
-        table[fused.upsample_add.default] = _in_aten
-        table[fused.upsample_add_.default] = _in_place_in_aten
-        table[fused.upsample_add_backward_top.default] = _backward_top_in_aten
-        table[fused.nhwc_to_nchw.default] = lambda x: x.clone(memory_format=torch.contiguous_format)
+    table.update(top_down_aten.decompositions())
+    table.update(layout.decompositions())
     return table

@@ -10,10 +10,11 @@ stream first, so Triton compiles its kernels and cuDNN picks its algorithms befo
 capture runs on a stream the engine keeps per device (``torch.cuda.graph``'s default capture stream
 is made once, on whichever device was current first), with ``capture_error_mode="thread_local"``
 (CUDA refuses unsafe calls during the capture only in the capturing thread) and with autocast's
-weight-cast cache off (a cached cast would outlive the graph). fpn_fast's captures take turns
-across the process (``_CAPTURE_LOCK``: entering a capture synchronises the device, which another
-capture in progress would not allow); other libraries' captures in other threads are the
-caller's to keep apart, as with any CUDA graph.
+weight-cast cache off (a cached cast would outlive the graph). Unlike ``torch.cuda.graph``, which
+synchronises the device and empties the allocator's cache on entry, a capture here waits for its
+own stream only and never empties the cache: either would break a graph another thread of the
+user's is capturing (the measurements of a build, ``ops.measure``, keep to a side stream for the
+same reason). fpn_fast's captures take turns across the process (``_CAPTURE_LOCK``).
 
 Memory: all signatures' graphs of a model share one memory pool (``torch.cuda.graph_pool_handle``):
 a graph's intermediates may lie where another graph's static outputs are. That is safe because
@@ -57,9 +58,9 @@ class GraphedPlan:
     Attributes:
         graph: the captured torch.cuda.CUDAGraph.
         static_input, static_outputs: the graph's input and outputs (overwritten by each replay).
-        captured_bytes: device memory the capture added: the bytes its memory pool grew by while
-            capturing (``torch.cuda.memory_reserved`` before and after; a graph that reuses blocks
-            another graph of the pool freed adds little) plus the static input.
+        captured_bytes: device memory the capture added: the bytes its memory pool's segments grew
+            by while capturing (the allocator's snapshot of that pool before and after; a graph that
+            reuses blocks another graph of the pool freed adds little) plus the static input.
         queue: the ReplayQueue of its memory pool.
     """
 
@@ -126,20 +127,32 @@ def capture(run: Callable[[Tensor], Dict[str, Tensor]], x: Tensor, pool, autocas
             with torch.cuda.stream(stream), _no_autocast_cache(device.type, autocast):
                 for _ in range(WARMUP_RUNS):
                     run(static_input)
-            current.wait_stream(stream)
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: the growth below is the capture's
-            before = torch.cuda.memory_reserved(device)
+            stream.synchronize()  # the warm-up's stream only (its errors surface here), never the device
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
-                    _no_autocast_cache(device.type, autocast):
-                static_outputs = run(static_input)
-            grown = torch.cuda.memory_reserved(device) - before
+            before = _pool_bytes(device, pool)
+            with torch.cuda.stream(stream), _no_autocast_cache(device.type, autocast):
+                graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
+                try:
+                    static_outputs = run(static_input)
+                finally:
+                    graph.capture_end()
+            current.wait_stream(stream)
+            grown = _pool_bytes(device, graph.pool()) - before
         finally:
-            # A capture that raised in torch.cuda.graph's exit leaves its stream current: restore.
+            # A capture that raised leaves its stream current: restore.
             torch.cuda.set_stream(current)
     return GraphedPlan(graph, static_input, static_outputs,
                        max(grown, 0) + static_input.numel() * static_input.element_size(), queue)
+
+
+def _pool_bytes(device: torch.device, pool) -> int:
+    """The bytes of the allocator's segments in the graph memory pool ``pool`` on ``device`` (0
+    for None: a pool not made yet), from its snapshot (host-side bookkeeping, no synchronisation)."""
+    if pool is None:
+        return 0
+    wanted = tuple(pool)
+    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+               if segment.get("device") == device.index and tuple(segment.get("segment_pool_id", ())) == wanted)
 
 
 class _no_autocast_cache:

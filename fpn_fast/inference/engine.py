@@ -7,17 +7,17 @@ import operator
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .._fast_path import _global_hooks
-from .conv import _check_inference
+from .folded_conv import _check_inference
 from .guards import GraphGuard, StructureGuard, WeightGuard, _hooked_or_training, _why_not_hide
-from .plan import Plan, PlanError, build_plan, signature
+from .plan import Plan, PlanError, Signature, build_plan, signature
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "format_routes"]
 
 
 class _Entry:
@@ -76,7 +76,7 @@ class Engine:
         self.max_plans = max_plans
         self.cuda_graphs = cuda_graphs
         self.static_outputs = static_outputs
-        self.entries: "OrderedDict[Tuple, _Entry]" = OrderedDict()
+        self.entries: "OrderedDict[Signature, _Entry]" = OrderedDict()
         self.pools: Dict[torch.device, object] = {}  # device -> the shared pool's (handle, replay queue)
         self.capture_streams: Dict[torch.device, object] = {}
         self.warned: set = set()
@@ -93,7 +93,7 @@ class Engine:
                 return out
         return self._slow(backbone, x, key, capturing)
 
-    def _serve(self, entry: _Entry, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool):
+    def _serve(self, entry: _Entry, backbone: nn.Module, x: Tensor, key: Signature, capturing: bool):
         """The call's output from a cached entry, or None where the entry does not serve it."""
         plan = entry.plan
         if plan is None:
@@ -101,7 +101,7 @@ class Engine:
             return backbone._run_as_written(x) if _valid(entry) else None
         if not _valid(entry) or _global_hooks():
             return None
-        if key[5] and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
+        if key.grad_enabled and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
             return backbone._run_as_written(x)
         entry.hits += 1
         try:
@@ -112,7 +112,7 @@ class Engine:
             # Inside a user's capture: the plan's steps (never a replay). Under autocast they would
             # bake in the weights' casts made at build time, which the user's graph would then keep.
             _cuda_graphs().warn_once(self.warned, _IN_CAPTURE)
-            return plan.run(x) if key[4] is None else backbone._run_as_written(x)
+            return plan.run(x) if key.autocast is None else backbone._run_as_written(x)
         graphed, guard = entry.graphed, entry.graph_guard
         if graphed is None or guard is None:
             return plan.run(x)
@@ -131,7 +131,7 @@ class Engine:
                     _cuda_graphs().warn_once(self.warned, entry.reason)
         return plan.run(x)
 
-    def _slow(self, backbone: nn.Module, x: Tensor, key: Tuple, capturing: bool) -> Dict[str, Tensor]:
+    def _slow(self, backbone: nn.Module, x: Tensor, key: Signature, capturing: bool) -> Dict[str, Tensor]:
         """A call the cached plans do not serve: as written (hooks, training, a capture in
         progress), or a new plan. Only building takes the lock: calls run outside it."""
         if capturing:
@@ -149,9 +149,9 @@ class Engine:
         out = self._serve(entry, backbone, x, key, capturing)
         return backbone._run_as_written(x) if out is None else out
 
-    def _build(self, backbone: nn.Module, x: Tensor, key: Tuple) -> Dict[str, Tensor]:
+    def _build(self, backbone: nn.Module, x: Tensor, key: Signature) -> Dict[str, Tensor]:
         _check_inference(backbone.training, "InferenceBackboneWithFPN", [x])  # raises as eager would
-        if key[5] and any(p.requires_grad for p in backbone.parameters()):
+        if key.grad_enabled and any(p.requires_grad for p in backbone.parameters()):
             return backbone._run_as_written(x)  # the folded modules raise as eager does
         self._drop_stale()
         try:
@@ -170,7 +170,7 @@ class Engine:
         self._store(key, entry)
         return out
 
-    def _unplanned(self, backbone: nn.Module, key: Tuple, reason: str, out):
+    def _unplanned(self, backbone: nn.Module, key: Signature, reason: str, out):
         """Remember that the signature runs as written (until the backbone's modules change)."""
         structure = StructureGuard([backbone.body, backbone.fpn], outer=backbone)
         self._store(key, _Entry(None, reason=reason, structure=structure))
@@ -179,7 +179,7 @@ class Engine:
             warnings.warn(f"fpn_fast: the optimized backbone runs its modules as written: {reason}", stacklevel=4)
         return out
 
-    def _capture(self, entry: _Entry, x: Tensor, key: Tuple) -> None:
+    def _capture(self, entry: _Entry, x: Tensor, key: Signature) -> None:
         """Capture the entry's plan as a CUDA graph (the engine's lock held), or say why not."""
         cuda_graphs = _cuda_graphs()
         called = entry.plan.called
@@ -197,7 +197,7 @@ class Engine:
                 pool, queue = self.pools[device]
             entry.captures += 1
             try:
-                entry.graphed = cuda_graphs.capture(entry.plan.run, x, pool, key[4], stream, queue)
+                entry.graphed = cuda_graphs.capture(entry.plan.run, x, pool, key.autocast, stream, queue)
                 entry.graph_guard = GraphGuard(called)  # after the capture, which ran the called modules
             except Exception as err:  # an op that synchronises, or another that graphs do not allow
                 reason = f"capturing the plan failed: {type(err).__name__}: {err}"
@@ -213,7 +213,7 @@ class Engine:
                 self.entries.pop(key, None)
                 entry.retire()
 
-    def _store(self, key: Tuple, entry: _Entry) -> None:
+    def _store(self, key: Signature, entry: _Entry) -> None:
         self.entries[key] = entry
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_plans:
@@ -231,6 +231,50 @@ class Engine:
                      reason=entry.reason, hits=entry.hits,
                      graph_bytes=entry.graphed.captured_bytes if entry.graphed is not None else 0)
                 for key, entry in items]
+
+    def routes(self) -> List[Dict[str, object]]:
+        """Per planned signature (least recently used first), per op step of its plan: the route
+        the plan runs and why each other candidate lost or was refused (see
+        ``InferenceBackboneWithFPN.route_report``)."""
+        with self.lock:
+            items = [(key, entry.plan) for key, entry in self.entries.items() if entry.plan is not None]
+        rows = []
+        for key, plan in items:
+            for index, route in enumerate(plan.routes):
+                decision = route.decision
+                candidates = {} if decision is None else {
+                    name: candidate._asdict() for name, candidate in decision.candidates.items()}
+                rows.append(dict(signature=key, step=index, module=route.module, op=route.op, route=route.route,
+                                 measured=decision is not None, candidates=candidates))
+        return rows
+
+
+def format_routes(rows: List[Dict[str, object]]) -> str:
+    """``InferenceBackboneWithFPN.route_report()``'s rows as text: per signature, one line per op
+    step: module, op, route (with its median time where measured), then every other candidate:
+    ``name: status [time] [(reason)]``."""
+    lines, last = [], None
+    for row in rows:
+        key = row["signature"]
+        if key != last:
+            lines.append(f"signature {tuple(key.shape)} {key.dtype} {key.device} autocast={key.autocast} "
+                         f"backend={key.backend}")
+            last = key
+        chosen = row["candidates"].get(row["route"], {})
+        timed = f" {chosen['ms']:.3f} ms" if chosen.get("ms") is not None else ""
+        others = []
+        for name, candidate in row["candidates"].items():
+            if name == row["route"]:
+                continue
+            text = f"{name}: {candidate['status']}"
+            if candidate["ms"] is not None:
+                text += f" {candidate['ms']:.3f} ms"
+            if candidate["reason"]:
+                text += f" ({candidate['reason']})"
+            others.append(text)
+        lines.append(f"  {row['module'] or '-':<28} {row['op']:<21} {row['route']}{timed}"
+                     + ("  | " + " | ".join(others) if others else ""))
+    return "\n".join(lines)
 
 
 def _valid(entry: _Entry) -> bool:

@@ -15,7 +15,7 @@ from .._fast_path import has_hooks, runs_as_written
 from ..backbone import BackboneWithFPN, IntermediateLayerGetter
 from ..fpn import FeaturePyramidNetwork
 from ..resnet import BasicBlock, Bottleneck, FrozenBatchNorm2d, ResNet
-from .conv import Conv2dAct
+from .folded_conv import Conv2dAct
 from .modules import FoldedResidualBlock
 
 __all__ = ["fold_conv_norm", "fold_norms", "fold_fpn_block", "left_alone"]

@@ -3,7 +3,6 @@ with its norms folded) and ``InferenceFPN`` (the FPN for inference: fused latera
 steps, output convolutions that write NCHW). The backbone that runs them through the engine is in
 ``backbone.py``.
 """
-import functools
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -14,8 +13,10 @@ from torch import Tensor, nn
 from .. import ops
 from .._fast_path import runs_as_written
 from ..fpn import check_fpn_inputs
-from ..export import script as _script
-from .conv import Conv2dAct, _check_inference
+from ..ops.layout import to_nchw_scripted
+from ..ops.top_down import script as top_down_script
+from ..ops.top_down import step as top_down_step
+from .folded_conv import Conv2dAct, _check_inference
 
 __all__ = ["FoldedResidualBlock", "InferenceFPN"]
 
@@ -71,23 +72,17 @@ class InferenceFPN(nn.Module):
         block = self.inner_blocks[level]
         if runs_as_written(block, Conv2dAct):
             return ops.lateral_upsample_add(feature, block.weight, block.bias, top, fuse=self.fuse_lateral)
-        lateral = block(feature)  # a kept block's output: hooks may hold it, so not in place
-        return lateral if top is None else ops.upsample_add(lateral, top)
+        # A kept block's output: hooks may hold it, so not in place.
+        return top_down_step(block(feature), top, None, False)
 
     def _top_down_scripted(self, level: int, feature: Tensor, top: Optional[Tensor]) -> Tensor:
         out = feature
         for i, block in enumerate(self.inner_blocks):
             if i == level:
                 if hasattr(block, "folded_conv"):  # static in TorchScript: a Conv2dAct
-                    out = F.conv2d(feature, block.weight)
-                    if top is not None:
-                        out = _script.upsample_add_(out, top, block.bias)
-                    elif block.bias is not None:
-                        out = out + block.bias.view(1, -1, 1, 1)
+                    out = top_down_script.step(F.conv2d(feature, block.weight), top, block.bias, True)
                 else:
-                    out = block(feature)
-                    if top is not None:
-                        out = _script.upsample_add(out, top, None)
+                    out = top_down_script.step(block(feature), top, None, False)
         return out
 
     def forward(self, x: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -112,10 +107,13 @@ class InferenceFPN(nn.Module):
             results, names = self.extra_blocks(results, features, names)
         out: Dict[str, Tensor] = OrderedDict()
         for name, result in zip(names, results):
-            if self.output_channels_last:
-                out[name] = result.contiguous(memory_format=torch.channels_last)
-            elif torch.jit.is_scripting():
-                out[name] = _script.to_nchw(result)
+            if torch.jit.is_scripting():
+                if self.output_channels_last:
+                    out[name] = result.contiguous(memory_format=torch.channels_last)
+                else:
+                    out[name] = to_nchw_scripted(result)
+            elif self.output_channels_last:
+                out[name] = ops.to_channels_last(result)
             else:
                 out[name] = ops.to_nchw(result)
         return out
@@ -125,11 +123,12 @@ class InferenceFPN(nn.Module):
         """Every level's output convolution. With NCHW outputs a folded 3x3 conv runs as
         ``ops.conv2d_nchw`` (a Winograd convolution on CPU maps that writes NCHW). Inputs it takes
         in NCHW (NNPACK's route) are converted first, then the convolutions run from the smallest
-        map to the largest, so the largest, where NNPACK runs on its own thread pool (over 100x100
-        pixels; slower while OpenMP's workers still spin after an ATen op: benchmarks/RESULTS.md),
-        run back to back. The pyramid levels come finest first (ordered by stride), so that is the
-        coarsest level first: an order read from the maps' sizes would be a sort on symbolic
-        sizes, which torch.compile cannot trace with dynamic shapes."""
+        map to the largest, so the largest, where NNPACK runs on its own thread pool (over
+        ``selection.NNPACK_SLICED_MAX_PIXELS``; slower while OpenMP's workers still spin after an
+        ATen op: benchmarks/RESULTS.md), run back to back. The pyramid levels come finest first
+        (ordered by stride), so that is the coarsest level first: an order read from the maps'
+        sizes would be a sort on symbolic sizes, which torch.compile cannot trace with dynamic
+        shapes."""
         blocks = list(self.layer_blocks)
         direct = [runs_as_written(block, Conv2dAct) and not block.relu and not self.output_channels_last for block in blocks]
         inputs = list(inners)
@@ -144,9 +143,7 @@ class InferenceFPN(nn.Module):
             if direct[level]:
                 results[level] = ops.conv2d_nchw(
                     inputs[level], block.weight, block.bias, block.stride, block.padding, block.dilation,
-                    block.groups, packed_weight=functools.partial(block._packed_weight, inputs[level]),
-                    nnpack_kernels=block._nnpack_kernels, winograd_kernels=block._winograd_kernels,
-                    winograd=getattr(block, "winograd", True))
+                    block.groups, packs=block, winograd=getattr(block, "winograd", True))
             else:
                 results[level] = block(inners[level])
         return results

@@ -27,8 +27,8 @@ from ..convert import convert
 from ..fpn import FeaturePyramidNetwork
 from . import fold
 from .fold import _torchvision_classes, fold_fpn_block, fold_norms
-from .backbone import InferenceBackboneWithFPN
-from .conv import Conv2dAct
+from .optimized_backbone import InferenceBackboneWithFPN
+from .folded_conv import Conv2dAct
 from .modules import InferenceFPN
 
 __all__ = ["optimize_for_inference"]

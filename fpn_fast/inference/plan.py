@@ -1,88 +1,110 @@
-"""Plan once per input signature, then only run: the optimized backbone's inference engine.
+"""Plan once per input signature, then only run: the optimized backbone's plans, recorded.
 
-A *signature* is everything a decision of the forward depends on besides the weights: the
-input's shape, strides (memory format), dtype and device, the autocast dtype, the grad and
-inference modes, the fpn_fast backend in force, and the convolution flags (oneDNN on CPU; cuDNN
-and its TF32 flag on CUDA). On the first call with a new signature ``build_plan`` walks the
-optimized backbone once with the real input: every step's implementation is resolved
-(``select.py``), its packs are made, and the steps are written out as one straight-line Python
-function (generated source, like ``torch.fx``'s), whose result is that call's output. Later calls
-with the signature are one lookup, the weight guard, and that function: no module calls, no
-dispatch, no exactness predicates.
+A *signature* (``Signature``) is everything a decision of the forward depends on besides the
+weights: the input's shape, strides (memory format), dtype and device, the autocast dtype, the
+grad and inference modes, the fpn_fast backend in force, and the convolution flags (oneDNN on
+CPU; cuDNN and its TF32 flag on CUDA). On the first call with a new signature ``build_plan`` runs
+the backbone's own forward once, with the real input, under ``ops.runner.recording``: every op's
+runner it calls (decided by the op's dispatch rows, as any eager call decides it) appends itself
+and its arguments to the plan, and so does every module the plan cannot see into (another type,
+or one with hooks: called as written, its hooks firing per call). The plan is that tape, written
+out as one straight-line Python function (generated source, like ``torch.fx``'s) whose constants
+are the runners, the weights and their packs; its result is that call's output. Later calls with
+the signature are one lookup, the guards, and that function: no module calls, no dispatch.
+Nothing of the forward is written twice, so the plan cannot drift from the modules.
 
 Invariants (docs/design.md, "Inference engine"):
 - A plan is valid for the weights it was built from: ``WeightGuard`` holds each folded
   convolution's weight and bias objects and compares, per call, their identity, version counter,
-  data pointer and the module's generation (``Conv2dAct``'s invalidation, issue 22). Any change
-  drops every plan of the model.
+  data pointer and the module's generation (``Conv2dAct``'s invalidation). Any change drops every
+  plan of the model.
 - A plan is valid for the modules it was built from: ``StructureGuard`` keeps, for every module
-  whose call it elides (and the backbone), its type and a copy of its attributes (submodules,
-  hook dicts, training flag, options such as ``channels_last``, ``fuse_lateral``, ``relu``,
-  ``stride``, ``return_layers``), compared per call. A replaced submodule or a changed option
-  drops every plan; a hook or training mode on an elided module makes the call run the modules
-  as written (the plans stay for when it is gone), as do torch's global hooks.
-- A module the plan cannot elide (another type, or one with hooks when the plan was built) is
-  called as written by the plan, so its hooks and attributes take effect per call. A CUDA graph
-  would hide those calls, so a plan is captured only while such modules have no hooks and are in
-  eval mode, and its graph replays only while their attributes, parameters and buffers are
-  those it was captured with (``_GraphGuard``); otherwise the plan runs without its graph.
-- Captured graphs, scripting, tracing, torch's Python modes and exports never see a plan (they
-  take the modules); a call made while the current CUDA stream is capturing runs the plan's steps
-  (never its graph, never a build, which measures).
+  whose call it elides (and the backbone), its type and a copy of its attributes, compared per
+  call. A replaced submodule or a changed option drops every plan; a hook or training mode on an
+  elided module makes the call run the modules as written (the plans stay for when it is gone).
+- A module the plan calls as written has its hooks and attributes take effect per call. A CUDA
+  graph would hide those calls, so a plan is captured only while such modules have no hooks and
+  are in eval mode (``guards.GraphGuard``).
+- A value the plan would have to take from the forward but that no recorded call produced (an
+  untracked computation) refuses the plan (``PlanError``), so it is never baked in as a constant.
 """
 import itertools
+import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import ops
 from .._fast_path import _global_hooks, runs_as_written
 from ..backbone import IntermediateLayerGetter
-from ..fpn import LastLevelMaxPool, check_fpn_inputs
+from ..fpn import LastLevelMaxPool
 from ..ops import dispatch as _dispatch
-from . import select
-from .conv import Conv2dAct
+from ..ops.measure import cuda_flags
+from ..ops.runner import Step, active, recording
+from .folded_conv import Conv2dAct
 from .guards import StructureGuard, WeightGuard, _hooked_or_training
 from .modules import FoldedResidualBlock, InferenceFPN
 
-__all__ = ["signature", "Plan", "PlanError", "build_plan"]
+__all__ = ["Signature", "signature", "Plan", "PlanError", "build_plan"]
 
 
 class PlanError(RuntimeError):
-    """The backbone holds something a plan cannot express; its modules then run as written."""
+    """The forward did something a plan cannot replay; its modules then run as written."""
 
 
-def signature(x: Tensor) -> Tuple:
-    """What the forward's decisions depend on besides the weights (see the module docstring).
+class Signature(NamedTuple):
+    """What the forward's decisions depend on besides the weights and the modules."""
+    shape: torch.Size
+    stride: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    autocast: Optional[torch.dtype]
+    grad_enabled: bool
+    inference_mode: bool
+    backend: str
+    flags: tuple
+
+
+def signature(x: Tensor) -> Signature:
+    """The signature of a call of the backbone with input x.
 
     Args:
         x: the backbone's input, Tensor[N, C, H, W] or [C, H, W].
 
     Returns:
-        A hashable tuple.
+        A Signature (a hashable NamedTuple).
     """
     device = x.device
     kind = device.type
     if kind == "cuda":
-        flags = select.cuda_flags()
+        flags = cuda_flags()
     else:  # the thread count decides the Winograd routes' chunks and NNPACK's slices
         flags = (torch._C._get_mkldnn_enabled(), torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     autocast = _dispatch.autocast_dtype(kind)
-    return (x.shape, x.stride(), x.dtype, device, autocast, torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(), _dispatch.get_backend(), flags)
+    return Signature(x.shape, x.stride(), x.dtype, device, autocast, torch.is_grad_enabled(),
+                     torch.is_inference_mode_enabled(), _dispatch.get_backend(), flags)
+
+
+class Route(NamedTuple):
+    """One op step of a plan: the ``op``, the ``route`` its runner takes, the ``module`` whose
+    weight it uses (its name in the backbone, or None), and the measured ``decision`` (an
+    ``ops.measure.Decision``, or None where the route was not measured)."""
+    op: str
+    route: str
+    module: Optional[str]
+    decision: object
 
 
 class Plan:
     """The backbone's forward for one signature: ``run(x)`` (generated straight-line code over
-    the runners ``select.py`` chose), the modules whose calls it elides and those it calls as
-    written, and its guards.
+    the recorded runners), the modules whose calls it elides and those it calls as written, and
+    its guards.
 
     Attributes:
         run: Tensor -> OrderedDict[str, Tensor], the plan itself.
         source: the generated code (for reading; ``print(plan.source)``).
-        resolutions: how many dispatch resolutions building it made (later runs make none).
+        routes: a ``Route`` per op step, in order.
         elided: the modules whose calls it does itself (a hook or training mode on one makes
             ``applies()`` False). called: the modules it calls as written.
         guard: the WeightGuard of the folded convolutions. structure: the StructureGuard of the
@@ -90,15 +112,10 @@ class Plan:
     """
 
     def __init__(self, run: Callable[[Tensor], Dict[str, Tensor]], source: str, elided: List[nn.Module],
-                 guard: WeightGuard, resolutions: int, called: Optional[List[nn.Module]] = None,
-                 structure: Optional[StructureGuard] = None):
-        self.run = run
-        self.source = source
-        self.elided = elided
-        self.guard = guard
-        self.resolutions = resolutions
-        self.called = list(called or [])
-        self.structure = structure if structure is not None else StructureGuard(elided)
+                 guard: WeightGuard, called: List[nn.Module], structure: StructureGuard, routes: List[Route]):
+        self.run, self.source, self.routes = run, source, routes
+        self.elided, self.called = elided, called
+        self.guard, self.structure = guard, structure
 
     def applies(self) -> bool:
         """Whether the plan may run now: no hook or training mode on a module it elides, no
@@ -106,201 +123,35 @@ class Plan:
         return not (_global_hooks() or any(map(_hooked_or_training, self.elided)))
 
 
-class _Writer:
-    """Writes a plan while running it: each ``call`` runs one step on the real values (so the next
-    step can be decided on them) and appends the matching line of the generated function."""
-
-    def __init__(self):
-        self.lines: List[str] = []
-        self.namespace: Dict[str, object] = {"OrderedDict": OrderedDict}
-        self.names = itertools.count()
-        self.elided: List[nn.Module] = []
-        self.convs: List[nn.Module] = []
-        self.called: List[nn.Module] = []  # modules the plan calls as written
-
-    def constant(self, value) -> str:
-        name = f"c{next(self.names)}"
-        self.namespace[name] = value
-        return name
-
-    def item(self, listed: str, index: int, value: Tensor) -> Tuple[str, Tensor]:
-        """The variable holding ``listed[index]`` (a step that returned a list)."""
-        target = f"v{next(self.names)}"
-        self.lines.append(f"{target} = {listed}[{index}]")
-        return target, value
-
-    def call(self, fn: Callable, args: List[Optional[str]], values: List):
-        """Run ``fn(*values)``; the generated line passes the variables ``args`` (None: None)."""
-        result = fn(*values)
-        target = f"v{next(self.names)}"
-        self.lines.append(f"{target} = {self.constant(fn)}({', '.join(a if a else 'None' for a in args)})")
-        return target, result
-
-
-def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]:
-    """Decide every step of ``backbone(x)`` (an ``InferenceBackboneWithFPN``) for x's signature.
-
-    Args:
-        backbone: the optimized backbone.
-        x: the call's input.
-
-    Returns:
-        (the plan, this call's output, computed while deciding).
-
-    Raises:
-        PlanError: a part of the backbone the plan cannot express (the caller runs it as written).
-    """
-    body, fpn = backbone.body, backbone.fpn
-    # Everything that can refuse a plan is checked before any step runs (no module call twice).
-    if type(body) not in _layer_getters():
-        raise PlanError(f"the body is a {type(body).__name__}, not fpn_fast's IntermediateLayerGetter")
-    if type(fpn) is not InferenceFPN:
-        raise PlanError(f"the FPN is a {type(fpn).__name__}, not an InferenceFPN")
-    counted = _count_resolutions()
-    writer = _Writer()
-    var, value = "x", x
-    if value.dim() == 3:
-        var, value = writer.call(Tensor.unsqueeze, [var, writer.constant(0)], [value, 0])
-    if backbone.channels_last:
-        var, value = writer.call(_to_channels_last, [var], [value])
-
-    def conv(module, var, value, residual=(None, None)):
-        writer.elided.append(module)
-        writer.convs.append(module)
-        runner = select.conv2d_act_runner(module, value, residual[1])
-        return writer.call(runner, [var, residual[0]], [value, residual[1]])
-
-    def walk(module, var, value):
-        if runs_as_written(module, nn.Identity):
-            writer.elided.append(module)
-            return var, value
-        if runs_as_written(module, Conv2dAct):
-            return conv(module, var, value)
-        if runs_as_written(module, FoldedResidualBlock) and runs_as_written(module.last, Conv2dAct):
-            writer.elided.append(module)
-            shortcut = (var, value) if module.downsample is None else walk(module.downsample, var, value)
-            branch = walk(module.convs, var, value)
-            return conv(module.last, branch[0], branch[1], residual=shortcut)
-        if runs_as_written(module, nn.Sequential):
-            writer.elided.append(module)
-            for child in module:
-                var, value = walk(child, var, value)
-            return var, value
-        if runs_as_written(module, nn.MaxPool2d) and not module.return_indices:
-            writer.elided.append(module)
-            pool = _max_pool(module)
-            return writer.call(pool, [var], [value])
-        writer.called.append(module)
-        return writer.call(module, [var], [value])  # called as written: its hooks run
-
-    writer.elided.append(body)
-    # As IntermediateLayerGetter's forward: one entry per output name (a later layer of the same
-    # name takes the value, the first keeps the place).
-    by_name: "OrderedDict[str, Tuple[str, Tensor]]" = OrderedDict()
-    for name, child in body.items():
-        var, value = walk(child, var, value)
-        if name in body.return_layers:
-            by_name[body.return_layers[name]] = (var, value)
-    features = [(name, v, t) for name, (v, t) in by_name.items()]
-    writer.elided.extend([fpn, fpn.inner_blocks, fpn.layer_blocks])  # the lists the FPN's steps index
-    outputs = _plan_fpn(writer, fpn, features, walk)
-    source = "def run(x):\n" + "".join(f"    {line}\n" for line in writer.lines)
-    source += "    return OrderedDict([" + ", ".join(f"({name!r}, {v})" for name, v, _ in outputs) + "])\n"
-    exec(compile(source, "<fpn_fast plan>", "exec"), writer.namespace)  # noqa: S102 (our own generated code)
-    plan = Plan(writer.namespace["run"], source, writer.elided, WeightGuard(writer.convs), counted(),
-                called=writer.called, structure=StructureGuard(writer.elided, outer=backbone, called=writer.called))
-    return plan, OrderedDict((name, value) for name, _, value in outputs)
-
-
-def _plan_fpn(writer: _Writer, fpn: nn.Module, features, walk) -> List[Tuple[str, str, Tensor]]:
-    """The InferenceFPN's forward (top-down pathway, output convolutions small to large, extra
-    block, output layout) written as steps."""
-    names = [name for name, _, _ in features]
-    check_fpn_inputs(names, [value for _, _, value in features], fpn.in_channels_list)
-    last = len(features) - 1
-    inners: List[Tuple[str, Tensor]] = [None] * len(features)  # type: ignore[list-item]
-    top: Tuple[Optional[str], Optional[Tensor]] = (None, None)
-    for level in range(last, -1, -1):
-        _, var, value = features[level]
-        block = fpn.inner_blocks[level]
-        if runs_as_written(block, Conv2dAct):
-            writer.elided.append(block)
-            writer.convs.append(block)
-            runner = select.lateral_runner(block, value, top[1], fpn.fuse_lateral)
-            inners[level] = writer.call(runner, [var, top[0]], [value, top[1]])
-        else:
-            writer.called.append(block)
-            lateral = writer.call(block, [var], [value])
-            inners[level] = lateral if top[0] is None else writer.call(
-                ops.upsample_add, [lateral[0], top[0]], [lateral[1], top[1]])
-        top = inners[level]
-    blocks = list(fpn.layer_blocks)
-    direct = [runs_as_written(block, Conv2dAct) and not block.relu and not fpn.output_channels_last for block in blocks]
-    inputs = list(inners)
-    for level, block in enumerate(blocks):
-        if direct[level] and ops.conv2d_nchw_input_format(
-                inners[level][1], block.weight, block.bias, block.stride, block.padding, block.dilation,
-                block.groups, winograd=getattr(block, "winograd", True)) == torch.contiguous_format:
-            inputs[level] = writer.call(select.to_nchw_runner(inners[level][1]), [inners[level][0]],
-                                        [inners[level][1]])
-    results: List[Tuple[str, Tensor]] = [None] * len(blocks)  # type: ignore[list-item]
-    for level in sorted(range(len(blocks)), key=lambda i: inputs[i][1].shape[-2] * inputs[i][1].shape[-1]):
-        block = blocks[level]
-        if direct[level]:
-            writer.elided.append(block)
-            writer.convs.append(block)
-            results[level] = writer.call(select.conv2d_nchw_runner(block, inputs[level][1]), [inputs[level][0]],
-                                         [inputs[level][1]])
-        else:
-            results[level] = walk(block, *inners[level])
-    extra = fpn.extra_blocks
-    if extra is None:
-        pass
-    elif runs_as_written(extra, LastLevelMaxPool):
-        writer.elided.append(extra)
-        results.append(writer.call(select.stride2_pool_runner(results[-1][1]), [results[-1][0]],
-                                   [results[-1][1]]))
-        names = names + ["pool"]
-    else:  # another extra block (e.g. RetinaNet's LastLevelP6P7): called as written, hooks and all
-        count = len(results)
-        writer.called.append(extra)
-        call = _ExtraBlockCall(extra, count, names)
-        listed, values = writer.call(call, [v for v, _ in results] + [v for _, v, _ in features],
-                                     [value for _, value in results] + [value for _, _, value in features])
-        names = call.names
-        results = [writer.item(listed, i, value) for i, value in enumerate(values)]
-    outputs = []
-    for name, (var, value) in zip(names, results):
-        if fpn.output_channels_last:
-            var, value = writer.call(_to_channels_last, [var], [value])
-        else:
-            var, value = writer.call(select.to_nchw_runner(value), [var], [value])
-        outputs.append((name, var, value))
-    return outputs
-
-
-def _layer_getters():
-    """fpn_fast's IntermediateLayerGetter and torchvision's (same forward), the bodies a plan walks."""
+def _transparent_types() -> tuple:
+    """The module types whose forward a plan sees through: made only of op runners and calls of
+    their children (containers included). Every other module is called as written."""
     from .fold import _torchvision_classes
-    return (IntermediateLayerGetter, *[kind for kind in _torchvision_classes()["ordered"]
-                                       if kind.__name__ == "IntermediateLayerGetter"])
+    getters = [kind for kind in _torchvision_classes()["ordered"] if kind.__name__ == "IntermediateLayerGetter"]
+    return (IntermediateLayerGetter, *getters, nn.Sequential, nn.Identity, nn.ModuleList, nn.ModuleDict,
+            FoldedResidualBlock, Conv2dAct, InferenceFPN, LastLevelMaxPool)
 
 
-class _ExtraBlockCall:
-    """``extra_blocks(results, features, names)`` as one plan step taking the maps one by one and
-    returning the new results list; the output names, decided by the block, are kept from the
-    call that planned it."""
+def _classify(backbone: nn.Module) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
+    """(elided, translated, opaque): the modules under the backbone a plan sees through (and
+    nn.MaxPool2d, which it runs as the one op its forward ends in), and the outermost ones it
+    calls as written (another type, a subclass, hooks or parametrizations)."""
+    transparent = _transparent_types()
+    elided, translated, opaque = [], [], []
 
-    def __init__(self, block: nn.Module, count: int, names: List[str]):
-        self.block, self.count, self.given, self.names = block, count, list(names), list(names)
-
-    def __call__(self, *maps: Tensor) -> List[Tensor]:
-        results, self.names = self.block(list(maps[:self.count]), list(maps[self.count:]), list(self.given))
-        return results
-
-
-def _to_channels_last(x: Tensor) -> Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
+    def visit(module: nn.Module) -> None:
+        if runs_as_written(module, transparent):
+            elided.append(module)
+            for child in module.children():
+                visit(child)
+        elif runs_as_written(module, nn.MaxPool2d) and not module.return_indices:
+            elided.append(module)
+            translated.append(module)
+        else:
+            opaque.append(module)
+    visit(backbone.body)
+    visit(backbone.fpn)
+    return elided, translated, opaque
 
 
 def _max_pool(module: nn.MaxPool2d) -> Callable[[Tensor], Tensor]:
@@ -310,9 +161,142 @@ def _max_pool(module: nn.MaxPool2d) -> Callable[[Tensor], Tensor]:
     return lambda x: torch.max_pool2d(x, kernel, stride, padding, dilation, ceil)
 
 
-def _count_resolutions() -> Callable[[], int]:
-    """A counter of the dispatch resolutions made from now on (``_dispatch.RESOLUTIONS``)."""
-    start = _dispatch.resolution_count()
-    return lambda: _dispatch.resolution_count() - start
+class _Writer:
+    """Writes the plan's function from the recorded steps, as they return: each step's line
+    takes earlier steps' values by name and everything else as constants."""
+
+    def __init__(self, x: Tensor, weight_names: Dict[int, str]):
+        self.lines: List[str] = []
+        self.namespace: Dict[str, object] = {"OrderedDict": OrderedDict}
+        self.names = itertools.count()
+        self.known: Dict[int, Tuple[weakref.ref, str]] = {}
+        self.weight_names = weight_names
+        self.called: List[nn.Module] = []
+        self.routes: List[Route] = []
+        self.bind(x, "x")
+
+    def constant(self, value) -> str:
+        name = f"c{next(self.names)}"
+        self.namespace[name] = value
+        return name
+
+    def bind(self, value, expression: str) -> None:
+        """Name every tensor in a step's result (lists, tuples and dicts of them included)."""
+        if isinstance(value, Tensor):
+            self.known[id(value)] = (weakref.ref(value), expression)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                self.bind(item, f"{expression}[{i}]")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                self.bind(item, f"{expression}[{self.constant(key)}]")
+
+    def expression(self, value, dynamic: bool) -> str:
+        """Python for an argument: an earlier step's value, a literal, or a constant. A tensor
+        in a dynamic position (computed by the forward) must be an earlier step's."""
+        if isinstance(value, Tensor):
+            entry = self.known.get(id(value))
+            if entry is not None and entry[0]() is value:
+                return entry[1]
+            if dynamic:
+                raise PlanError(f"a {tuple(value.shape)} tensor the forward computed outside any recorded op "
+                                "reaches a recorded call (nothing would recompute it per call)")
+            return self.constant(value)
+        if isinstance(value, list):  # a fresh list per call: a callee may append to it
+            return "[" + ", ".join(self.expression(v, dynamic) for v in value) + "]"
+        if isinstance(value, tuple):
+            return "(" + "".join(self.expression(v, dynamic) + ", " for v in value) + ")"
+        if value is None or isinstance(value, (bool, int)):
+            return repr(value)
+        return self.constant(value)
+
+    def record(self, step: Step) -> None:
+        dynamic = step.dynamic
+        args = [self.expression(a, dynamic is None or i in dynamic) for i, a in enumerate(step.args)]
+        args += [f"{k}={self.expression(v, True)}" for k, v in step.kwargs.items()]
+        target = f"v{next(self.names)}"
+        self.lines.append(f"{target} = {self.constant(step.fn)}({', '.join(args)})")
+        self.bind(step.result, target)
+        if step.module is not None:
+            self.called.append(step.module)
+        if step.runner is not None:
+            weight = next((self.weight_names[id(a)] for i, a in enumerate(step.args)
+                           if i not in step.runner.dynamic and id(a) in self.weight_names), None)
+            self.routes.append(Route(step.runner.op, step.runner.route, weight, step.runner.decision))
+
+    def outputs(self, out: Dict[str, Tensor]) -> str:
+        return "    return OrderedDict([" + ", ".join(
+            f"({self.constant(name)}, {self.expression(value, True)})" for name, value in out.items()) + "])\n"
 
 
+def _snapshot(value):
+    return list(value) if isinstance(value, list) else value
+
+
+class _Hooks:
+    """While a plan is recorded: the modules it calls as written (and nn.MaxPool2d, run as its
+    op) record one step each, and nothing inside them is recorded. Hooks on those modules only,
+    firing for the recording thread only, removed on exit."""
+
+    def __init__(self, opaque: List[nn.Module], translated: List[nn.Module]):
+        self.handles = []
+        self.calls: List[Tuple] = []
+        for module in opaque + translated:
+            pool = module in translated
+            self.handles.append(module.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._translated if pool else self._exit))
+
+    def _enter(self, module, args, kwargs):
+        tape = active()
+        if tape is not None:
+            tape.enter_module()
+            # The lists as they are now: a module may append to one it is given (extra blocks do).
+            self.calls.append((tuple(_snapshot(a) for a in args), {k: _snapshot(v) for k, v in kwargs.items()}))
+
+    def _exit(self, module, args, output):
+        tape = active()
+        if tape is not None:
+            called_with, kwargs = self.calls.pop()
+            tape.exit_module(module, module, called_with, kwargs, output)
+
+    def _translated(self, module, args, output):
+        tape = active()
+        if tape is not None:
+            called_with, _ = self.calls.pop()
+            tape.exit_module(None, _max_pool(module), called_with[:1], {}, output)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]:
+    """Record ``backbone(x)`` (an ``InferenceBackboneWithFPN``) as the plan of x's signature.
+
+    Args:
+        backbone: the optimized backbone.
+        x: the call's input.
+
+    Returns:
+        (the plan, this call's output, computed while recording).
+
+    Raises:
+        PlanError: the forward computed a value outside any recorded call that a later call
+            needs (the caller runs the modules as written).
+    """
+    elided, translated, opaque = _classify(backbone)
+    weight_names = {id(p): name.rpartition(".")[0] for name, p in backbone.named_parameters()}
+    writer = _Writer(x, weight_names)
+    with _Hooks(opaque, translated), recording(writer.record):
+        out = backbone._run_as_written(x)
+    source = "def run(x):\n" + "".join(f"    {line}\n" for line in writer.lines) + writer.outputs(out)
+    exec(compile(source, "<fpn_fast plan>", "exec"), writer.namespace)  # noqa: S102 (our own generated code)
+    called = list({id(m): m for m in writer.called}.values())
+    convs = [m for m in elided if type(m) is Conv2dAct]
+    plan = Plan(writer.namespace["run"], source, elided, WeightGuard(convs), called,
+                StructureGuard(elided, outer=backbone, called=called), writer.routes)
+    return plan, out

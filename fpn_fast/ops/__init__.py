@@ -16,16 +16,14 @@ Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
 ``conv2d_act``, ``conv2d_nchw``,               ``conv/``       folded convolutions with their tail
 ``conv2d_nchw_input_format``, ``conv1x1``                      fused; NCHW outputs; the lateral 1x1
 ``lateral_upsample_add``                       ``lateral/``    lateral conv + top-down step in one
-``to_nchw``                                    ``layout.py``   NHWC -> NCHW copy
+``to_nchw``, ``to_channels_last``              ``layout.py``   memory-format copies
 ``empty_cpu_cache``, ``set_cpu_cache_limit``,  ``cpu_cache.py``  the CPU buffer pool
 ``cpu_cache_stats``
 =============================================  ==============  ====================================
 
-Beneath the ops: ``dispatch.py`` (backends, ``TABLE``, ``resolve``), ``selection.py`` (routing
-thresholds and how each implementation rounds, as data), ``reference.py`` (pure PyTorch: the
-"torch" backend and every kernel's reference), ``_extension.py`` (the compiled library),
-``_triton.py`` (what the Triton kernels share), ``_checks.py`` (input validation).
-TorchScript forms and ATen decompositions live in ``fpn_fast.export``.
+Each op decides its route once per call signature from its rows and keeps it as a runner
+(``runner.py``; measured rows: ``measure.py``); every op's TorchScript form and decomposition sit
+beside it. Where each file is: docs/design.md, "How the code is laid out".
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1, which must be set before import), "torch" (pure PyTorch, always there),
@@ -41,13 +39,13 @@ from .reference import nearest_source_index
 # The op modules; each declares its rows of the dispatch table when imported.
 from .top_down import upsample_add, upsample_add_
 from .pool import stride2_pool
-from .layout import to_nchw
+from .layout import to_channels_last, to_nchw
 from .conv import conv1x1, conv2d_act, conv2d_nchw, conv2d_nchw_input_format
 from .lateral import lateral_upsample_add
 from .cpu_cache import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit
 
 __all__ = [
-    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "conv2d_act", "lateral_upsample_add",
+    "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "to_channels_last", "conv2d_act", "lateral_upsample_add",
     "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "set_cpu_cache_limit", "cpu_cache_stats",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
     "TABLE", "nearest_source_index", "library_path",

@@ -59,10 +59,14 @@ def check_stride2_pool(x: torch.Tensor) -> None:
 
 
 def check_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                               top: Optional[torch.Tensor]) -> None:
+                               top: Optional[torch.Tensor], autocast: Optional[torch.dtype] = None) -> None:
     """Raise TypeError/ValueError naming the offending shapes, dtypes or devices unless
     (conv1x1(x, weight) + bias) + nearest_upsample(top) fits: weight (O, C, 1, 1) for x (N, C, H, W),
-    bias (O,) or None, top (N, O, th, tw) or None, all of x's dtype and device."""
+    bias (O,) or None, top (N, O, th, tw) or None, all of x's dtype and device. Under autocast
+    (``autocast``: its dtype) float32 tensors count as that dtype, as autocast casts them."""
+    def dtype(t: torch.Tensor) -> torch.dtype:
+        return autocast if autocast is not None and t.dtype == torch.float32 else t.dtype
+
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("lateral_upsample_add: x and weight must be tensors")
     for name, t in (("bias", bias), ("top", top)):
@@ -78,7 +82,7 @@ def check_lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Opti
             f"lateral_upsample_add: weight must be (O, {c}, 1, 1) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
     o = weight.shape[0]
     for name, t in (("weight", weight), ("bias", bias), ("top", top)):
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and dtype(t) != dtype(x):
             raise TypeError(f"lateral_upsample_add: {name} {_describe(t)} must have x's dtype: {_describe(x)}")
         if t is not None and t.device != x.device:
             raise ValueError(f"lateral_upsample_add: {name} {_describe(t)} must be on x's device: {_describe(x)}")

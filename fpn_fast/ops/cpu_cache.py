@@ -2,12 +2,12 @@
 not page-faulted in anew on every call (the C++ side, ``csrc/runtime/cpu/memory_pool.cpp``, says why and
 how).
 
-Public: ``empty_cpu_cache()``, ``set_cpu_cache_limit(mb)``, ``cpu_cache_stats()``.
-``pooled()`` opens a scope on the current thread in which CPU allocations of 1 MiB and more are
-served from, and go back to, the pool; ``optimize_for_inference``'s backbones run their CPU
-forward in one. The pool keeps up to a limit of free blocks between calls: FPN_FAST_CPU_POOL_MB
+One API: ``empty_cpu_cache()``, ``set_cpu_cache_limit(mb)``, ``cpu_cache_stats()`` (public, as
+``fpn_fast.ops.*``) and ``pooled()`` (the scope the optimized backbones run their CPU forward
+in: on the current thread, CPU allocations of 1 MiB and more are served from, and go back to,
+the pool). The pool keeps up to a limit of free blocks between calls: FPN_FAST_CPU_POOL_MB
 (default 1024; 0 turns the pool off), read once, the first time the pool is used or queried;
-``set_limit`` changes it at run time. ``empty_cache()`` gives the kept blocks back to the system.
+``set_cpu_cache_limit`` changes it at run time.
 """
 import contextlib
 import os
@@ -24,7 +24,7 @@ _ENV = "FPN_FAST_CPU_POOL_MB"
 _DEFAULT_MB = 1024
 
 _configure_lock = threading.Lock()
-_configured = False  # whether the limit has been set (from the environment, or by set_limit)
+_configured = False  # whether the limit has been set (from the environment, or by set_cpu_cache_limit)
 
 
 def _limit_from_environment() -> int:
@@ -77,46 +77,6 @@ def pooled() -> Iterator[bool]:
             torch.ops.fpn_fast._cpu_pool_exit()
 
 
-def set_limit(limit_bytes: int) -> int:
-    """Set the bytes of free blocks the pool keeps between calls (replacing FPN_FAST_CPU_POOL_MB's
-    value), freeing the cached blocks above it at once, the largest first; 0 turns the pool off:
-    it frees every cached block, no later scope pools, and blocks still in use are freed when
-    they die. Returns the bytes freed (0 without the extension).
-
-    Raises:
-        ValueError: ``limit_bytes`` is negative (with the extension; ``set_cpu_cache_limit``
-            checks its argument itself).
-    """
-    global _configured
-    if _extension.unavailable_reason("cpu") is not None:
-        return 0
-    with _configure_lock:
-        freed = int(torch.ops.fpn_fast._cpu_pool_set_limit(limit_bytes))
-        _configured = True
-    return freed
-
-
-def empty_cache() -> int:
-    """Free the blocks the pool keeps (those in use stay, and come back to it when they die, up
-    to the limit). Returns the bytes freed."""
-    if _extension.unavailable_reason("cpu") is not None:
-        return 0
-    return int(torch.ops.fpn_fast._cpu_pool_release())
-
-
-def stats() -> Dict[str, int]:
-    """The pool's counters: cached_bytes, cached_blocks, blocks_in_use, limit_bytes, hits, misses
-    (all 0 without the extension).
-
-    Raises:
-        ValueError: on first use, FPN_FAST_CPU_POOL_MB is not a whole number of MiB >= 0.
-    """
-    keys = ("cached_bytes", "cached_blocks", "blocks_in_use", "limit_bytes", "hits", "misses")
-    if not _available():
-        return dict.fromkeys(keys, 0)
-    return dict(zip(keys, (int(v) for v in torch.ops.fpn_fast._cpu_pool_stats())))
-
-
 def empty_cpu_cache() -> int:
     """Free the CPU blocks the optimized backbones' buffer pool keeps between calls (blocks in
     use stay), as torch.cuda.empty_cache does for CUDA.
@@ -132,7 +92,9 @@ def empty_cpu_cache() -> int:
     Returns:
         The bytes freed (0 without the compiled extension, which holds the pool).
     """
-    return empty_cache()
+    if _extension.unavailable_reason("cpu") is not None:
+        return 0
+    return int(torch.ops.fpn_fast._cpu_pool_release())
 
 
 def set_cpu_cache_limit(megabytes: int) -> int:
@@ -152,11 +114,17 @@ def set_cpu_cache_limit(megabytes: int) -> int:
         TypeError: ``megabytes`` is not an int.
         ValueError: ``megabytes`` is negative.
     """
+    global _configured
     if isinstance(megabytes, bool) or not isinstance(megabytes, int):
         raise TypeError(f"set_cpu_cache_limit takes a whole number of MiB, got {type(megabytes).__name__}")
     if megabytes < 0:
         raise ValueError(f"set_cpu_cache_limit takes a limit >= 0 MiB (0 turns the pool off), got {megabytes}")
-    return set_limit(megabytes << 20)
+    if _extension.unavailable_reason("cpu") is not None:
+        return 0
+    with _configure_lock:
+        freed = int(torch.ops.fpn_fast._cpu_pool_set_limit(megabytes << 20))
+        _configured = True
+    return freed
 
 
 def cpu_cache_stats() -> Dict[str, int]:
@@ -168,4 +136,7 @@ def cpu_cache_stats() -> Dict[str, int]:
 
     Raises:
         ValueError: FPN_FAST_CPU_POOL_MB, read on first use, is not a whole number >= 0."""
-    return stats()
+    keys = ("cached_bytes", "cached_blocks", "blocks_in_use", "limit_bytes", "hits", "misses")
+    if not _available():
+        return dict.fromkeys(keys, 0)
+    return dict(zip(keys, (int(v) for v in torch.ops.fpn_fast._cpu_pool_stats())))

@@ -12,6 +12,12 @@ round differently from the reference is recorded in ``selection.ROUNDING``.
 What runs where is probed lazily, once per (implementation, device type), and cached:
 ``import fpn_fast`` loads no GPU driver and runs no convolution.
 
+A row declared *measured* (``conv2d_act`` and ``lateral_upsample_add`` on CUDA) is chosen by
+timing under the "auto" backend: every implementation of the row that runs here and takes the
+call is a candidate (``candidates``), and the op's runner is the fastest that agrees with the
+first (``measure.py``). Each op decides its route once per call signature and keeps the bound
+``runner.Runner`` (``cached``); changing a probe's answer drops every cached runner.
+
 The process default comes from ``set_backend`` or the FPN_FAST_BACKEND environment variable;
 ``use_backend`` overrides it for the current thread only (a ``threading.local``, which
 torch.compile guards on, so a compiled model recompiles when the choice changes).
@@ -19,13 +25,13 @@ torch.compile guards on, so a compiled model recompiles when the choice changes)
 import contextlib
 import os
 import threading
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "TABLE", "row", "declare", "set_backend", "get_backend",
-           "use_backend", "available_backends", "unavailable_reason", "resolve", "resolution_count",
-           "capturing_graph", "autocast_dtype"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "TABLE", "MEASURED", "row", "declare", "set_backend",
+           "get_backend", "use_backend", "available_backends", "unavailable_reason", "resolve", "candidates",
+           "resolution_count", "capturing_graph", "autocast_dtype", "cached", "forget_runners", "tensor_key"]
 
 BACKENDS = ("auto", "extension", "triton", "torch")
 
@@ -50,6 +56,8 @@ def row(auto: Tuple[str, ...], **named: Tuple[str, ...]) -> Dict[str, Tuple[str,
 # (op, device type) -> {backend: implementations tried in order}. Each op's module declares its
 # rows beside the op (``declare``); importing fpn_fast.ops imports them all.
 TABLE: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]] = {}
+# The rows whose "auto" route is chosen by measurement (``measure.py``), declared with their op.
+MEASURED: Set[Tuple[str, str]] = set()
 
 
 def _extension_reason(device_type: str) -> Optional[str]:
@@ -69,9 +77,11 @@ _PROBES: Dict[str, Callable[[str], Optional[str]]] = {
 
 
 def declare(rows: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]],
-            probes: Optional[Dict[str, Callable[[str], Optional[str]]]] = None) -> None:
+            probes: Optional[Dict[str, Callable[[str], Optional[str]]]] = None,
+            measured: Iterable[Tuple[str, str]] = ()) -> None:
     """Add an op's rows to TABLE, and the probes of implementations only its rows name (oneDNN,
-    Winograd, NNPACK: the convolutions'). Called once per op module, at its import.
+    Winograd, NNPACK, cuDNN's fused ReLU: the convolutions'). Called once per op module, at its
+    import. ``measured`` names the rows whose "auto" route is chosen by measurement.
 
     Raises:
         ValueError: a row is declared twice, a list does not end in "torch", or names an
@@ -87,9 +97,64 @@ def declare(rows: Dict[Tuple[str, str], Dict[str, Tuple[str, ...]]],
                                  "implementations and ends in 'torch'")
     _PROBES.update(probes or {})
     TABLE.update(rows)
+    MEASURED.update(measured)
 
 
-_PROBED: Dict[Tuple[str, str], Optional[str]] = {}
+# Runners by call signature (``cached``). Each one was decided from the probes' answers, so
+# changing an answer (tests turn routes off) drops them all.
+_RUNNERS: Dict[Hashable, object] = {}
+_MAX_RUNNERS = 4096
+
+
+class _Probed(dict):
+    """The probes' answers; any change drops every cached runner."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        _RUNNERS.clear()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        _RUNNERS.clear()
+
+    def clear(self):
+        super().clear()
+        _RUNNERS.clear()
+
+    def pop(self, *args):
+        _RUNNERS.clear()
+        return super().pop(*args)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        _RUNNERS.clear()
+
+
+_PROBED: Dict[Tuple[str, str], Optional[str]] = _Probed()
+
+
+def cached(key: Hashable, make: Callable[[], object]):
+    """The runner cached for ``key`` (an op's call signature and the state its decision read),
+    made by ``make()`` on first use. Kept until a probe changes (at most ``_MAX_RUNNERS``: the
+    oldest go first)."""
+    runner = _RUNNERS.get(key)
+    if runner is None:
+        runner = make()
+        if len(_RUNNERS) >= _MAX_RUNNERS:
+            for old in list(_RUNNERS)[:_MAX_RUNNERS // 4]:
+                _RUNNERS.pop(old, None)
+        _RUNNERS[key] = runner
+    return runner
+
+
+def forget_runners() -> None:
+    """Drop every cached runner (the next call of each signature decides again)."""
+    _RUNNERS.clear()
+
+
+def tensor_key(t: Optional[torch.Tensor]) -> Optional[Tuple]:
+    """What an op's route can depend on of a tensor argument: shape, strides, dtype, device."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 # torch.compile calls it while tracing and keeps the answer as a constant (the probe itself,
@@ -264,3 +329,36 @@ def resolve(op: str, device_type: str, supports: Optional[Callable[[str], bool]]
         if (supports is None or supports(implementation)) and unavailable_reason(implementation, device_type) is None:
             return implementation
     raise AssertionError(f"TABLE[{(op, device_type)!r}][{backend!r}] does not end in 'torch'")
+
+
+def candidates(op: str, device_type: str, supports: Optional[Callable[[str], bool]] = None,
+               why_not: Optional[Callable[[str], Optional[str]]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """Every implementation ``resolve`` could pick for this call, in the row's order, and why
+    each other one of the row cannot: what a measured row times.
+
+    Args:
+        op, device_type, supports: as ``resolve``'s.
+        why_not: ``why_not(implementation)``, the reason ``supports`` refused it (None: "does
+            not take this call").
+
+    Returns:
+        (implementations that run here and take the call, {implementation: why not}).
+
+    Raises:
+        BackendUnavailableError: a named backend cannot run on ``device_type`` here.
+    """
+    first = resolve(op, device_type, supports)
+    row = TABLE.get((op, device_type))
+    if row is None or _exporting_to_onnx():
+        return [first], {}
+    taken: List[str] = []
+    refused: Dict[str, str] = {}
+    for implementation in row[get_backend()]:
+        reason = unavailable_reason(implementation, device_type)
+        if reason is None and not (supports is None or supports(implementation)):
+            reason = (why_not(implementation) if why_not is not None else None) or "does not take this call"
+        if reason is None:
+            taken.append(implementation)
+        else:
+            refused[implementation] = reason
+    return taken, refused

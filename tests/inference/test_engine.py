@@ -65,15 +65,37 @@ def test_channels_last_outputs_and_no_grad():
 
 
 def test_second_call_of_a_signature_resolves_nothing():
+    """A plan holds its runners: a later call resolves no route and looks no runner up, even
+    with every cached runner dropped."""
     model = _optimized()
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
+        dispatch.forget_runners()
         start = dispatch.resolution_count()
         model(x)
         first = dispatch.resolution_count() - start
+        dispatch.forget_runners()
         model(x)
         second = dispatch.resolution_count() - start - first
     assert first > 0 and second == 0, (first, second)
+
+
+def test_eager_calls_and_the_plan_run_the_same_runners():
+    """The plan is the recorded eager forward: the modules run as written call exactly the
+    runners (the same objects, in the same order) whose functions the plan calls."""
+    from fpn_fast.ops.runner import recording
+    model = _optimized()
+    x = torch.randn(1, 3, 72, 88)
+    with torch.inference_mode():
+        model(x)
+        plan = model._engine.entries[signature(x)].plan
+        steps = []
+        with recording(steps.append):
+            model._run_as_written(x)
+    eager = [(step.runner.op, step.runner.route) for step in steps if step.runner is not None]
+    assert eager == [(route.op, route.route) for route in plan.routes]
+    constants = {id(v) for k, v in plan.run.__globals__.items() if k.startswith("c")}
+    assert all(id(step.fn) in constants for step in steps)
 
 
 def _python_calls(fn) -> int:
@@ -112,10 +134,10 @@ def test_cache_hits_misses_and_lru_eviction():
         assert [e["hits"] for e in model.plans()] == [0, 1]
         model(torch.randn(shapes[2]))  # evicts the least recently used: shapes[1]
         assert [e["signature"][0] for e in model.plans()] == [torch.Size(shapes[0]), torch.Size(shapes[2])]
-        start = dispatch.resolution_count()
+        builds = model._engine.builds
         x = torch.randn(shapes[1])
         _assert_same(model(x), model._run_as_written(x))  # planned anew
-        assert dispatch.resolution_count() > start
+        assert model._engine.builds == builds + 1
 
 
 def test_signature_separates_modes_and_layouts():
@@ -543,7 +565,7 @@ def test_grad_mode_refusal_builds_nothing():
 
 
 def test_planning_that_raises_runs_as_written_warns_once_and_does_not_retry(monkeypatch):
-    from fpn_fast.inference import select
+    from fpn_fast.inference import plan
     model = _optimized()
     x = torch.randn(1, 3, 64, 64)
     attempts = []
@@ -551,7 +573,7 @@ def test_planning_that_raises_runs_as_written_warns_once_and_does_not_retry(monk
     def broken(*args, **kwargs):
         attempts.append(1)
         raise ValueError("a planning bug")
-    monkeypatch.setattr(select, "stride2_pool_runner", broken)
+    monkeypatch.setattr(plan._Writer, "outputs", broken)
     with torch.inference_mode():
         expected = model._run_as_written(x)
         with pytest.warns(UserWarning, match="a planning bug"):
@@ -756,3 +778,18 @@ def test_the_backbone_in_training_mode_refuses_on_every_call():
             model(x)
         model.training = False
         _assert_same(model(x), model._run_as_written(x))
+
+
+def test_models_pickled_under_the_old_module_names_still_load():
+    """inference/conv.py and inference/backbone.py were renamed (folded_conv.py,
+    optimized_backbone.py); a model pickled before names the old modules."""
+    model = _optimized()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    text = pickle.dumps(model, protocol=0)  # module names as text lines: "c<module>\n<name>\n"
+    old = text.replace(b"fpn_fast.inference.folded_conv\n", b"fpn_fast.inference.conv\n").replace(
+        b"fpn_fast.inference.optimized_backbone\n", b"fpn_fast.inference.backbone\n")
+    assert old != text and b"fpn_fast.inference.folded_conv\n" not in old
+    with torch.inference_mode():
+        _assert_same(pickle.loads(old)(x), expected)

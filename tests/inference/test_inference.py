@@ -357,12 +357,9 @@ CONV_CASES = [  # (in, out, kernel, stride, padding, H, W)
 @pytest.mark.parametrize("relu,residual,bias,channels_last",
                          list(itertools.product([False, True], [False, True], [False, True], [False, True])))
 @pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=_NEEDS_TRITON_CPU)])
-def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend, monkeypatch):
-    from fpn_fast.ops.conv import _triton_epilogue
+def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last, backend):
+    from fpn_fast.ops.conv import _triton_epilogue  # noqa: F401  (registers the op)
 
-    epilogue_calls = []
-    kernel = _triton_epilogue.bias_act_
-    monkeypatch.setattr(_triton_epilogue, "bias_act_", lambda *args: epilogue_calls.append(1) or kernel(*args))
     cin, cout, k, stride, pad, h, w = case
     x = torch.randn(2, cin, h, w)
     weight = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5
@@ -376,11 +373,12 @@ def test_conv2d_act_matches_reference(case, relu, residual, bias, channels_last,
         expected = expected + res.double()
     if relu:
         expected = expected.relu()
-    with ops.use_backend(backend), torch.no_grad():
+    epilogue = torch.ops.fpn_fast_triton.bias_act_.default
+    with ops.use_backend(backend), torch.no_grad(), _CountOps(epilogue) as counted:
         got = ops.conv2d_act(x, weight, b, (stride, stride), (pad, pad), relu=relu, residual=res)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     # The Triton backend finishes with its epilogue kernel whenever there is a tail to apply.
-    assert len(epilogue_calls) == (backend == "triton" and (relu or residual or bias))
+    assert counted.calls[epilogue] == (backend == "triton" and (relu or residual or bias))
     # float32 sums of cin*k*k unit-variance terms: 1e-5 of the scale covers their rounding.
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
@@ -452,13 +450,9 @@ def test_compiled_optimized_backbone_matches_eager():
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse, monkeypatch):
-    from fpn_fast.ops.lateral import _triton as _triton_lateral
-
     def launched(*args, **kwargs):
-        raise AssertionError("a kernel ran on bad inputs")
-    for name in ("conv1x1", "conv2d_act", "upsample_add_"):  # as the op looks them up
-        monkeypatch.setattr(ops.lateral, name, launched)
-    monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", launched)
+        raise AssertionError("a route was decided or a kernel ran on bad inputs")
+    monkeypatch.setattr(ops.lateral, "runner", launched)  # every route of the op is its runner's
     if fuse and ops.available_backends()["triton"]["cpu"] is None:
         ops.set_backend("triton")  # the fused path on CPU tensors (interpreter); conftest restores it
     x = torch.randn(2, 8, 5, 7)
@@ -475,24 +469,25 @@ def test_lateral_upsample_add_bad_inputs_raise_before_any_kernel(fuse, monkeypat
         ops.lateral_upsample_add(x.requires_grad_(), weight, None, top, fuse=fuse)
 
 
-@pytest.mark.skipif(ops.available_backends()["triton"]["cpu"] is not None,
-                    reason=str(ops.available_backends()["triton"]["cpu"]))
-class _CountOp(TorchDispatchMode):
-    """Counts the calls of one op, whoever makes them (a module or the engine's plan)."""
+class _CountOps(TorchDispatchMode):
+    """Counts the calls of some ops, whoever makes them (a module, a plan, a runner): what
+    runs, not which Python wrapper ran it."""
 
-    def __init__(self, op):
+    def __init__(self, *ops_counted):
         super().__init__()
-        self.op, self.calls = op, 0
+        self.calls = dict.fromkeys(ops_counted, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is self.op
+        if func in self.calls:
+            self.calls[func] += 1
         return func(*args, **(kwargs or {}))
 
 
 def test_fused_lateral_kernel_in_the_optimized_model_under_the_interpreter():
     """The whole optimized backbone with the Triton backend named on CPU tensors: every FPN level
-    runs the fused GEMM kernel (interpreted), small image to keep the interpreter quick; the
-    first call plans, the second runs the plan."""
+    runs the fused GEMM kernel (interpreted), small image to keep the interpreter quick. Under a
+    dispatch mode the engine runs the modules as written; what a plan runs is counted in
+    test_the_plan_runs_the_triton_kernels_it_recorded."""
     require("triton", "cpu")
     model = _backbone("resnet18")
     optimized = fpn_fast.optimize_for_inference(model)
@@ -501,13 +496,13 @@ def test_fused_lateral_kernel_in_the_optimized_model_under_the_interpreter():
     with torch.no_grad():
         expected = model(x)
         for _ in range(2):
-            with ops.use_backend("triton"), _CountOp(fused) as counted:
+            with ops.use_backend("triton"), _CountOps(fused) as counted:
                 actual = optimized(x)
-            assert counted.calls == 4  # one fused call per FPN level
+            assert counted.calls[fused] == 4  # one fused call per FPN level
             _assert_outputs_close(actual, expected)
-    with torch.no_grad(), ops.use_backend("triton"), _CountOp(fused) as counted:
+    with torch.no_grad(), ops.use_backend("triton"), _CountOps(fused) as counted:
         fpn_fast.optimize_for_inference(model, fuse_lateral=False)(x)
-    assert counted.calls == 0
+    assert counted.calls[fused] == 0
 
 
 @pytest.fixture
@@ -518,31 +513,66 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _kernel_counts(optimized, x, backend):
+    """(the plan of x's signature, {op: calls} of that plan's own run, of the modules run as
+    written) with ``backend`` in force: counted with a dispatch mode, so what runs is counted,
+    whoever calls it (the plan calls the registered ops, not their Python wrappers)."""
+    from fpn_fast.inference.plan import signature
+    counted = (torch.ops.fpn_fast_triton.lateral_upsample_add.default, torch.ops.fpn_fast_triton.bias_act_.default)
+    with torch.inference_mode(), ops.use_backend(backend):
+        optimized(x)  # plans
+        plan = optimized._engine.entries[signature(x)].plan
+        with _CountOps(*counted) as planned:
+            plan.run(x)
+        with _CountOps(*counted) as written:
+            optimized._run_as_written(x)
+    return plan, planned.calls, written.calls
+
+
+def _epilogue_routes(plan) -> int:
+    """The convolutions whose recorded route is cuDNN then the Triton epilogue."""
+    return sum(r.op in ("conv2d_act", "conv2d_nchw") and r.route == "triton" for r in plan.routes)
+
+
+@pytest.mark.parametrize("device", EPILOGUE_DEVICES)
+def test_the_plan_runs_the_triton_kernels_it_recorded(device):
+    """Backend "triton" named (no measurement, so every route is the table's): the plan runs the
+    fused lateral GEMM once per level and the epilogue once per folded convolution with a tail:
+    on CPU tensors (interpreter) ResNet18: stem + 8 blocks x 2 + 3 downsamples + 4 FPN output
+    convs (bias only); on CUDA ResNet50: stem + 16 x 3 + 4 + 4. The modules run as written
+    launch the same."""
+    name, size, expected = ("resnet18", (1, 3, 64, 96), 1 + 8 * 2 + 3 + 4) if device == "cpu" else \
+        ("resnet50", (2, 3, 259, 389), 1 + 16 * 3 + 4 + 4)
+    model = _backbone(name).to(device)
+    optimized = fpn_fast.optimize_for_inference(model)
+    x = torch.randn(size, device=device)
+    plan, planned, written = _kernel_counts(optimized, x, "triton")
+    fused, epilogue = torch.ops.fpn_fast_triton.lateral_upsample_add.default, torch.ops.fpn_fast_triton.bias_act_.default
+    assert planned == written == {fused: 4, epilogue: expected}
+    assert _epilogue_routes(plan) == expected
+    assert [r.route for r in plan.routes if r.op == "lateral_upsample_add"] == ["triton"] * 4
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_cuda_parity_float32(no_tf32, channels_last, monkeypatch):
-    """On the GPU in float32 without TF32 (the 1e-4 bound is a float32 one): the fused Triton
-    lateral kernel (auto picks it for CUDA tensors) and cuDNN's folded convolutions."""
-    from fpn_fast.ops.lateral import _triton as _triton_lateral
-
-    from fpn_fast.ops.conv import _triton_epilogue
-
-    calls, epilogue_calls = [], []
-    kernel = _triton_lateral.lateral_upsample_add
-    monkeypatch.setattr(_triton_lateral, "lateral_upsample_add", lambda *args: calls.append(1) or kernel(*args))
-    epilogue = _triton_epilogue.bias_act_
-    monkeypatch.setattr(_triton_epilogue, "bias_act_", lambda *args: epilogue_calls.append(1) or epilogue(*args))
+def test_cuda_parity_float32(no_tf32, channels_last):
+    """On the GPU in float32 without TF32 (the 1e-4 bound is a float32 one), under "auto": the
+    measured routes (the fused Triton lateral kernel or cuDNN's 1x1 conv and the step; cuDNN then
+    the Triton epilogue, cuDNN's fused ReLU or torch's tail) agree with the original, and the plan
+    launches exactly the kernels its recorded routes name."""
     model = _backbone("resnet50").cuda()
     optimized = fpn_fast.optimize_for_inference(model, channels_last=channels_last)
     x = torch.randn(2, 3, 259, 389, device="cuda")
     with torch.inference_mode():
         expected = model(x)
         actual = optimized(x)
-    assert len(calls) == 4
-    # stem + 16 blocks x 3 convs + 4 downsamples, and the 4 FPN output convs (bias only)
-    assert len(epilogue_calls) == 1 + 16 * 3 + 4 + 4
     _assert_outputs_close(actual, expected)
     assert all(t.is_contiguous() for t in actual.values())
+    plan, planned, written = _kernel_counts(optimized, x, "auto")
+    fused, epilogue = torch.ops.fpn_fast_triton.lateral_upsample_add.default, torch.ops.fpn_fast_triton.bias_act_.default
+    lateral = sum(r.op == "lateral_upsample_add" and r.route == "triton" for r in plan.routes)
+    assert planned == written == {fused: lateral, epilogue: _epilogue_routes(plan)}
+    assert all(r.decision is not None for r in plan.routes if r.op in ("conv2d_act", "lateral_upsample_add"))
 
 
 @pytest.mark.cuda

@@ -12,7 +12,7 @@ from fpn_fast.ops import _extension, _triton, dispatch, pool, reference, top_dow
 from tests._cases import BACKENDS, DTYPES, require
 
 OPS = ("upsample_add", "stride2_pool", "conv2d_act", "conv2d_nchw", "lateral_upsample_add", "to_nchw")
-IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "torch"}
+IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "cudnn_relu", "torch"}
 
 
 @pytest.fixture

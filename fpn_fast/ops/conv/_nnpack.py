@@ -1,7 +1,7 @@
 """NNPACK's Winograd convolution for 3x3 convolutions on CPU maps: the route after the extension's
 own F(4x4, 3x3) (``_winograd``), which is faster in the model (benchmarks/RESULTS.md) and needs
 oneDNN. NNPACK runs where that one cannot (no extension, or oneDNN turned off) or declines (an
-FPN output conv of under 32 channels over >= 20x20 pixels).
+FPN output conv of under ``selection.WINOGRAD_MIN_CHANNELS`` channels on a map NNPACK takes).
 
 NNPACK ships inside torch (libtorch_cpu). For a 3x3, stride-1 convolution it computes in the
 Winograd domain, F(6x6, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
@@ -9,12 +9,13 @@ Winograd domain, F(6x6, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional N
 
 - up to ``selection.NNPACK_SLICED_MAX_PIXELS``, the extension's
   ``fpn_fast::nnpack_conv_3x3_packed``: each of torch's OpenMP threads runs NNPACK on its own
-  slice of output channels, from kernel transforms made once (``pack``; ``Conv2dAct`` caches them) instead of on every call;
+  slice of output channels, from kernel transforms made once (``pack``; ``Conv2dAct`` caches
+  them) instead of on every call;
 - above it, torch's ``aten::_nnpack_spatial_convolution`` (NNPACK's own thread pool, which splits
   the image instead and is faster on large maps).
 
-It beats oneDNN's direct convolution from about 20x20 pixels on (``min_pixels``; measurements in
-benchmarks/RESULTS.md). Results differ from the direct convolution's by about 1e-5 of the output's
+It beats oneDNN's direct convolution on maps of ``selection.NNPACK_MIN_PIXELS`` and more
+(``min_pixels``; measurements in benchmarks/RESULTS.md). Results differ from the direct convolution's by about 1e-5 of the output's
 largest value (``selection.ROUNDING``).
 
 Non-finite values are where Winograd and the direct sum part ways: an inf in an 8x8 input tile
@@ -25,7 +26,7 @@ gives inf at its neighbours only. A Winograd output is non-finite wherever its i
 convolution, so NaN and inf propagate exactly as in eager.
 """
 import functools
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +58,15 @@ def pack(weight: torch.Tensor, padding: Sequence[int], count: int) -> List[torch
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
-           packed: Optional[Callable[[int], List[torch.Tensor]]] = None) -> Optional[torch.Tensor]:
+           packed: Optional[List[torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """F.conv2d(x, weight, bias, stride=1, padding) for a float32 CPU x and a 3x3 weight, as a
     contiguous NCHW tensor; None when the result has a value that is not finite or beyond
-    ``selection.WINOGRAD_FINITE_BOUND`` (the caller then runs the direct convolution). ``packed(slices)`` returns the kernel
-    transforms (``pack``) for the sliced path; without it they are made for this call."""
+    ``selection.WINOGRAD_FINITE_BOUND`` (the caller then runs the direct convolution). ``packed``
+    is the kernel transforms (``pack``) for the sliced path, one per slice of ``slices()``
+    (``Conv2dAct._nnpack_kernels`` keeps them); without it they are made for this call."""
     x = x.contiguous()
     if x.shape[2] * x.shape[3] <= NNPACK_SLICED_MAX_PIXELS and sliced_unavailable_reason() is None:
-        count = min(slices(), weight.shape[0])
-        kernels = packed(count) if packed is not None else pack(weight, padding, count)
+        kernels = packed if packed is not None else pack(weight, padding, min(slices(), weight.shape[0]))
         out, finite = torch.ops.fpn_fast.nnpack_conv_3x3_packed(x, kernels, bias, weight.shape[0], list(padding))
         return out if finite else None
     out = torch._nnpack_spatial_convolution(x, weight.contiguous(), bias, list(padding), [1, 1])

@@ -20,7 +20,7 @@ finite and within ``selection.WINOGRAD_FINITE_BOUND``; ``conv2d`` returns None w
 and the caller runs the direct convolution, so NaN and inf propagate exactly as in eager.
 """
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -113,17 +113,17 @@ def pack(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int], relu: bool,
-           channels_last: bool, packed: Optional[Callable[[int], Tuple[int, torch.Tensor]]] = None
-           ) -> Optional[torch.Tensor]:
+           channels_last: bool, packed: Optional[Tuple[int, torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """relu?(F.conv2d(x, weight, bias, stride=1, padding)) for a float32 CPU x and a 3x3 weight,
     channels_last or contiguous NCHW as asked; None when an output is not finite or beyond 1e30
-    (the caller then runs the direct convolution). ``packed(tiles)`` returns a group and
-    ``pack(weight, group)`` (``Conv2dAct`` keeps the packs for its first map's group and for
-    FALLBACK_GROUP, ``group_to_use``); without it the transforms are made for this call."""
+    (the caller then runs the direct convolution). ``packed`` is a group and ``pack(weight,
+    group)`` for maps of x's tile count (``Conv2dAct._winograd_kernels`` keeps the packs for its
+    first map's group and for FALLBACK_GROUP, ``group_to_use``); without it the transforms are
+    made for this call."""
     x = x.contiguous(memory_format=torch.channels_last)
     count = tiles(x.shape, padding)
     if packed is not None:
-        group, u = packed(count)
+        group, u = packed
     else:
         group = group_for(count)
         u = pack(weight, group)

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import check_lateral_upsample_add
+from ..measure import cudnn_conv_allows_tf32
 from .._triton import (
     _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
     _precision, _resize_mode, define_inference_op, on_device_of, triton)
@@ -107,21 +108,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     (torch.backends.cudnn.allow_tf32). float16/bfloat16 get tl.dot's default, "tf32", which
     only concerns float32 operands: they always run on the tensor cores."""
     return "ieee" if dtype == torch.float32 and not cudnn_conv_allows_tf32() else "tf32"
-
-
-def cudnn_conv_allows_tf32() -> bool:
-    """torch.backends.cudnn.allow_tf32, also when the caller set the newer per-op precision
-    flags (torch >= 2.9), after which reading the legacy flag raises: the most specific of
-    cudnn.conv, cudnn, then the global fp32_precision that is not "none" decides."""
-    try:
-        return torch.backends.cudnn.allow_tf32
-    except RuntimeError:
-        pass
-    for precision in (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
-                      torch.backends.fp32_precision):
-        if precision != "none":
-            return precision == "tf32"
-    return True  # torch's default for cuDNN convolutions
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -8,10 +8,11 @@ import torch
 
 from .. import _checks
 from .. import reference as _torch_impl
-from ..dispatch import declare, resolve, row
+from ..dispatch import cached, capturing_graph, declare, get_backend, resolve, row
+from ..runner import Runner
 from . import _triton
 
-__all__ = ["stride2_pool"]
+__all__ = ["stride2_pool", "runner"]
 
 ROWS = {
     # A strided copy: only Triton has a kernel; the extension means ATen's copy.
@@ -21,6 +22,22 @@ ROWS = {
 declare(ROWS)
 
 _IMPLEMENTATIONS = {"triton": _triton, "torch": _torch_impl}
+
+
+def runner(device_type: str) -> Runner:
+    """``stride2_pool``'s runner for tensors of ``device_type`` under the backend in force: ``run(x)``."""
+    if capturing_graph():
+        return _decide(device_type)
+    return cached(("stride2_pool", device_type, get_backend()), lambda: _decide(device_type))
+
+
+def _decide(device_type: str) -> Runner:
+    implementation = resolve("stride2_pool", device_type)
+    impl = _IMPLEMENTATIONS[implementation]
+
+    def fn(x: torch.Tensor) -> torch.Tensor:  # the implementation looked up per call, not bound now
+        return impl.stride2_pool(x)
+    return Runner("stride2_pool", implementation, fn)
 
 
 def stride2_pool(x: torch.Tensor) -> torch.Tensor:
@@ -37,4 +54,4 @@ def stride2_pool(x: torch.Tensor) -> torch.Tensor:
         BackendUnavailableError: the named backend cannot run on x's device.
     """
     _checks.check_stride2_pool(x)
-    return _IMPLEMENTATIONS[resolve("stride2_pool", x.device.type)].stride2_pool(x)
+    return runner(x.device.type)(x)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.conv import _nnpack, _onednn, _winograd
+from ..ops.conv import packing
 
 __all__ = ["Conv2dAct"]
 
@@ -124,9 +124,7 @@ class Conv2dAct(nn.Module):
     @torch.jit.unused
     def _forward_eager(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return ops.conv2d_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                              relu=self.relu, residual=residual, packed_weight=lambda: self._packed_weight(x),
-                              nnpack_kernels=self._nnpack_kernels, winograd_kernels=self._winograd_kernels,
-                              winograd=getattr(self, "winograd", True))
+                              relu=self.relu, residual=residual, packs=self, winograd=getattr(self, "winograd", True))
 
     # The entry points through which weight and bias may be replaced: each makes them normal
     # tensors and bumps the generation (_weights_replaced).
@@ -225,8 +223,8 @@ class Conv2dAct(nn.Module):
         cache = self._pack_cache()
         cached = cache.get("_onednn_weight")
         if cached is None or cached[0] is not token:
-            packed = _onednn.pack_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
-                                             x.shape)
+            packed = packing.onednn_weight(self.weight, self.stride, self.padding, self.dilation, self.groups,
+                                           x.shape)
             cached = cache["_onednn_weight"] = (token, packed)
         return cached[1]
 
@@ -240,7 +238,7 @@ class Conv2dAct(nn.Module):
         cache = self._pack_cache()
         cached = cache.get("_nnpack_weight")
         if cached is None or cached[0] is not token or cached[1] != made_for:
-            kernels = _nnpack.pack(self.weight, self.padding, slices)
+            kernels = packing.nnpack_kernels(self.weight, self.padding, slices)
             cached = cache["_nnpack_weight"] = (token, made_for, kernels)
         return cached[2]
 
@@ -249,17 +247,17 @@ class Conv2dAct(nn.Module):
         """A batch entry size for a map of ``tiles`` tiles and the Winograd kernel transforms
         prepacked for it (4x the weight's size: 9 MiB for a 256 -> 256 conv): the first map's
         entry size, or the fallback one for maps it would pad too much
-        (``_winograd.group_to_use``; at most two packs). Made on first use, kept while the
+        (``packing.winograd_group``; at most two packs). Made on first use, kept while the
         weight is unchanged (``_pack_token``); not saved or copied."""
         token = self._pack_token()
         cache = self._pack_cache()
         cached = cache.get("_winograd_weight")
         if cached is None or cached[0] is not token:
-            cached = cache["_winograd_weight"] = (token, _winograd.group_for(tiles), {})
-        group = _winograd.group_to_use(cached[1], tiles)
+            cached = cache["_winograd_weight"] = (token, packing.winograd_first_group(tiles), {})
+        group = packing.winograd_group(cached[1], tiles)
         packs = cached[2]
         if group not in packs:
-            packs[group] = _winograd.pack(self.weight, group)
+            packs[group] = packing.winograd_kernels(self.weight, group)
         return group, packs[group]
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""TorchScript forms of the differentiable ops, for scripted fpn_fast modules.
+"""The top-down step's TorchScript forms, for scripted fpn_fast modules.
 
 Scripted code (``torch.jit.script``, LibTorch) cannot run the Python dispatcher, so these call
 the registered extension ops ``torch.ops.fpn_fast.*`` directly where the extension has kernels
@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import _extension, reference
+from .. import _extension, reference
 
-__all__ = ["upsample_add", "upsample_add_", "stride2_pool", "to_nchw"]
+__all__ = ["upsample_add", "upsample_add_", "step"]
 
 # Chosen at import: TorchScript compiles functions, not closed-over flags.
 if _extension.has_cuda_kernels():
@@ -46,14 +46,6 @@ if _extension.unavailable_reason("cpu") is None:
             return lateral
         _refuse_grad(lateral, top, bias)
         return lateral.copy_(reference.upsample_add(lateral, top, bias))
-
-    def to_nchw(x: Tensor) -> Tensor:
-        """``fpn_fast.ops.to_nchw`` in TorchScript: the extension's NHWC->NCHW copy where it runs."""
-        if x.is_contiguous():
-            return x
-        if x.dim() == 4 and _on_extension(x):
-            return torch.ops.fpn_fast.nhwc_to_nchw(x)
-        return x.contiguous()
 else:
     def upsample_add(lateral: Tensor, top: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``fpn_fast.ops.upsample_add`` in TorchScript: the pure-PyTorch reference (no extension)."""
@@ -64,11 +56,17 @@ else:
         _refuse_grad(lateral, top, bias)
         return lateral.copy_(reference.upsample_add(lateral, top, bias))
 
-    def to_nchw(x: Tensor) -> Tensor:
-        """``fpn_fast.ops.to_nchw`` in TorchScript: ATen's copy (no extension)."""
-        return x.contiguous()
 
-
-def stride2_pool(x: Tensor) -> Tensor:
-    """``fpn_fast.ops.stride2_pool`` in TorchScript: torchvision's ``max_pool2d(x, 1, 2, 0)``."""
-    return torch.nn.functional.max_pool2d(x, 1, 2, 0)
+def step(lateral: Tensor, top: Optional[Tensor], bias: Optional[Tensor], in_place: bool) -> Tensor:
+    """``ops.top_down.step`` in TorchScript: ``(lateral + bias[c]) + nearest_upsample(top)``, just
+    ``lateral + bias[c]`` without top; written into lateral when ``in_place``."""
+    if top is None:
+        if bias is None:
+            return lateral
+        column = bias.view(1, -1, 1, 1)
+        if in_place:
+            return lateral.add_(column)
+        return lateral + column
+    if in_place:
+        return upsample_add_(lateral, top, bias)
+    return upsample_add(lateral, top, bias)

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import cpu_cache as _memory
-from .conv import Conv2dAct, _check_inference
+from ..ops import cpu_cache
+from ..ops.runner import step
+from .folded_conv import Conv2dAct, _check_inference
 from .engine import Engine
 from .modules import InferenceFPN
 
@@ -107,7 +108,7 @@ class InferenceBackboneWithFPN(nn.Module):
                 return self._run_as_written(x)
             engine = self._make_engine()
         if x.device.type == "cpu":
-            with _memory.pooled():
+            with cpu_cache.pooled():
                 return engine(self, x)
         if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):  # Triton launches and graphs on x's device
@@ -151,6 +152,22 @@ class InferenceBackboneWithFPN(nn.Module):
         engine = self.__dict__.get("_engine")
         return [] if engine is None else engine.info()
 
+    @torch.jit.unused
+    def route_report(self) -> List[Dict[str, object]]:
+        """The routes of the cached plans: one dict per op step of each planned signature, least
+        recently used signature first, steps in order.
+
+        Returns:
+            [{"signature": plan.Signature, "step": int, "module": the name of the module whose
+            weight the step uses (e.g. "body.layer1.0.convs.0") or None, "op": str, "route": the
+            implementation run ("triton", "cudnn_relu", "onednn", "winograd", ...), "measured":
+            bool, "candidates": {implementation: {"status": "chosen" | "slower" | "raised" |
+            "disagreed" | "refused", "ms": median ms or None, "reason": str or None}} (empty where
+            the route was not measured)}]. ``engine.format_routes(rows)`` writes them as text.
+        """
+        engine = self.__dict__.get("_engine")
+        return [] if engine is None else engine.routes()
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {k: v for k, v in state.items() if k != "_engine"}
@@ -164,13 +181,16 @@ class InferenceBackboneWithFPN(nn.Module):
         if x.dim() == 3:
             # An unbatched [C, H, W] image: torchvision's backbone returns batched maps for it (its
             # first norm broadcasts against [1, C, 1, 1]), so this one does too.
-            x = x.unsqueeze(0)
+            x = step(torch.unsqueeze, x, 0)  # recorded, as every step of this forward, by a plan
         if isinstance(x, Tensor) and x.device.type == "cpu" and not ops.capturing_graph():
-            with _memory.pooled():
+            with cpu_cache.pooled():
                 return self._run(x)
         return self._run(x)
 
     def _run(self, x: Tensor) -> Dict[str, Tensor]:
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            if torch.jit.is_scripting():
+                x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                x = ops.to_channels_last(x)
         return self.fpn(self.body(x))
