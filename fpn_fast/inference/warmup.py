@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .backbone import InferenceBackboneWithFPN
+from .optimized_backbone import InferenceBackboneWithFPN
 
 __all__ = ["warmup"]
 
