@@ -186,12 +186,13 @@ class OpTester:
             if callable(cls.__dict__.get(name)) and not isinstance(cls.__dict__[name], staticmethod):
                 setattr(cls, name, staticmethod(cls.__dict__[name]))
         # Tests that do not apply to the op are not collected at all (rather than skipped).
-        if cls.differentiable:
-            cls.test_refuses_grad = None
-        else:
-            cls.test_backward = cls.test_gradcheck = None
-        if not cls.registered:
-            cls.test_opcheck = None
+        applies = {"test_backward": cls.differentiable, "test_gradcheck": cls.differentiable,
+                   "test_refuses_grad": not cls.differentiable, "test_opcheck": bool(cls.registered)}
+        for name, applicable in applies.items():
+            if not applicable:
+                setattr(cls, name, None)
+            elif getattr(cls, name) is None:  # turned off in a parent tester
+                setattr(cls, name, getattr(OpTester, name))
 
     # ---------------------------------------------------------------- what a subclass may override
 
