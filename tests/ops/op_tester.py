@@ -25,9 +25,9 @@ test_compile              ``torch.compile(fullgraph=True, backend=          devi
 test_compile_inductor     the default (inductor) backend, on a GPU          cuda
 test_script               ``torch.jit.script`` of a function calling the    device
                           op's TorchScript form
-test_export               ``torch.export`` of a module calling the op       device x backend
-test_export_decomposes    the exported program through                      device x backend
-                          ``fpn_fast.decompositions()``: ATen ops only
+test_export               ``torch.export`` of a module calling the op, and   device x backend
+                          the program through ``fpn_fast.decompositions()``:
+                          ATen ops only (known gaps: expected failures)
 test_routes_reached       the samples reach every implementation the op's   device
                           dispatch rows name (or the subclass says why not)
 ========================  ================================================  ========================
@@ -377,13 +377,20 @@ class OpTester:
         assert checked == set(self.registered[implementation]), checked
 
     def _quick(self, device, backend="", layouts=None) -> List[Sample]:
+        """float32 samples for the costly checks: the first quick / 2 of each of the first two layouts."""
         return [s for layout in (layouts or self.layouts[:2])
                 for s in self._samples(device, torch.float32, layout, backend)[:self.quick // 2]]
+
+    def _traced(self, device, backend) -> List[Sample]:
+        """The fewer samples compile and export trace (each a compilation): the quick ones of the
+        first layout and the first of the second."""
+        first, *second = [self._samples(device, torch.float32, layout, backend) for layout in self.layouts[:2]]
+        return first[:self.quick // 2] + [s[0] for s in second]
 
     def test_compile(self, device, backend):
         torch._dynamo.reset()
         try:
-            for sample in self._quick(device, backend):
+            for sample in self._traced(device, backend):
                 expected = self.reference(*sample.args, **sample.kwargs)
                 compiled = torch.compile(lambda args, kwargs: self.function(*args, **kwargs), fullgraph=True,
                                          backend="aot_eager", dynamic=False)
@@ -451,24 +458,22 @@ class OpTester:
             return torch.export.export(Step(), call.args, call.kwargs)
 
     def test_export(self, device, backend):
-        for sample in self._quick(device, backend):
+        """``torch.export`` of a module calling the op gives a program that computes the op; and
+        ``fpn_fast.decompositions()`` makes it a program of ATen ops, which runs without fpn_fast.
+        A decomposition the subclass declares a known gap (``export_gap``) must fail, the others
+        pass; the test then reports the gaps as an expected failure (xfail), and fails once one
+        closes."""
+        failed, gaps = {}, {}
+        for sample in self._traced(device, backend):
             expected = self.reference(*sample.args, **sample.kwargs)
             program = self._exported(sample, device)
-            out = program.module()(*sample.args, **sample.kwargs)
+            out = program.module()(*self._fresh(sample).args, **sample.kwargs)
             assert_within(out, expected, self.contract(device, backend), f"exported, {sample.name}")
-
-    def test_export_decomposes(self, device, backend):
-        """``fpn_fast.decompositions()`` leaves a program of ATen ops, which runs without fpn_fast.
-        Calls the subclass declares known gaps (``export_gap``) must fail, the others pass; the
-        test then reports the gaps as an expected failure (xfail), and fails once one closes."""
-        failed, gaps = {}, {}
-        for sample in self._quick(device, backend):
             gap = self.export_gap(backend, sample)
             if gap is not None:
                 gaps[sample.name] = gap
-            expected = self.reference(*sample.args, **sample.kwargs)
             try:
-                program = self._exported(sample, device).run_decompositions(fpn_fast.decompositions())
+                program = program.run_decompositions(fpn_fast.decompositions())
                 left = [str(node.target) for node in program.graph.nodes if node.op == "call_function"
                         and "fpn_fast" in str(node.target) + str(node.args[:1])]
                 assert not left, f"{sample.name}: not decomposed: {left}"
@@ -481,7 +486,7 @@ class OpTester:
         closed = sorted(set(gaps) - set(failed))
         assert not closed, f"declared gaps that now decompose (drop them from export_gap): {closed}"
         if gaps:
-            pytest.xfail("; ".join(sorted(set(gaps.values()))))
+            pytest.xfail("the exported programs run; not decomposed: " + "; ".join(sorted(set(gaps.values()))))
 
     def test_routes_reached(self, device):
         """Every implementation the op's rows name on this device and that runs here is reached by
