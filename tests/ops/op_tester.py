@@ -115,6 +115,8 @@ def assert_within(out: torch.Tensor, expected: torch.Tensor, rounding: selection
     assert out.shape == expected.shape and out.dtype == expected.dtype, \
         f"{what}: {tuple(out.shape)} {out.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
     assert out.device == expected.device, f"{what}: on {out.device}, expected {expected.device}"
+    if rounding.bit_exact and torch.equal(out, expected):  # the common case, in one op (no NaN)
+        return
     finite = torch.isfinite(expected)
     if not finite.all() or not torch.isfinite(out).all():
         for mask in (torch.isnan, torch.isposinf, torch.isneginf):
@@ -382,8 +384,8 @@ class OpTester:
                 for s in self._samples(device, torch.float32, layout, backend)[:self.quick // 2]]
 
     def _traced(self, device, backend) -> List[Sample]:
-        """The fewer samples compile and export trace (each a compilation): the quick ones of the
-        first layout and the first of the second."""
+        """The fewer samples compile traces (each a compilation): the quick ones of the first
+        layout and the first of the second."""
         first, *second = [self._samples(device, torch.float32, layout, backend) for layout in self.layouts[:2]]
         return first[:self.quick // 2] + [s[0] for s in second]
 
@@ -464,7 +466,7 @@ class OpTester:
         pass; the test then reports the gaps as an expected failure (xfail), and fails once one
         closes."""
         failed, gaps = {}, {}
-        for sample in self._traced(device, backend):
+        for sample in self._samples(device, torch.float32, self.layouts[0], backend)[:self.quick // 2]:
             expected = self.reference(*sample.args, **sample.kwargs)
             program = self._exported(sample, device)
             out = program.module()(*self._fresh(sample).args, **sample.kwargs)

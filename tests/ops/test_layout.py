@@ -10,10 +10,11 @@ from fpn_fast.export import script
 from tests._cases import laid_out
 from tests.ops.op_tester import OpTester, Sample
 
-# Odd sizes, channel counts off the transpose's blocks, 1x1 maps, batch 0 and empty channels; the
-# representative ones first (OpTester.quick).
-SHAPES = [(2, 5, 9, 13), (0, 3, 4, 4), (2, 3, 1, 1), (1, 70, 33, 65), (2, 136, 17, 9), (1, 256, 20, 20),
-          (1, 1, 7, 5), (2, 0, 3, 3)]
+# Odd sizes, 1x1 maps, batch 0 and empty channels (the representative ones first: OpTester.quick);
+# for NHWC maps, which the extension's blocked transpose copies, channel counts and maps off its
+# blocks too.
+SHAPES = [(2, 5, 9, 13), (0, 3, 4, 4), (2, 3, 1, 1), (1, 1, 7, 5), (2, 0, 3, 3)]
+BLOCKED = [(1, 70, 33, 65), (2, 136, 17, 9), (1, 256, 20, 20)]
 
 
 def _scripted_to_nchw(x: Tensor) -> Tensor:
@@ -31,7 +32,8 @@ class TestToNchw(OpTester):
 
     def samples(self, device, dtype, layout):
         return [Sample((laid_out(torch.randn(shape, device=device).to(dtype), layout),),
-                       name=f"{'x'.join(map(str, shape))} {layout}") for shape in SHAPES]
+                       name=f"{'x'.join(map(str, shape))} {layout}")
+                for shape in SHAPES + (BLOCKED if layout == "channels_last" else [])]
 
     def output_format(self, sample):
         return torch.contiguous_format
