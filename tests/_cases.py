@@ -1,5 +1,5 @@
 """The one case list for the FPN ops (upsample_add, stride2_pool) on every backend, device,
-dtype and layout, and the helpers that build inputs from it."""
+dtype and layout, and the helpers that build inputs from it (tests/ops/op_tester.py's samples)."""
 import contextlib
 from typing import Iterator, Optional, Tuple
 
@@ -46,12 +46,6 @@ LAYOUTS = {
 def shape_id(case) -> str:
     (n, c, h, w), (th, tw) = case
     return f"{n}x{c}x{h}x{w}<-{th}x{tw}"
-
-
-def backend_cases(shapes=SHAPES, triton_shapes=TRITON_SHAPES):
-    """pytest params (backend, case): every shape for the extension and torch, the subset for Triton."""
-    return [pytest.param(backend, case, id=f"{backend}-{shape_id(case)}")
-            for backend in BACKENDS for case in (triton_shapes if backend == "triton" else shapes)]
 
 
 def require(backend: str, device: str) -> None:

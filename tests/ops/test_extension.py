@@ -1,7 +1,8 @@
 """What only the compiled extension has: its registered ops (torch.ops.fpn_fast.*) called
-directly — opcheck, the C++ input checks and their exception types, the in-place op's Autograd
-kernel, index arithmetic beyond int32, the parallel split of a real FPN level, the CUDA kernels
-against the CPU ones. Parity with the reference on every backend is in test_upsample_add.py."""
+directly — the C++ input checks and their exception types, the in-place op's Autograd kernel,
+index arithmetic beyond int32, the parallel split of a real FPN level, the CUDA kernels against the
+CPU ones. Parity with the reference and opcheck on every backend are the OpTester's
+(test_upsample_add.py, test_layout.py)."""
 import json
 import re
 
@@ -26,25 +27,7 @@ def test_extension_is_built():
 # ---- registration ------------------------------------------------------------------------
 
 @needs_ext
-@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[6], SHAPES[9], SHAPES[10]], ids=shape_id)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_opcheck(case, layout, bias, device):
-    require("extension", device)
-    lateral, top, b = make_inputs(case, torch.float32, layout, bias, device=device, requires_grad=True)
-    torch.library.opcheck(ops.upsample_add.default, (lateral, top, b))
-    with torch.no_grad():
-        torch.library.opcheck(ops.upsample_add_.default, (lateral.clone(), top, b))
-    grad = torch.randn(lateral.shape, device=device).contiguous(memory_format=reference.memory_format_of(lateral))
-    torch.library.opcheck(ops.upsample_add_backward_top.default, (grad, top.shape[2], top.shape[3]))
-    if device == "cpu":
-        torch.library.opcheck(ops.nhwc_to_nchw.default, (lateral.detach().contiguous(memory_format=torch.channels_last),))
-
-
-@needs_ext
-def test_nhwc_to_nchw_copies_any_view():
-    view = torch.randn(2, 8, 9, 14)[:, ::2, :, ::2]  # neither layout: a plain contiguous copy
-    assert torch.equal(ops.nhwc_to_nchw(view), view) and ops.nhwc_to_nchw(view).is_contiguous()
+def test_nhwc_to_nchw_refuses_what_is_not_4d():
     with pytest.raises(ValueError, match="4-D"):
         ops.nhwc_to_nchw(torch.randn(3, 4, 5))
 

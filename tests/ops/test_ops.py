@@ -1,15 +1,19 @@
-"""fpn_fast.ops: the dispatch table and the backend choice (fpn_fast.ops.dispatch), and the CPU
-inference helpers conv1x1 / to_nchw. The parity of each FPN op on every backend is in
-test_upsample_add.py and test_stride2_pool.py."""
+"""fpn_fast.ops: the dispatch table and the backend choice (fpn_fast.ops.dispatch), the declared
+rounding of every route (selection.ROUNDING), and that every op has an OpTester and every
+registered op is opchecked. Each op's own tests subclass the OpTester (tests/ops/op_tester.py):
+test_upsample_add.py, test_stride2_pool.py, test_layout.py, test_conv.py, test_lateral.py."""
+import importlib
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fpn_fast.ops as ops
-from fpn_fast.ops import _extension, _triton, dispatch, pool, reference, top_down
-from tests._cases import BACKENDS, DTYPES, require
+from fpn_fast.ops import _extension, _triton, dispatch, pool, reference, selection, top_down
+from tests._cases import BACKENDS, require
+from tests.ops.op_tester import OpTester
 
 OPS = ("upsample_add", "stride2_pool", "conv2d_act", "conv2d_nchw", "lateral_upsample_add", "to_nchw")
 IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "cudnn_relu", "torch"}
@@ -261,63 +265,50 @@ def test_import_runs_no_convolution_and_no_cuda_query(run_python):
     assert result.stdout.strip() == "imported extension", result.stdout
 
 
-# ----------------------------------------------------------------------------- conv1x1, to_nchw
+# ----------------------------------------------------------------------------- rounding, op testers
 
-@pytest.mark.parametrize("shape,out_channels", [((2, 16, 9, 13), 8), ((1, 3, 1, 1), 5), ((0, 4, 3, 3), 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv1x1_matches_conv2d(shape, out_channels, dtype):
-    x = torch.randn(shape, dtype=dtype)
-    weight = torch.randn(out_channels, shape[1], 1, 1, dtype=dtype)
-    expected = F.conv2d(x, weight)
-    with torch.no_grad():
-        out = ops.conv1x1(x, weight)  # the matmul path: same sums in another order
-    assert out.shape == expected.shape and out.is_contiguous()
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out, expected, rtol=tol, atol=tol * shape[1])
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    if not x_cl.is_contiguous():  # a real NHWC layout: the convolution itself runs
-        assert torch.equal(ops.conv1x1(x_cl, weight), F.conv2d(x_cl, weight))
+def test_rounding_declares_every_route_and_nothing_else():
+    """selection.ROUNDING says how every implementation the dispatch rows name rounds (the
+    OpTester holds each to it); any other entry is an op without rows, whose one route is "torch"."""
+    named = {(op, implementation) for (op, _), row in dispatch.TABLE.items()
+             for implementations in row.values() for implementation in implementations}
+    assert named <= set(selection.ROUNDING), sorted(named - set(selection.ROUNDING))
+    ops_with_rows = {op for op, _ in dispatch.TABLE}
+    for op, implementation in set(selection.ROUNDING) - named:
+        assert op not in ops_with_rows and implementation == "torch", (op, implementation)
+    for rounding in selection.ROUNDING.values():
+        assert rounding.sums >= 0 and rounding.roundings >= 0
 
 
-def test_conv1x1_keeps_the_convolution_under_autograd():
-    x = torch.randn(2, 6, 5, 7, requires_grad=True)
-    weight = torch.randn(4, 6, 1, 1, requires_grad=True)
-    out = ops.conv1x1(x, weight)
-    assert torch.equal(out, F.conv2d(x, weight))
-    assert "Convolution" in type(out.grad_fn).__name__
+def _op_testers():
+    """Every OpTester subclass of the op test modules (imported by name: pytest imports the files
+    it collects under other names)."""
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        module = importlib.import_module(f"tests.ops.{path.stem}")
+        yield from (obj for obj in vars(module).values()
+                    if isinstance(obj, type) and issubclass(obj, OpTester) and obj is not OpTester)
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 9, 13), (1, 3, 1, 1), (0, 4, 3, 3), (1, 70, 33, 65)])
-def test_conv1x1_writes_channels_last_directly(shape):
-    x = torch.randn(shape)
-    weight = torch.randn(6, shape[1], 1, 1)
-    with torch.no_grad():
-        out = ops.conv1x1(x, weight, channels_last=True)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, F.conv2d(x, weight), rtol=1e-5, atol=1e-5 * shape[1])
+# Registered ops no OpTester opchecks, and why.
+NOT_OPCHECKED = {
+    "fpn_fast::winograd_conv_3x3": "returns whether its output is finite, a value no fake kernel can give; runs only "
+                                   "outside graph capture (the Winograd routes refuse capture): test_winograd.py",
+    "fpn_fast::nnpack_conv_3x3_packed": "as winograd_conv_3x3: test_cpu_inference_paths.py",
+    "fpn_fast::nnpack_pack_3x3": "NNPACK's opaque kernel transforms, made once per weight outside any graph",
+    "fpn_fast::_nnpack_unavailable_reason": "a probe, no tensors",
+    "fpn_fast::_upsample_add_index_probe": "a test hook of the index math, no tensors: test_extension.py",
+    "fpn_fast::_nearest_window_starts": "a test hook of the index math, no tensors: test_extension.py",
+    **{f"fpn_fast::_cpu_pool_{name}": "the CPU buffer pool's control, no tensors: test_cpu_inference_paths.py"
+       for name in ("enter", "exit", "set_limit", "release", "stats")},
+}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 5, 9, 13), (1, 70, 33, 65), (2, 136, 17, 9), (1, 256, 20, 20), (0, 3, 4, 4),
-                                   (2, 3, 1, 1), (1, 1, 7, 5),
-                                   (2, 0, 3, 3)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_to_nchw_is_a_bit_exact_contiguous_copy(backend, shape, dtype):
-    require(backend, "cpu")
-    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    with ops.use_backend(backend):
-        out = ops.to_nchw(x)
-        assert out.is_contiguous() and torch.equal(out, x)
-        plain = torch.randn(shape).to(dtype)
-        assert ops.to_nchw(plain) is plain
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_to_nchw_is_differentiable(backend):
-    require(backend, "cpu")
-    x = torch.randn(2, 5, 9, 13, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
-    grad = torch.randn(2, 5, 9, 13, dtype=torch.float64)
-    with ops.use_backend(backend):
-        ops.to_nchw(x).backward(grad)
-        assert torch.equal(x.grad, grad)
-        assert torch.autograd.gradcheck(ops.to_nchw, (x.detach().clone().requires_grad_(),))
+def test_every_op_has_an_op_tester_and_every_registered_op_is_opchecked():
+    testers = list(_op_testers())
+    assert {op for op, _ in dispatch.TABLE} <= {tester.op for tester in testers}
+    opchecked = {name for tester in testers for names in tester.registered.values() for name in names}
+    registered = {name for name in torch._C._dispatch_get_all_op_names()
+                  if name.split("::")[0] in ("fpn_fast", "fpn_fast_triton")}
+    assert not opchecked - registered, sorted(opchecked - registered)  # declared, but no such op
+    assert registered - opchecked == set(NOT_OPCHECKED) & registered, \
+        f"registered, neither opchecked by an OpTester nor in NOT_OPCHECKED: {sorted(registered - opchecked - set(NOT_OPCHECKED))}"

@@ -1,7 +1,7 @@
-"""What only the Triton backend (fpn_fast.ops._triton) has: its registered ops
-(torch.ops.fpn_fast_triton.*) under opcheck and torch.compile, the triton_op registration, and
-its tiling and int64 offset paths. Parity with the reference on every backend is in
-test_upsample_add.py and test_stride2_pool.py.
+"""What only the Triton backend (fpn_fast.ops._triton) has: the triton_op registration, inductor
+compiling its kernels on a GPU, the registered in-place op's refusal, and its tiling and int64
+offset paths. Parity with the reference, opcheck and torch.compile of its ops on every backend are
+the OpTester's (test_upsample_add.py, test_stride2_pool.py, test_conv.py, test_lateral.py).
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton); with one, the same checks run compiled on
@@ -70,32 +70,6 @@ def test_many_small_tiles(triton_device, int64, monkeypatch):
 
 # ----------------------------------------------------------------------------- registration
 
-def _opcheck_samples(device):
-    lateral, top, bias = _inputs((7, 11), (4, 6), torch.float32, device)
-    cl = lateral.contiguous(memory_format=torch.channels_last)
-    lat2, top2, _ = _inputs((8, 10), (4, 5), torch.float16, device, n=1)
-    grad = torch.randn_like(lateral)
-    x = torch.randn(2, 3, 7, 11, device=device)
-    return [
-        ("upsample_add", (lateral, top, bias)),
-        ("upsample_add", (cl, top, None)),
-        ("upsample_add", (lat2, top2, None)),
-        ("upsample_add", (lateral.clone().requires_grad_(), top.clone().requires_grad_(), bias)),
-        ("upsample_add_", (lateral.clone(), top, bias)),
-        ("upsample_add_", (cl.clone(), top, None)),
-        ("upsample_add_backward_top", (grad, [2, 3, 4, 6], False)),
-        ("upsample_add_backward_top", (grad, [2, 3, 4, 6], True)),
-        ("stride2_pool", (x,)),
-        ("stride2_pool", (x.contiguous(memory_format=torch.channels_last).requires_grad_(),)),
-        ("stride2_pool_backward", (torch.randn(2, 3, 4, 6, device=device), [2, 3, 7, 11], False)),
-    ]
-
-
-def test_opcheck(triton_device):
-    for name, args in _opcheck_samples(triton_device):
-        torch.library.opcheck(getattr(torch.ops.fpn_fast_triton, name).default, args)
-
-
 def test_in_place_op_refuses_autograd(triton_device):
     """Called directly, the registered in-place op's Autograd kernel refuses inputs that need grad."""
     lateral, top, bias = _inputs((7, 11), (4, 6), torch.float32, triton_device)
@@ -107,23 +81,10 @@ def _pyramid_step(lateral, top, bias, p5):
     return top_down_triton.upsample_add(lateral, top, bias), pool_triton.stride2_pool(p5)
 
 
-def test_compile_fullgraph(triton_device):
-    compiled = torch.compile(_pyramid_step, fullgraph=True, backend="aot_eager")
-    lateral, top, bias = _inputs((25, 38), (13, 19), torch.float32, triton_device)
-    p5 = torch.randn(2, 3, 13, 19, device=triton_device)
-    top.requires_grad_()
-    got = compiled(lateral, top, bias, p5)
-    expected = _pyramid_step(lateral, top, bias, p5)
-    for g, e in zip(got, expected):
-        assert torch.equal(g, e)
-    grad_compiled, = torch.autograd.grad(got[0].sum(), top)
-    grad_eager, = torch.autograd.grad(expected[0].sum(), top)
-    assert torch.equal(grad_compiled, grad_eager)
-
-
 @pytest.mark.cuda
 def test_compile_inductor_cuda():
-    """On a GPU the ops are triton_ops: inductor sees the kernels themselves."""
+    """On a GPU the ops are triton_ops: inductor sees the kernels themselves (the OpTester's
+    inductor case runs the "auto" backend, the extension's op for upsample_add)."""
     require("triton", "cuda")
     compiled = torch.compile(_pyramid_step, fullgraph=True)
     lateral, top, bias = _inputs((25, 38), (13, 19), torch.float32, "cuda")
