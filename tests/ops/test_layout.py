@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 import fpn_fast.ops as ops
-from fpn_fast.export import script
+from fpn_fast.ops.layout import to_nchw_scripted
 from tests._cases import laid_out
 from tests.ops.op_tester import OpTester, Sample
 
@@ -18,7 +18,7 @@ BLOCKED = [(1, 70, 33, 65), (2, 136, 17, 9), (1, 256, 20, 20)]
 
 
 def _scripted_to_nchw(x: Tensor) -> Tensor:
-    return script.to_nchw(x)
+    return to_nchw_scripted(x)
 
 
 class TestToNchw(OpTester):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 import fpn_fast.ops as ops
-from fpn_fast.export import script
+from fpn_fast.ops.pool import script
 from fpn_fast.ops import reference
 from fpn_fast.ops.reference import memory_format_of
 from tests._cases import SHAPES, TRITON_SHAPES, laid_out

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fpn_fast.ops as ops
-from fpn_fast.export import script
+from fpn_fast.ops.top_down import script
 from fpn_fast.ops import reference
 from fpn_fast.ops.reference import memory_format_of
 from tests._cases import DTYPES, LAYOUTS, SHAPES, TRITON_SHAPES, laid_out, make_inputs, running, shape_id
