@@ -33,8 +33,9 @@ before the work is queued), median. ``best_peer``: the fastest torch.compile row
 
 Also recorded per group: each level's largest error of ``fpn_fast optimized`` against torchvision
 eager, relative to that level's largest value; the optimized backbone's plans (signature, graph
-captured or why not, graph bytes); and ``fpn_fast.ops.route_report()`` (per layer, the route each
-plan chose and why the others lost or were refused), where the installed fpn_fast has it.
+captured or why not, graph bytes); and its route report (``InferenceBackboneWithFPN.route_report``: per
+layer, the route each plan chose and why the others lost or were refused), as counts per op and
+route and as text.
 
     python benchmarks/headline.py --json headline.json                # on a GPU
     python benchmarks/headline.py --dry --json headline.json          # CPU, tiny, torch.compile's
@@ -54,6 +55,7 @@ import torch
 
 import fpn_fast
 from fpn_fast.demo import build_models
+from fpn_fast.inference.plan import signature
 
 GROUPS = {  # name: (batch, dtype or None for float32, TF32)
     "b2-tf32": (2, None, True), "b2-bf16": (2, torch.bfloat16, False), "b1-tf32": (1, None, True),
@@ -141,9 +143,17 @@ def _call(name, module, prepare, images):
     return module(prepare(images) if prepare else images)
 
 
-def _routes():
-    report = getattr(fpn_fast.ops, "route_report", None)
-    return report() if report is not None else "fpn_fast.ops.route_report is not in this fpn_fast"
+def _routes(optimized, key) -> dict:
+    """The optimized backbone's routes for the signatures planned in this group: text (as
+    ``fpn_fast.inference.format_routes`` writes it: per op step, the route chosen and why each
+    other candidate lost or was refused) and, per op and route, how many steps took it."""
+    from fpn_fast.inference import format_routes
+    rows = [row for row in optimized.route_report() if key(row["signature"])]
+    counts = {}
+    for row in rows:
+        name = f"{row['op']}: {row['route']}"
+        counts[name] = counts.get(name, 0) + 1
+    return dict(counts=counts, text=format_routes(rows))
 
 
 def run_group(group: str, models, device: torch.device, args) -> dict:
@@ -178,6 +188,7 @@ def run_group(group: str, models, device: torch.device, args) -> dict:
                 result["errors"][name] = f"{type(error).__name__}: {error}"
                 traceback.print_exc()
                 del made[name]
+        planned = signature(images)  # the optimized backbone's plan key for this group's calls
         device_times = {name: [] for name in made}
         host_times = {name: [] for name in made}
         order = list(made)
@@ -206,7 +217,7 @@ def run_group(group: str, models, device: torch.device, args) -> dict:
         result["parity"] = _relative_errors(outputs[OURS], outputs["torchvision eager"])
     result["plans"] = [{key: str(value) if key == "signature" else value for key, value in entry.items()}
                        for entry in optimized.plans()]
-    result["routes"] = _routes()
+    result["routes"] = _routes(optimized, lambda key: key == planned)
     return result
 
 

@@ -110,6 +110,9 @@ def headline(data: dict) -> None:
         worst = max(parity.values()) if parity else None
         print(f"  {g['group']}: plans' graphs {graphs}; parity (max error / level max) "
               f"{'-' if worst is None else f'{worst:.1e}'}; errors {list(g['errors']) or 'none'}")
+        routes = g.get("routes")
+        if isinstance(routes, dict):
+            print(f"    routes (steps per op: route): {routes.get('counts')}")
 
 
 def _first_calls(data: dict) -> None:
