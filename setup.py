@@ -9,8 +9,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST  honoured; defaults to "8.0;9.0".
   MAX_JOBS         parallel compile jobs (ninja).
   FPN_FAST_DEBUG_INFO=1  keep the C++ debug information (-g) that Python's own flags ask for;
-                   by default it is left out (-g0): it made the CPU build 2.5x slower and the
-                   library ten times larger.
+                   by default it is left out (-g0), which shortens the build and shrinks the
+                   library several times.
 
 Beside the built library, fpn_fast/_C_build.json records the torch it was built against;
 fpn_fast reads it before loading the library (fpn_fast/ops/_extension.py).

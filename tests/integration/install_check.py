@@ -1,11 +1,11 @@
 """The install checks (``make test-install``): fpn_fast installed the four ways users install it,
 each into a fresh venv, then used from there.
 
-1. sdist: ``pip install --no-build-isolation fpn_fast-<v>.tar.gz``, the sdist built from a copy of
-   the checkout (``git ls-files``) with build outputs planted in it, which the sdist must leave out;
-   first ``pip wheel`` builds a wheel from it, offline (``--no-index``), in a venv that never saw
-   the checkout (the extension's one build for checks 1 and 2).
-2. wheel: that wheel installed into another fresh venv where no compiler can run (CC, CXX false).
+1. sdist: ``pip install --no-build-isolation --no-index fpn_fast-<v>.tar.gz`` (offline), the sdist
+   made from a copy of the checkout (``git ls-files``) with build outputs planted in it, which it
+   must leave out; pip builds a wheel from it, in a venv that never saw the checkout.
+2. wheel: that wheel (pip keeps it in its cache and logs where) installed into another fresh venv
+   where no compiler can run (CC, CXX false): one build of the extension for checks 1 and 2.
 3. checkout: ``pip install --no-build-isolation <checkout>``; plain ``pip install <checkout>`` must
    stop with setup.py's one-line message.
 4. editable: ``pip install --no-build-isolation -e <checkout>``, as ``make install`` does.
@@ -100,19 +100,22 @@ def tail(proc: subprocess.CompletedProcess, lines: int = 25) -> str:
 # ---- fresh venvs ----------------------------------------------------------------------------
 
 def closure(names: Iterable[str]) -> List[metadata.Distribution]:
-    """The installed distributions ``names`` and everything they require (markers evaluated)."""
+    """The installed distributions ``names`` and everything they require, extras included
+    (torch requires ``cuda-toolkit[cublas,cudart,...]``), markers evaluated here."""
     seen: Dict[str, metadata.Distribution] = {}
-    todo = list(names)
+    extras_done: Dict[str, set] = {}
+    todo = [(name, frozenset()) for name in names]
     while todo:
-        key = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if key in seen:
+        name, extras = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen and extras <= extras_done[key]:
             continue
-        dist = metadata.distribution(key)
-        seen[key] = dist
+        dist = seen.setdefault(key, metadata.distribution(key))
+        extras_done[key] = extras_done.get(key, set()) | set(extras)
         for spec in dist.requires or []:
             req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
+            if req.marker is None or any(req.marker.evaluate({"extra": extra}) for extra in ("", *extras)):
+                todo.append((req.name, frozenset(req.extras)))
     return list(seen.values())
 
 
@@ -189,14 +192,19 @@ def use_in(checks: Checks, name: str, python: Path, cwd: Path, logs: Path, expec
     want = f"fpn_fast {facts.get('version')} (torch "
     ok = (helped.returncode == 0 and "usage: fpn-fast" in helped.stdout and "fpn_fast[demo]" in helped.stdout
           and version.returncode == 0 and version.stdout.startswith(want) and "extension built against torch" in
-          version.stdout and version.stdout.count("\n") == 1 and not version.stderr)
+          version.stdout and version.stdout.count("\n") == 1
+          # torch itself may warn (no numpy in these venvs); fpn_fast must not
+          and not any(bad in helped.stderr + version.stderr
+                      for bad in ("Traceback", "ExtensionMismatchWarning", "fpn-fast: error")))
     checks.record(f"{name}: python -m fpn_fast --help, --version", ok, time.monotonic() - start,
                   version.stdout.strip() if ok else tail(helped) + "\n" + tail(version))
 
 
 def not_importable(checks: Checks, name: str, python: Path, cwd: Path) -> bool:
-    proc = run([python, "-I", "-c", "import torch, fpn_fast"], cwd, clean_env())
-    ok = proc.returncode != 0 and "No module named 'fpn_fast'" in proc.stderr
+    """The fresh venv finds torch and no fpn_fast (records a failure only)."""
+    probe = "import importlib.util as u; print(u.find_spec('torch') is not None, u.find_spec('fpn_fast') is None)"
+    proc = run([python, "-I", "-c", probe], cwd, clean_env())
+    ok = proc.returncode == 0 and proc.stdout.split() == ["True", "True"]
     return ok or checks.record(f"{name}: fresh venv has torch and no fpn_fast", ok, 0.0, tail(proc))
 
 
@@ -262,29 +270,29 @@ def main() -> int:
         return finish(checks)
     sdist = sdists[0]
 
-    # 1. The sdist: a wheel from it offline (the one build for 1 and 2), then pip install of it.
+    # 1. The sdist, offline, in a venv that never saw the checkout: the one build for 1 and 2.
     start = time.monotonic()
     python = fresh_venv(work / "venv-sdist", build_tools=True)
     if not not_importable(checks, "sdist", python, outside):
         return finish(checks)
-    proc = run(pip(python, "wheel", "--no-build-isolation", "--no-deps", "--no-index", "--cache-dir",
-                   work / "pip-cache", "-w", wheels, sdist), outside, clean_env(python), logs / "sdist-wheel.log")
-    built = sorted(wheels.glob("fpn_fast-*.whl"))
-    if not checks.record("sdist: pip wheel --no-build-isolation --no-index <sdist> builds a wheel (fresh venv)",
-                         proc.returncode == 0 and len(built) == 1, time.monotonic() - start,
-                         built[0].name if built else tail(proc)):
-        return finish(checks)
-    start = time.monotonic()
     proc = run(pip(python, "install", "--no-build-isolation", "--no-index", "--cache-dir", work / "pip-cache", sdist),
                outside, clean_env(python), logs / "sdist-install.log")
-    how = "the wheel pip built from it above, from pip's cache" if "Building wheel" not in proc.stdout else "built again"
-    if checks.record("sdist: pip install --no-build-isolation --no-index <sdist>", proc.returncode == 0,
-                     time.monotonic() - start, how if proc.returncode == 0 else tail(proc)):
-        use_in(checks, "sdist", python, outside, logs)
+    # pip keeps the wheel it built in its cache and says where: the wheel of check 2.
+    created = re.search(r"Created wheel for fpn_fast: filename=(\S+)", proc.stdout)
+    stored = re.search(r"Stored in directory: (\S+)", proc.stdout)
+    if created and stored and (Path(stored.group(1)) / created.group(1)).is_file():
+        shutil.copy2(Path(stored.group(1)) / created.group(1), wheels)
+    built = sorted(wheels.glob("fpn_fast-*.whl"))
+    if not checks.record("sdist: pip install --no-build-isolation --no-index <sdist> builds its wheel (fresh venv)",
+                         proc.returncode == 0 and len(built) == 1, time.monotonic() - start,
+                         built[0].name if proc.returncode == 0 and built else tail(proc)):
+        return finish(checks)
+    use_in(checks, "sdist", python, outside, logs)
 
     # 2. The wheel, where no compiler runs.
     start = time.monotonic()
     python = fresh_venv(work / "venv-wheel", build_tools=False)
+    not_importable(checks, "wheel", python, outside)
     with zipfile.ZipFile(built[0]) as whl:
         record = json.loads(whl.read("fpn_fast/_C_build.json"))
         meta = whl.read(f"fpn_fast-{version}.dist-info/METADATA").decode()
@@ -292,9 +300,8 @@ def main() -> int:
                clean_env(python, CC="false", CXX="false"), logs / "wheel-install.log")
     ok = (proc.returncode == 0 and f"Version: {version}\n" in meta and "Requires-Dist: torch<2.15,>=2.11" in meta
           and record["cuda_kernels"] is (clean_env()["FPN_FAST_CUDA"] == "1"))
-    if not_importable(checks, "wheel", python, outside) and checks.record(
-            "wheel: pip install <wheel> with CC=CXX=false; METADATA version, torch range, build record",
-            ok, time.monotonic() - start, f"built against torch {record['torch']}" if ok else tail(proc)):
+    if checks.record("wheel: pip install <wheel> with CC=CXX=false; METADATA version, torch range, build record",
+                     ok, time.monotonic() - start, f"built against torch {record['torch']}" if ok else tail(proc)):
         use_in(checks, "wheel", python, outside, logs)
 
     # 3. The checkout: plain pip install stops with setup.py's message; --no-build-isolation builds.

@@ -15,13 +15,15 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import fpn_fast
 from fpn_fast.ops import _extension
-from tests.conftest import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 HAS_DEMO_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("torchvision", "skimage", "PIL", "tqdm"))
 
