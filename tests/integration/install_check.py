@@ -28,10 +28,12 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from importlib import metadata
@@ -223,7 +225,7 @@ def copy_checkout(dest: Path) -> None:
     (dest.parent / "checkout.tar").unlink()
 
 
-def check_sdist_contents(sdist: Path, checkout: Path, listed: List[str]) -> List[str]:
+def check_sdist_contents(sdist: Path, listed: List[str]) -> List[str]:
     """Problems with the sdist's file list: a file the build needs missing, or anything else in it."""
     with tarfile.open(sdist) as tar:
         names = {m.name.partition("/")[2] for m in tar.getmembers() if m.isfile()}
@@ -240,10 +242,19 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "install-check")
     work = parser.parse_args().work.resolve()
     checks = Checks()
-    logs, outside, dist, wheels = work / "logs", work / "outside", work / "dist", work / "wheels"
-    for folder in (logs, outside, dist, wheels, work / "pip-cache"):
+    logs, dist, wheels = work / "logs", work / "dist", work / "wheels"
+    for folder in (logs, dist, wheels, work / "pip-cache"):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
+    # Every pip and python of the checks runs from here: outside the checkout and its copy.
+    outside = Path(tempfile.mkdtemp(prefix="fpn_fast-install-check-"))
+    try:
+        return run_checks(checks, work, logs, dist, wheels, outside)
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def run_checks(checks: Checks, work: Path, logs: Path, dist: Path, wheels: Path, outside: Path) -> int:
     checkout = work / "checkout"
     version = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "fpn_fast" / "__init__.py").read_text(), re.M).group(1)
     print(f"install checks in {work}: fpn_fast {version}, FPN_FAST_CUDA={clean_env()['FPN_FAST_CUDA']}, "
@@ -253,7 +264,7 @@ def main() -> int:
     start = time.monotonic()
     copy_checkout(checkout)
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.split()
+                            capture_output=True, text=True).stdout.splitlines()
     for name in PLANTED:
         (checkout / name).parent.mkdir(parents=True, exist_ok=True)
         (checkout / name).write_text("planted by install_check.py\n")
@@ -264,7 +275,7 @@ def main() -> int:
     shutil.rmtree(checkout / ".venv")
     shutil.rmtree(checkout / "fpn_fast.egg-info", ignore_errors=True)
     sdists = sorted(dist.glob("fpn_fast-*.tar.gz"))
-    problems = check_sdist_contents(sdists[0], checkout, listed) if proc.returncode == 0 and sdists else [tail(proc)]
+    problems = check_sdist_contents(sdists[0], listed) if proc.returncode == 0 and sdists else [tail(proc)]
     if not checks.record("sdist from a copy of the checkout: every source and header, no build output", not problems,
                          time.monotonic() - start, f"{sdists[0].name}" if not problems else "\n".join(problems)):
         return finish(checks)
@@ -333,7 +344,9 @@ def main() -> int:
 
 
 def finish(checks: Checks) -> int:
-    print(f"install checks took {time.monotonic() - checks.started:.0f} s")
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"install checks took {time.monotonic() - checks.started:.0f} s "
+          f"({cpu.ru_utime + cpu.ru_stime:.0f} s of CPU in child processes)")
     print(f"install: {checks.passed} passed, {checks.failed} failed", flush=True)
     return 1 if checks.failed else 0
 
