@@ -64,9 +64,9 @@ gpu-check-dry: install
 	GPU_CHECK_DRY=1 PYTHON=$(PY) OUT=build/gpu_check_dry bash benchmarks/gpu_check.sh
 
 # The four ways users install fpn_fast (sdist, wheel, checkout, editable), each into a fresh venv
-# holding only torch (from $(VENV)'s install of the pinned wheels), then used from there
-# (tests/integration/install_check.py). CPU kernels only (FPN_FAST_CUDA=0) to keep it to minutes;
-# logs, venvs and the checkout copy's build cache in build/install-check.
+# that has only torch (hard links of $(VENV)'s install of the pinned wheels), then used from there
+# (tests/integration/install_check.py, docs/install.md). CPU kernels only (FPN_FAST_CUDA=0) to keep
+# it to minutes; logs, venvs and the checkout copy's build cache in build/install-check.
 test-install: $(VENV)/.deps
 	FPN_FAST_CUDA=$${FPN_FAST_CUDA:-0} $(PY) tests/integration/install_check.py --work build/install-check
 

@@ -142,7 +142,18 @@ class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, plus the build record (``fpn_fast/_C_build.json``) beside each built
     library: in the wheel, in the build folder and, for in-place and editable builds, in the source
     tree. A library already built whose record names another torch (or another CUDA choice) is
-    rebuilt, where setuptools would keep it because its sources did not change."""
+    rebuilt, also where setuptools would keep it (without ninja: its sources did not change).
+
+    Editable installs (``make install``) compile in build/temp.<platform>, as every other build
+    does, instead of a new temporary folder each time: ninja then recompiles only the sources
+    (or flags, or torch headers) that changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.editable_mode:
+            default = type(self.get_finalized_command("build"))(self.distribution)
+            default.ensure_finalized()
+            self.build_temp = default.build_temp
 
     def _record_path(self, ext, inplace: bool) -> str:
         package = self.get_ext_fullname(ext.name).rpartition(".")[0]

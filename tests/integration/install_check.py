@@ -15,14 +15,17 @@ installed metadata's version, the extension's ``upsample_add`` on CPU equal to t
 ``python -m fpn_fast --help`` / ``--version`` (the venvs have no demo extra), all with ``python -I``
 (only the venv's own site-packages on the path) from a folder outside the checkout.
 
-A fresh venv is ``python -m venv --without-pip``, whose site-packages then gets torch and its
-dependencies (and, where pip builds, setuptools, wheel and ninja) as hard links of the files the
-running venv's pip installed from the local wheel cache (each distribution's RECORD, file by file):
-the same install, without unpacking 5 GB per venv. pip is the running venv's (``pip --python``).
-The extension is built with its CPU kernels only (FPN_FAST_CUDA=0 unless set), to keep the checks
-to minutes; the checkout copy keeps its build folder between runs, so ninja recompiles only what
-changed there. Prints one line per check and a closing "N passed, N failed"; exit status 1 when a
-check failed.
+A fresh venv is ``python -m venv --without-pip`` plus a ``.pth`` file that puts one folder on its
+path: ``torch-site``, torch and its dependencies (setuptools among them) as hard links of the files
+the running venv's pip installed from the pinned wheels (each distribution's RECORD, file by file).
+Where pip builds, the venv also gets wheel and ninja, linked the same way. The same install
+without unpacking 5 GB per venv, and torch at one path for every build, so the checkout's two
+builds (3, 4) share ninja's objects. pip is the running venv's (``pip --python``). The extension
+is built with its CPU kernels only (FPN_FAST_CUDA=0 unless set), to keep the checks to minutes:
+twice from scratch (the sdist's, in pip's temporary folder; the checkout's), the editable build
+then links only; the checkout copy keeps its build folder between runs, so ninja recompiles only
+what changed there. Prints one line per check and a closing "N passed, N failed"; exit status 1
+when a check failed.
 """
 import argparse
 import json
@@ -43,7 +46,7 @@ from typing import Dict, Iterable, List, Optional
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD_TOOLS = ("setuptools", "wheel", "ninja")
+BUILD_TOOLS = ("wheel", "ninja")
 # Build outputs planted in the checkout copy before the sdist is made: none may reach the sdist.
 PLANTED = ("fpn_fast/_C.cpython-311-x86_64-linux-gnu.so", "fpn_fast/_C_build.json",
            "fpn_fast/__pycache__/backbone.cpython-311.pyc", "csrc/ops/upsample_add.o", "csrc/build.ninja",
@@ -121,11 +124,11 @@ def closure(names: Iterable[str]) -> List[metadata.Distribution]:
     return list(seen.values())
 
 
-def link_distributions(dists: Iterable[metadata.Distribution], venv: Path) -> int:
-    """Hard-link every file of ``dists`` into ``venv`` at the place pip put it in this venv (symlinks
-    where hard links cannot be made); console scripts (which name this venv's python) are left out.
-    Returns the number of files."""
-    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+def link_distributions(dists: Iterable[metadata.Distribution], site: Path, bin_dir: Optional[Path] = None) -> int:
+    """Hard-link every file of ``dists`` into ``site`` where pip put it in this venv's site-packages
+    (symlinks where hard links cannot be made); executables pip put in this venv's bin/ go to
+    ``bin_dir`` (console scripts, which name this venv's python, are left out). Returns the number
+    of files."""
     count = 0
     for dist in dists:
         for file in dist.files or []:
@@ -133,10 +136,10 @@ def link_distributions(dists: Iterable[metadata.Distribution], venv: Path) -> in
             target = Path(os.path.normpath(site / file))
             if not source.is_file():
                 continue
-            if target.parent.name == "bin":
-                with open(source, "rb") as f:
-                    if f.read(2) == b"#!":
-                        continue
+            if not target.is_relative_to(site):
+                if bin_dir is None or source.parent.name != "bin" or source.read_bytes()[:2] == b"#!":
+                    continue
+                target = bin_dir / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, target)
@@ -148,11 +151,26 @@ def link_distributions(dists: Iterable[metadata.Distribution], venv: Path) -> in
     return count
 
 
-def fresh_venv(path: Path, build_tools: bool) -> Path:
-    """A new venv whose site-packages holds torch's distributions (and the build tools) only."""
+def torch_site(work: Path) -> Path:
+    """A folder holding torch and what it requires, as this venv's pip installed them."""
+    site = work / "torch-site"
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    link_distributions(closure(("torch",)), site)
+    return site
+
+
+def fresh_venv(path: Path, torch_folder: Path, build_tools: bool) -> Path:
+    """A new venv (no pip) whose site-packages has a .pth file naming ``torch_folder`` and, with
+    ``build_tools``, pip's build tools (wheel, ninja; setuptools comes with torch)."""
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
-    link_distributions(closure(("torch",) + (BUILD_TOOLS if build_tools else ())), path)
+    site = path / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    (site / "torch-site.pth").write_text(f"{torch_folder}\n")
+    if build_tools:
+        have = {d.metadata["Name"].lower() for d in closure(("torch",))}
+        link_distributions([d for d in closure(BUILD_TOOLS) if d.metadata["Name"].lower() not in have], site,
+                           path / "bin")
     return path / "bin" / "python"
 
 
@@ -184,7 +202,7 @@ def use_in(checks: Checks, name: str, python: Path, cwd: Path, logs: Path, expec
     facts = json.loads(line[4:]) if line else {}
     venv = python.parent.parent
     where = Path(facts.get("fpn_fast", "/"))
-    ok = (proc.returncode == 0 and bool(facts) and Path(facts["torch"]).is_relative_to(venv)
+    ok = (proc.returncode == 0 and bool(facts) and Path(facts["torch"]).is_relative_to(venv.parent / "torch-site")
           and where.is_relative_to(expect_under or venv))
     checks.record(f"{name}: import fpn_fast, __version__, upsample_add (extension) == reference", ok,
                   time.monotonic() - start, f"{where}, {facts.get('record')}" if ok else tail(proc))
@@ -283,7 +301,8 @@ def run_checks(checks: Checks, work: Path, logs: Path, dist: Path, wheels: Path,
 
     # 1. The sdist, offline, in a venv that never saw the checkout: the one build for 1 and 2.
     start = time.monotonic()
-    python = fresh_venv(work / "venv-sdist", build_tools=True)
+    torch_folder = torch_site(work)
+    python = fresh_venv(work / "venv-sdist", torch_folder, build_tools=True)
     if not not_importable(checks, "sdist", python, outside):
         return finish(checks)
     proc = run(pip(python, "install", "--no-build-isolation", "--no-index", "--cache-dir", work / "pip-cache", sdist),
@@ -302,7 +321,7 @@ def run_checks(checks: Checks, work: Path, logs: Path, dist: Path, wheels: Path,
 
     # 2. The wheel, where no compiler runs.
     start = time.monotonic()
-    python = fresh_venv(work / "venv-wheel", build_tools=False)
+    python = fresh_venv(work / "venv-wheel", torch_folder, build_tools=False)
     not_importable(checks, "wheel", python, outside)
     with zipfile.ZipFile(built[0]) as whl:
         record = json.loads(whl.read("fpn_fast/_C_build.json"))
@@ -317,7 +336,7 @@ def run_checks(checks: Checks, work: Path, logs: Path, dist: Path, wheels: Path,
 
     # 3. The checkout: plain pip install stops with setup.py's message; --no-build-isolation builds.
     start = time.monotonic()
-    python = fresh_venv(work / "venv-checkout", build_tools=True)
+    python = fresh_venv(work / "venv-checkout", torch_folder, build_tools=True)
     not_importable(checks, "checkout", python, outside)
     proc = run(pip(python, "install", checkout), outside, clean_env(python), logs / "checkout-isolated.log")
     ok = proc.returncode != 0 and "pip install --no-build-isolation" in proc.stdout + proc.stderr
@@ -332,7 +351,9 @@ def run_checks(checks: Checks, work: Path, logs: Path, dist: Path, wheels: Path,
 
     # 4. Editable, as make install does.
     start = time.monotonic()
-    python = fresh_venv(work / "venv-editable", build_tools=True)
+    # A fresh venv at the checkout check's path: its include folder is on the compiler's command
+    # line, which then matches, so ninja finds the checkout build's objects up to date.
+    python = fresh_venv(work / "venv-checkout", torch_folder, build_tools=True)
     not_importable(checks, "editable", python, outside)
     proc = run(pip(python, "install", "--no-build-isolation", "--no-index", "--no-deps", "-e", checkout), outside,
                clean_env(python), logs / "editable-install.log")
