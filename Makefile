@@ -7,7 +7,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(shell find csrc -type f | LC_ALL=C sort)
 DEMO_ARGS ?=
 
-.PHONY: demo test test-pinned test-oldest gpu-check-dry bench install clean
+.PHONY: demo test test-pinned test-oldest gpu-check-dry test-install bench install clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,8 @@ demo: install
 	$(PY) -m fpn_fast --json $(DEMO_OUT)/result.json --report $(DEMO_OUT)/report.png $(DEMO_ARGS)
 
 # Everything CI checks (.ci/run): the suite on the pinned torch, the oldest supported torch's
-# suites, and the GPU check's dry run (every step on CPU at tiny sizes).
-test: test-pinned test-oldest gpu-check-dry
+# suites, the GPU check's dry run (every step on CPU at tiny sizes), and the install checks.
+test: test-pinned test-oldest gpu-check-dry test-install
 
 test-pinned: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -62,6 +62,13 @@ test-oldest: $(OLDEST_VENV)/.deps
 # script cannot break unseen between the sessions that have a GPU.
 gpu-check-dry: install
 	GPU_CHECK_DRY=1 PYTHON=$(PY) OUT=build/gpu_check_dry bash benchmarks/gpu_check.sh
+
+# The four ways users install fpn_fast (sdist, wheel, checkout, editable), each into a fresh venv
+# that has only torch (hard links of $(VENV)'s install of the pinned wheels), then used from there
+# (tests/integration/install_check.py, docs/install.md). CPU kernels only (FPN_FAST_CUDA=0) to keep
+# it to minutes; logs, venvs and the checkout copy's build cache in build/install-check.
+test-install: $(VENV)/.deps
+	FPN_FAST_CUDA=$${FPN_FAST_CUDA:-0} $(PY) tests/integration/install_check.py --work build/install-check
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,min,max,rounds --benchmark-sort=name

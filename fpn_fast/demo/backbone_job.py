@@ -43,7 +43,7 @@ def run_backbone(job: BackboneJob) -> Dict[str, object]:
         job: the options.
 
     Returns:
-        The result (keys listed in the README's "Main job" section); "failures" names the variants
+        The result (keys listed in docs/main_job.md); "failures" names the variants
         that raised or broke the parity bound.
 
     Raises:

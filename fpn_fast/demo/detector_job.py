@@ -104,8 +104,8 @@ def run_detector(job: DetectorJob) -> Tuple[Dict[str, object], Dict[str, object]
         job: the options.
 
     Returns:
-        (result, pictures). result: JSON-ready numbers (keys and units in the README's "Main job"
-        section); its "failures" names the variants that raised or broke the pyramid parity bound.
+        (result, pictures). result: JSON-ready numbers (keys and units in docs/main_job.md);
+        its "failures" names the variants that raised or broke the pyramid parity bound.
         pictures: for :func:`fpn_fast.demo.report.write_detector_png`, "photos" (the first
         ``job.keep_images``: name, uint8 pixels, per-level heat maps of the optimized model, and
         the detections of torchvision eager and of that model) and "categories" (label names or None).

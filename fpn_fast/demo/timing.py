@@ -66,7 +66,7 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         device: the device the job runs on.
 
     Returns:
-        A JSON-ready dict (see the README's "Main job" section).
+        A JSON-ready dict (see docs/main_job.md).
     """
     cpu = platform.processor()
     try:
