@@ -1,5 +1,7 @@
-"""The Triton convolutions with the epilogue in the kernel (fpn_fast.ops.conv._triton_gemm:
-``conv1x1_act``) against eager PyTorch: relu?((F.conv2d(x, weight, bias) + residual)).
+"""The Triton convolutions with the epilogue in the kernel against eager PyTorch,
+relu?((F.conv2d(x, weight, bias, stride, padding) + residual)): ``conv1x1_act`` (the GEMM of a
+1x1 stride-1 conv, fpn_fast.ops.conv._triton_gemm) and ``conv2d_act`` (the implicit GEMM of any
+window and stride, fpn_fast.ops.conv._triton_implicit_gemm).
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter (conftest.py sets
 TRITON_INTERPRET=1), whose tl.dot is a numpy matmul: float32 there is IEEE whatever the TF32 flag
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from fpn_fast.ops import _triton  # noqa: E402  (after importorskip)
-from fpn_fast.ops.conv import _triton_gemm  # noqa: E402
+from fpn_fast.ops.conv import _triton_gemm, _triton_implicit_gemm  # noqa: E402
 from tests._cases import laid_out  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -333,6 +335,132 @@ def test_conv1x1_compile_fullgraph(device):
     assert torch.equal(compiled(*args), _triton_gemm.conv1x1_act(*args))
 
 
+# ----------------------------------------------------------------------------- conv2d_act
+
+# name -> ((N, C, H, W), K), window, stride, padding: the bottleneck's 3x3 stride 1 and 2 and
+# 1x1 stride-2 downsample on odd maps (13x7 -> 7x4), a 3x3 on a 1x1 map (only the centre tap is
+# inside), the stem's 7x7 stride 2 on 3 channels, an asymmetric window, stride and padding.
+CASES_IMPLICIT = {
+    "3x3s1p1": (((2, 17, 13, 7), 19), (3, 3), (1, 1), (1, 1)),
+    "3x3s2p1": (((2, 17, 13, 7), 19), (3, 3), (2, 2), (1, 1)),
+    "3x3s1p1-1x1map": (((2, 64, 1, 1), 3), (3, 3), (1, 1), (1, 1)),
+    "1x1s2": (((1, 64, 13, 13), 17), (1, 1), (2, 2), (0, 0)),
+    "7x7s2p3": (((1, 3, 13, 7), 17), (7, 7), (2, 2), (3, 3)),
+    "1x3s2,1p0,1": (((1, 17, 7, 13), 17), (1, 3), (2, 1), (0, 1)),
+}
+IMPLICIT_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[4]]
+
+
+def _implicit(name, dtype, device):
+    case, window, stride, padding = CASES_IMPLICIT[name]
+    return _make(case, dtype, device, window, stride, padding), stride, padding
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES_IMPLICIT))
+def test_conv2d_matches_reference(name, dtype, device):
+    inputs, stride, padding = _implicit(name, dtype, device)
+    shape = inputs[3].shape
+    for variant in IMPLICIT_VARIANTS:
+        x, weight, bias, residual, relu = _variant(*inputs, variant)
+        out = _triton_implicit_gemm.conv2d_act(x, weight, bias, residual, stride, padding, relu)
+        _assert_layout(out, x, shape)
+        _assert_accurate(out, x, weight, bias, residual, relu, stride, padding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3s1p1", "3x3s2p1"])
+def test_conv2d_non_finite(name, dtype, device):
+    """NaN and inf where eager puts them. Eager itself differs on one point: whether a non-finite
+    weight reaches the outputs whose window hangs over the border (zero padding times NaN is
+    NaN): F.conv2d's float32/float64 kernels say yes, as this kernel does, oneDNN's bfloat16 one
+    says no. So non-finite weights are checked against float64, and eager in the dtype itself
+    is checked with finite weights."""
+    (x, weight, bias, residual), stride, padding = _implicit(name, dtype, device)
+    planted = _non_finite(x, weight, bias, residual)
+    for x, weight, bias, residual in (planted, planted[:1] + (weight,) + planted[2:]):
+        x = x.contiguous(memory_format=torch.channels_last)
+        out = _triton_implicit_gemm.conv2d_act(x, weight, bias, residual, stride, padding, True)
+        reference = eager(*_double(x, weight, bias, residual), True, stride, padding)
+        assert not torch.isfinite(reference).all() and torch.isfinite(reference).any()
+        _assert_same_non_finite(out, reference)
+        if torch.isfinite(weight).all():
+            _assert_same_non_finite(out, eager(x, weight, bias, residual, True, stride, padding))
+        _assert_accurate(out, x, weight, bias, residual, True, stride, padding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+def test_conv2d_many_small_tiles(device, int64, monkeypatch):
+    """Several row, column and channel blocks per tap, each ragged, padding on every side, the
+    residual being x itself; (forced) the int64 offset path."""
+    for key in ("BLOCK_M", "BLOCK_K", "BLOCK_C"):
+        monkeypatch.setitem(_triton_gemm._INTERPRETER_BLOCKS, key, 16)
+    if int64:
+        monkeypatch.setattr(_triton_gemm, "_needs_int64", lambda *tensors: True)
+    x, weight, bias, _ = _make(((2, 40, 7, 5), 40), torch.float32, device, (3, 3), (1, 1), (1, 1))
+    for layout in ("contiguous", "channels_last"):
+        x_in = laid_out(x, layout)
+        out = _triton_implicit_gemm.conv2d_act(x_in, weight, bias, x_in, 1, 1, True)
+        _assert_accurate(out, x_in, weight, bias, x_in, True, (1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_supports(device):
+    (x, weight, bias, residual), stride, padding = _implicit("3x3s2p1", torch.float32, device)
+    call = dict(x=x, weight=weight, bias=bias, residual=residual, relu=True, stride=stride, padding=padding)
+    assert _triton_implicit_gemm.supports(**call) is None
+    assert _triton_implicit_gemm.supports(**dict(call, stride=2, padding=1)) is None
+    refused = {
+        "dilation": dict(dilation=(2, 2)),
+        "groups 17 are not supported": dict(groups=17),
+        "stride must be an int or two ints": dict(stride=(1, 2, 3)),
+        r"stride \(0, 0\) must be two positive ints": dict(stride=0),
+        r"padding \(-1, 0\) two >= 0": dict(padding=(-1, 0)),
+        r"residual must have shape \(2, 19, 6, 3\) .* got \(2, 19, 7, 4\)": dict(padding=0),
+        "window .* is larger than x": dict(weight=torch.randn(19, 17, 17, 3, device=device), residual=None),
+        "float64 is not supported": dict(x=x.double(), weight=weight.double(), bias=None, residual=None),
+    }
+    for reason, change in refused.items():
+        found = _triton_implicit_gemm.supports(**dict(call, **change))
+        assert found is not None and re.search(reason, found), (reason, found)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_bad_inputs_raise_before_launch(device, monkeypatch):
+    monkeypatch.setattr(_triton_gemm, "_KERNEL", _NotLaunched())
+    (x, weight, bias, residual), stride, padding = _implicit("3x3s2p1", torch.float32, device)
+    bad = [
+        (dict(stride="2"), TypeError, "stride must be an int or two ints, got '2'"),
+        (dict(padding=(1, 1.5)), TypeError, "padding must be an int or two ints"),
+        (dict(stride=(0, 1)), ValueError, r"stride \(0, 1\) must be two positive ints"),
+        (dict(padding=-1), ValueError, r"padding \(-1, -1\) two >= 0"),
+        (dict(weight=torch.randn(19, 17, 3, 17, device=device)), ValueError, r"window \(3, 17\) is larger than x"),
+        (dict(residual=residual[..., :3]), ValueError, r"residual must have shape \(2, 19, 7, 4\)"),
+        (dict(x=x[:, :16]), ValueError, r"must be \(K, 16, kh, kw\)"),
+        (dict(bias=bias.half()), TypeError, "bias .*float16.* must have x's dtype"),
+        (dict(x=x.clone().requires_grad_()), RuntimeError, "inference only"),
+    ]
+    call = dict(x=x, weight=weight, bias=bias, residual=residual, stride=stride, padding=padding, relu=True)
+    for change, error, match in bad:
+        with pytest.raises(error, match=match):
+            _triton_implicit_gemm.conv2d_act(**dict(call, **change))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_opcheck_and_compile(device):
+    (x, weight, bias, residual), stride, padding = _implicit("3x3s2p1", torch.float32, device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    for args in ((x, weight, bias, residual, list(stride), list(padding), True),
+                 (x.contiguous(), weight, None, None, [1, 1], [1, 1], False)):
+        torch.library.opcheck(torch.ops.fpn_fast_triton.conv2d_act.default, args)
+    compiled = torch.compile(_triton_implicit_gemm.conv2d_act, fullgraph=True, backend="aot_eager")
+    args = (x, weight, bias, residual, stride, padding, True)
+    assert torch.equal(compiled(*args), _triton_implicit_gemm.conv2d_act(*args))
+
+
 def test_registration_without_interpreter(run_python):
     """The registration a GPU machine makes (TRITON_INTERPRET unset), in a fresh process: the
     same schema, a fake kernel giving x's memory format, the refusal of inputs that need grad."""
@@ -340,22 +468,31 @@ def test_registration_without_interpreter(run_python):
         import torch
         from torch._subclasses.fake_tensor import FakeTensorMode
         from fpn_fast.ops.conv import _triton_gemm
-        op = torch.ops.fpn_fast_triton.conv1x1_act
-        print(op.default._schema)
+        from fpn_fast.ops.conv import _triton_implicit_gemm
+        ns = torch.ops.fpn_fast_triton
+        print(ns.conv1x1_act.default._schema)
+        print(ns.conv2d_act.default._schema)
         with FakeTensorMode():
             x = torch.randn(2, 5, 7, 3).contiguous(memory_format=torch.channels_last)
-            out = op(x, torch.randn(4, 5, 1, 1), torch.randn(4), None, True)
+            out = ns.conv1x1_act(x, torch.randn(4, 5, 1, 1), torch.randn(4), None, True)
             print((tuple(out.shape), out.stride()))
-        try:
-            op(torch.randn(1, 5, 2, 2), torch.randn(4, 5, 1, 1, requires_grad=True), None, None, False)
-        except RuntimeError as e:
-            print("refused:", "has no gradient" in str(e))
+            out = ns.conv2d_act(x, torch.randn(4, 5, 3, 3), None, None, [2, 2], [1, 1], True)
+            print((tuple(out.shape), out.stride()))
+        for call in (lambda w: ns.conv1x1_act(torch.randn(1, 5, 2, 2), w, None, None, False),
+                     lambda w: ns.conv2d_act(torch.randn(1, 5, 2, 2), w, None, None, [1, 1], [0, 0], False)):
+            try:
+                call(torch.randn(4, 5, 1, 1, requires_grad=True))
+            except RuntimeError as e:
+                print("refused:", "has no gradient" in str(e))
     """, unset=("TRITON_INTERPRET",))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == ("fpn_fast_triton::conv1x1_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
                         "bool relu) -> Tensor"), lines
-    assert lines[1] == "((2, 4, 7, 3), (84, 1, 12, 4))" and lines[2] == "refused: True", lines
+    assert lines[1] == ("fpn_fast_triton::conv2d_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
+                        "SymInt[] stride, SymInt[] padding, bool relu) -> Tensor"), lines
+    assert lines[2:] == ["((2, 4, 7, 3), (84, 1, 12, 4))", "((2, 4, 4, 2), (32, 1, 8, 4))",
+                         "refused: True", "refused: True"], lines
 
 
 # ----------------------------------------------------------------------------- GPU configs
@@ -423,3 +560,29 @@ def test_conv1x1_compile_inductor_cuda():
     out = compiled(*args)
     _assert_layout(out, args[0], (2, 64, 50, 76))
     _assert_accurate(out, *args)
+
+
+# ResNet50's other convs at batch 2, 800x1216: ((N, C, H, W), K), window, stride, padding.
+BOTTLENECK_IMPLICIT = {
+    "C2 conv2 3x3": (((2, 64, 200, 304), 64), (3, 3), (1, 1), (1, 1)),
+    "C3 conv2 first 3x3s2": (((2, 128, 200, 304), 128), (3, 3), (2, 2), (1, 1)),
+    "C3 downsample 1x1s2": (((2, 256, 200, 304), 512), (1, 1), (2, 2), (0, 0)),
+    "C5 conv2 3x3": (((2, 512, 25, 38), 512), (3, 3), (1, 1), (1, 1)),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+@pytest.mark.parametrize("name", list(BOTTLENECK_IMPLICIT))
+def test_conv2d_bottleneck_sized_cuda(name, tf32, dtype, monkeypatch):
+    if dtype != torch.float32 and not tf32:
+        pytest.skip("the TF32 flag concerns float32 only")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    case, window, stride, padding = BOTTLENECK_IMPLICIT[name]
+    x, weight, bias, residual = _make(case, dtype, "cuda", window, stride, padding)
+    cl = torch.channels_last
+    x, residual = x.contiguous(memory_format=cl), residual.contiguous(memory_format=cl)
+    out = _triton_implicit_gemm.conv2d_act(x, weight, bias, residual, stride, padding, True)
+    _assert_layout(out, x, residual.shape)
+    _assert_accurate(out, x, weight, bias, residual, True, stride, padding)
