@@ -10,7 +10,8 @@ follow the same flag), bfloat16 tensors. Variants:
   windows and strides: conv2d_act);
 - "cudnn + triton epilogue": today's route (ops.conv2d_act under "triton" on CUDA): F.conv2d
   without bias, then the in-place Triton bias/residual/ReLU pass (conv._triton_epilogue);
-- "cudnn bias + add + relu": eager PyTorch: F.conv2d with bias, + residual, torch.relu;
+- "eager": eager PyTorch: F.conv2d with bias (cuDNN), + residual, torch.relu (summarize.py's
+  baseline);
 - "cudnn fused": torch.cudnn_convolution_relu / _add_relu, one cuDNN call (convs ending in ReLU
   only; its ReLU maps NaN to 0, so it is a speed reference, not a route the project may take
   unprobed).
@@ -56,7 +57,7 @@ if DRY:  # the GPU check's dry run: the same convs at an eighth of the size
     CONVS = {name: (c, -(-h // 8), -(-w // 8), *rest) for name, (c, h, w, *rest) in CONVS.items()}
 PRECISIONS = {"float32 tf32": (torch.float32, True), "float32 ieee": (torch.float32, False),
               "bfloat16": (torch.bfloat16, True)}
-VARIANTS = ["triton gemm", "cudnn + triton epilogue", "cudnn bias + add + relu", "cudnn fused"]
+VARIANTS = ["triton gemm", "cudnn + triton epilogue", "eager", "cudnn fused"]
 
 
 def _ids(names):
@@ -73,7 +74,7 @@ def _eager(x, weight, bias, residual, stride, padding, relu):
 def _op(variant: str, device: str, window: int, stride: int, relu: bool):
     """The variant as a function of (x, weight, bias, residual), or a pytest skip saying why not."""
     padding = window // 2
-    if variant == "cudnn bias + add + relu":
+    if variant == "eager":
         return lambda x, w, b, r: _eager(x, w, b, r, stride, padding, relu)
     if variant == "cudnn fused":
         if device != "cuda" or not relu:

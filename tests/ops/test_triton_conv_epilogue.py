@@ -375,17 +375,17 @@ def test_conv2d_matches_reference(name, dtype, device):
 def test_conv2d_non_finite(name, dtype, device):
     """NaN and inf where eager puts them. Eager itself differs on one point: whether a non-finite
     weight reaches the outputs whose window hangs over the border (zero padding times NaN is
-    NaN): F.conv2d's float32/float64 kernels say yes, as this kernel does, oneDNN's bfloat16 one
-    says no. So non-finite weights are checked against float64, and eager in the dtype itself
-    is checked with finite weights."""
+    NaN): F.conv2d's float32/float64 CPU kernels say yes, as this kernel does, oneDNN's bfloat16
+    one says no. So non-finite weights are checked against float64 on CPU (the definition:
+    zero padding, then the sum), and eager in the dtype itself on the device with finite weights."""
     (x, weight, bias, residual), stride, padding = _implicit(name, dtype, device)
     planted = _non_finite(x, weight, bias, residual)
     for x, weight, bias, residual in (planted, planted[:1] + (weight,) + planted[2:]):
         x = x.contiguous(memory_format=torch.channels_last)
         out = _triton_implicit_gemm.conv2d_act(x, weight, bias, residual, stride, padding, True)
-        reference = eager(*_double(x, weight, bias, residual), True, stride, padding)
+        reference = eager(*[t.cpu() for t in _double(x, weight, bias, residual)], True, stride, padding)
         assert not torch.isfinite(reference).all() and torch.isfinite(reference).any()
-        _assert_same_non_finite(out, reference)
+        _assert_same_non_finite(out.cpu(), reference)
         if torch.isfinite(weight).all():
             _assert_same_non_finite(out, eager(x, weight, bias, residual, True, stride, padding))
         _assert_accurate(out, x, weight, bias, residual, True, stride, padding)

@@ -14,7 +14,8 @@ The convolution lives only in the float32 accumulator; the epilogue adds the bia
 residual (the order of F.conv2d(bias) + residual), applies ReLU keeping NaN as torch.relu does,
 rounds once to x's dtype and stores the output once. Zero padding is multiplied like the
 pixels: a non-finite weight makes the border outputs non-finite too, as F.conv2d's float32 and
-float64 kernels do (oneDNN's bfloat16 kernel skips padded taps instead).
+float64 CPU kernels do (zero padding, then the sum); eager is not one answer there (oneDNN's
+bfloat16 kernel skips padded taps).
 
 Inference only: the op has no autograd; registered by ``fpn_fast.ops._triton.define_inference_op``.
 """
