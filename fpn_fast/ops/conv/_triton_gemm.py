@@ -23,9 +23,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .._triton import (_INTERPRET, _empty, _ints, _is_channels_last, _needs_int64, _next_pow2, _precision,
-                      define_inference_op, on_device_of, triton, unavailable_reason)
-from ..lateral._triton import _autotune_mode, _device_limits, _dot_precision
+from .._triton import (_INTERPRET, _autotune_mode, _device_limits, _dot_precision, _empty, _ints, _is_channels_last,
+                      _needs_int64, _next_pow2, _precision, define_inference_op, on_device_of, triton,
+                      unavailable_reason)
 
 if triton is not None:
     import triton.language as tl
