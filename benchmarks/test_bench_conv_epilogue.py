@@ -154,7 +154,12 @@ def test_conv_epilogue(benchmark, copy_gbps, cudnn_tf32, device, conv, precision
     with torch.inference_mode():
         x, residual = sets[0]
         expected = _eager(x, weight, bias, residual, stride, padding, relu).float()
-        got = op(x, weight, bias, residual).float()
+        try:
+            got = op(x, weight, bias, residual).float()
+        except RuntimeError as error:
+            if variant != "cudnn fused":
+                raise
+            pytest.skip(f"cuDNN's fused call refuses this conv here (a peer, not a route): {error}")
         scale = expected.abs().max().clamp(min=1e-30)
         assert (got - expected).abs().max() <= 2e-2 * scale, f"{variant} disagrees with eager"
 
