@@ -1,5 +1,6 @@
 """What every Triton kernel of fpn_fast shares: availability, the 2-D tiling, the nearest source
-index, rounding, and the op registration (``registrar``, ``define_inference_op``).
+index, rounding, the op registration (``registrar``, ``define_inference_op``), and what the GEMM
+kernels share (autotune mode, device limits, the dot precision that follows cuDNN's TF32 flag).
 
 Every kernel walks its output in 2-D tiles, (rows x cols), where cols is the contiguous dimension
 of the output's memory format (W for NCHW, C for channels_last) so that loads and stores along it
@@ -8,18 +9,21 @@ Inputs are read through their own strides, so no operand is copied to a canonica
 
 The ops live in the "fpn_fast_triton" namespace (the C++ extension owns "fpn_fast"); each op's
 kernels and registration live beside the op (``top_down/_triton.py``, ``pool/_triton.py``,
-``conv/_triton_epilogue.py``, ``lateral/_triton.py``). On a GPU the differentiable ones are
+``conv/_triton_epilogue.py``, ``conv/_triton_gemm.py``, ``conv/_triton_implicit_gemm.py``,
+``lateral/_triton.py``). On a GPU the differentiable ones are
 ``torch.library.triton_op``s, so torch.compile sees the kernels; under TRITON_INTERPRET=1 (CPU
 tensors) they are opaque ``custom_op``s, because compiling a triton_op traces into the launch and
 the interpreter then touches fake tensors' data.
 """
 import contextlib
+import functools
 import os
 import struct
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .measure import cudnn_conv_allows_tf32
 from .reference import memory_format_of
 
 try:
@@ -41,6 +45,36 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cpu":
         return None if _INTERPRET else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     return f"Triton has no {device_type} support here"
+
+
+# ---- what the GEMM kernels share (the fused lateral GEMM, the conv GEMMs): autotune mode, device
+# limits, and the dot precision that follows cuDNN's TF32 flag.
+
+def _autotune_mode() -> str:
+    """FPN_FAST_AUTOTUNE, read at import by each GEMM kernel's module: "heuristic" (default)
+    launches the one config the module's ``_heuristic_config`` picks, so a first call compiles one
+    kernel per specialisation and times nothing; "full" autotunes every config of the module's
+    _GPU_CONFIGS per GEMM shape (several seconds a shape; the choice is cached on disk with
+    Triton's kernels, ``cache_results``)."""
+    choice = os.environ.get("FPN_FAST_AUTOTUNE") or "heuristic"
+    if choice not in ("heuristic", "full"):
+        raise ValueError(f"FPN_FAST_AUTOTUNE must be 'heuristic' or 'full', not {choice!r}")
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> Tuple[int, int]:
+    """(multiprocessors, shared memory per block in bytes) of CUDA device ``index``."""
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return props.multi_processor_count, shared
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """The GEMM kernels replace cuDNN convolutions, so float32 uses TF32 exactly when cuDNN may
+    (torch.backends.cudnn.allow_tf32). float16/bfloat16 get tl.dot's default, "tf32", which
+    only concerns float32 operands: they always run on the tensor cores."""
+    return "ieee" if dtype == torch.float32 and not cudnn_conv_allows_tf32() else "tf32"
 
 
 # Source-index modes per spatial dim, chosen on the host (docs/design.md, exact op semantics).

@@ -12,17 +12,14 @@ Inference only: the op has no autograd (its backward would need the lateral map 
 registered by ``fpn_fast.ops._triton.define_inference_op``, one opaque op on a GPU and under
 TRITON_INTERPRET=1 alike.
 """
-import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from .._checks import check_lateral_upsample_add
-from ..measure import cudnn_conv_allows_tf32
 from .._triton import (
-    _INTERPRET, _empty, _float32_scale, _ints, _is_channels_last, _needs_int64, _next_pow2,
-    _precision, _resize_mode, define_inference_op, on_device_of, triton)
+    _INTERPRET, _autotune_mode, _device_limits, _dot_precision, _empty, _float32_scale, _ints, _is_channels_last,
+    _needs_int64, _next_pow2, _precision, _resize_mode, define_inference_op, on_device_of, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -54,17 +51,6 @@ _GPU_CONFIGS = (
 )
 
 
-def _autotune_mode() -> str:
-    """FPN_FAST_AUTOTUNE, read at import: "heuristic" (default) launches the one config
-    ``_heuristic_config`` picks, so a first call compiles one kernel per specialisation and times
-    nothing; "full" autotunes every config of _GPU_CONFIGS per GEMM shape (several seconds a
-    shape; the choice is cached on disk with Triton's kernels, ``cache_results``)."""
-    choice = os.environ.get("FPN_FAST_AUTOTUNE") or "heuristic"
-    if choice not in ("heuristic", "full"):
-        raise ValueError(f"FPN_FAST_AUTOTUNE must be 'heuristic' or 'full', not {choice!r}")
-    return choice
-
-
 # Bytes of shared memory per operand element in a pipeline stage, by dtype.
 _ELEMENT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -93,21 +79,6 @@ def _heuristic_config(m: int, o: int, k: int, dtype: torch.dtype, sm_count: int,
         if -(-m // config[0]) * -(-o // config[1]) >= sm_count:
             return config
     return by_size[-1]
-
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(index: int) -> Tuple[int, int]:
-    """(multiprocessors, shared memory per block in bytes) of CUDA device ``index``."""
-    props = torch.cuda.get_device_properties(index)
-    shared = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    return props.multi_processor_count, shared
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """This op replaces a cuDNN convolution, so float32 uses TF32 exactly when cuDNN may
-    (torch.backends.cudnn.allow_tf32). float16/bfloat16 get tl.dot's default, "tf32", which
-    only concerns float32 operands: they always run on the tensor cores."""
-    return "ieee" if dtype == torch.float32 and not cudnn_conv_allows_tf32() else "tf32"
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
