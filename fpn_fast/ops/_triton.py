@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .measure import cudnn_conv_allows_tf32
+from .flags import cudnn_conv_allows_tf32
 from .reference import memory_format_of
 
 try:

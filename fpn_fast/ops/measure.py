@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from .dispatch import MEASURED, capturing_graph, get_backend
+from .flags import cudnn_conv_allows_tf32
 
 __all__ = ["Candidate", "Decision", "measured", "fastest", "choices", "on_side_stream", "cuda_flags",
            "cudnn_conv_allows_tf32", "stream_capturing"]
@@ -36,21 +37,6 @@ TIMED_RUNS = 5
 # A candidate agrees when it differs from the first by at most this fraction of the first's
 # largest finite magnitude (TF32 and reordered sums stay far below it; a wrong result does not).
 AGREEMENT = 1e-2
-
-
-def cudnn_conv_allows_tf32() -> bool:
-    """torch.backends.cudnn.allow_tf32, also when the caller set the newer per-op precision
-    flags (torch >= 2.9), after which reading the legacy flag raises: the most specific of
-    cudnn.conv, cudnn, then the global fp32_precision that is not "none" decides."""
-    try:
-        return torch.backends.cudnn.allow_tf32
-    except RuntimeError:
-        pass
-    for precision in (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
-                      torch.backends.fp32_precision):
-        if precision != "none":
-            return precision == "tf32"
-    return True  # torch's default for cuDNN convolutions
 
 
 def cuda_flags() -> tuple:
