@@ -126,6 +126,9 @@ ROUNDING: Dict[Tuple[str, str], Rounding] = {
     # add: up to two roundings of float16/bfloat16 apart (measured 0.9 eps), plus the conv's own
     # order without the bias (measured 0.8 float32 eps on CPU).
     ("conv2d_act", "triton"): Rounding(sums=REORDERED, roundings=2),
+    # cuDNN's fused conv + bias (+ residual) + ReLU (CUDA, a measured route taken only where its
+    # ReLU keeps NaN): its own sum order, and one rounding where the reference rounds twice.
+    ("conv2d_act", "cudnn_relu"): Rounding(sums=REORDERED, roundings=2),
     ("conv2d_act", "torch"): EXACT,
     ("conv2d_nchw", "winograd"): WINOGRAD,
     ("conv2d_nchw", "nnpack"): WINOGRAD,
