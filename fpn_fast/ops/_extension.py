@@ -25,7 +25,8 @@ __all__ = ["ExtensionMismatchWarning", "build_record", "library_path", "has_cuda
 
 BUILD_RECORD = "_C_build.json"  # setup.py's name for it
 _REBUILD = ("rebuild it against the running torch: pip install --no-build-isolation --no-deps --force-reinstall "
-            "--no-cache-dir <the fpn_fast sdist or source folder> (in a checkout: pip install --no-build-isolation -e .)")
+            "--no-cache-dir <the fpn_fast sdist or source folder> "
+            "(in a checkout: pip install --no-build-isolation -e .)")
 
 
 class ExtensionMismatchWarning(RuntimeWarning):

@@ -247,7 +247,8 @@ def check_sdist_contents(sdist: Path, listed: List[str]) -> List[str]:
     """Problems with the sdist's file list: a file the build needs missing, or anything else in it."""
     with tarfile.open(sdist) as tar:
         names = {m.name.partition("/")[2] for m in tar.getmembers() if m.isfile()}
-    needed = {f for f in listed if f.startswith(("csrc/", "docs/")) or (f.startswith("fpn_fast/") and f.endswith(".py"))}
+    needed = {f for f in listed
+              if f.startswith(("csrc/", "docs/")) or (f.startswith("fpn_fast/") and f.endswith(".py"))}
     needed |= {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "PKG-INFO"}
     allowed = needed | {"setup.cfg"} | {n for n in names if n.startswith("fpn_fast.egg-info/")}
     problems = [f"missing: {f}" for f in sorted(needed - names)]

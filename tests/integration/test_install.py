@@ -189,3 +189,14 @@ def test_no_library_runs_without_a_warning(run_python, tmp_path):
     assert warned == [] and "Traceback" not in proc.stderr
     assert lines["LOADED"] == "False" and lines["AUTO_EQUAL"] == "True"
     assert "fpn_fast._C is not built" in lines["NAMED"]
+
+
+@pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None, reason="the extension is not built")
+def test_library_without_a_record_is_loaded_without_a_warning(run_python, tmp_path):
+    """A library built before fpn_fast recorded its torch (no record), that loads: used, as before."""
+    root = _package_copy(tmp_path, None, library=open(_extension.library_path(), "rb").read())
+    proc, lines, warned = _run_copy(run_python, root)
+    assert warned == [] and "Traceback" not in proc.stderr
+    assert lines["LOADED"] == "True" and lines["AUTO_EQUAL"] == "True"
+    assert "NAMED" not in lines and "LIBRARY_PATH" not in lines
+    assert lines["fpn_fast"].endswith("extension loaded, built before fpn_fast recorded its torch)")
