@@ -151,7 +151,7 @@ def _routes(optimized, key) -> dict:
     rows = [row for row in optimized.route_report() if key(row["signature"])]
     counts = {}
     for row in rows:
-        name = f"{row['op']}: {row['route']}"
+        name = f"{row['op']}: {row['route']}" + (f" via {row['via']}" if row.get("via") else "")
         counts[name] = counts.get(name, 0) + 1
     return dict(counts=counts, text=format_routes(rows))
 

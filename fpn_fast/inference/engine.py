@@ -245,7 +245,7 @@ class Engine:
                 candidates = {} if decision is None else {
                     name: candidate._asdict() for name, candidate in decision.candidates.items()}
                 rows.append(dict(signature=key, step=index, module=route.module, op=route.op, route=route.route,
-                                 measured=decision is not None, candidates=candidates))
+                                 via=route.via, measured=decision is not None, candidates=candidates))
         return rows
 
 
@@ -260,11 +260,11 @@ def format_routes(rows: List[Dict[str, object]]) -> str:
             lines.append(f"signature {tuple(key.shape)} {key.dtype} {key.device} autocast={key.autocast} "
                          f"backend={key.backend}")
             last = key
-        chosen = row["candidates"].get(row["route"], {})
+        chosen = row["candidates"].get(row.get("via") or row["route"], {})
         timed = f" {chosen['ms']:.3f} ms" if chosen.get("ms") is not None else ""
         others = []
         for name, candidate in row["candidates"].items():
-            if name == row["route"]:
+            if name == (row.get("via") or row["route"]):
                 continue
             text = f"{name}: {candidate['status']}"
             if candidate["ms"] is not None:
@@ -272,7 +272,8 @@ def format_routes(rows: List[Dict[str, object]]) -> str:
             if candidate["reason"]:
                 text += f" ({candidate['reason']})"
             others.append(text)
-        lines.append(f"  {row['module'] or '-':<28} {row['op']:<21} {row['route']}{timed}"
+        via = f" via {row['via']}" if row.get("via") else ""
+        lines.append(f"  {row['module'] or '-':<28} {row['op']:<21} {row['route']}{via}{timed}"
                      + ("  | " + " | ".join(others) if others else ""))
     return "\n".join(lines)
 

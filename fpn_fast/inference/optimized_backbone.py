@@ -160,7 +160,8 @@ class InferenceBackboneWithFPN(nn.Module):
         Returns:
             [{"signature": plan.Signature, "step": int, "module": the name of the module whose
             weight the step uses (e.g. "body.layer1.0.convs.0") or None, "op": str, "route": the
-            implementation run ("triton", "cudnn_relu", "onednn", "winograd", ...), "measured":
+            implementation run ("triton", "cudnn_relu", "onednn", "winograd", ...), "via": the
+            route of another op's runner it runs, or None (``ops.runner.Runner.via``), "measured":
             bool, "candidates": {implementation: {"status": "chosen" | "slower" | "raised" |
             "disagreed" | "refused", "ms": median ms or None, "reason": str or None}} (empty where
             the route was not measured)}]. ``engine.format_routes(rows)`` writes them as text.

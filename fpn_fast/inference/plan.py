@@ -88,12 +88,14 @@ def signature(x: Tensor) -> Signature:
 
 class Route(NamedTuple):
     """One op step of a plan: the ``op``, the ``route`` its runner takes, the ``module`` whose
-    weight it uses (its name in the backbone, or None), and the measured ``decision`` (an
-    ``ops.measure.Decision``, or None where the route was not measured)."""
+    weight it uses (its name in the backbone, or None), the measured ``decision`` (an
+    ``ops.measure.Decision``, or None where the route was not measured), and ``via``: the route
+    of another op's runner that this route runs, or None (``ops.runner.Runner.via``)."""
     op: str
     route: str
     module: Optional[str]
     decision: object
+    via: Optional[str] = None
 
 
 class Plan:
@@ -222,7 +224,8 @@ class _Writer:
         if step.runner is not None:
             weight = next((self.weight_names[id(a)] for i, a in enumerate(step.args)
                            if i not in step.runner.dynamic and id(a) in self.weight_names), None)
-            self.routes.append(Route(step.runner.op, step.runner.route, weight, step.runner.decision))
+            self.routes.append(Route(step.runner.op, step.runner.route, weight, step.runner.decision,
+                                     step.runner.via))
 
     def outputs(self, out: Dict[str, Tensor]) -> str:
         return "    return OrderedDict([" + ", ".join(

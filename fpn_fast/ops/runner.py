@@ -32,14 +32,18 @@ class Runner:
             argument, from a pack source (``inference.Conv2dAct``) and the input.
         decision: the measured decision (``measure.Decision``) that chose the route, if any.
         identity: the runner returns its first argument unchanged (not recorded).
+        via: None, or the route of another op's runner this route runs (``conv2d_nchw``'s
+            "torch" and "onednn" rows run ``conv2d_act``'s direct route, e.g. "triton": cuDNN
+            then the Triton epilogue, before converting to NCHW).
     """
 
-    __slots__ = ("op", "route", "fn", "dynamic", "pack", "decision", "identity")
+    __slots__ = ("op", "route", "fn", "dynamic", "pack", "decision", "identity", "via")
 
     def __init__(self, op: str, route: str, fn: Callable, dynamic: Sequence[int] = (0,),
-                 pack: Optional[Callable] = None, decision=None, identity: bool = False):
+                 pack: Optional[Callable] = None, decision=None, identity: bool = False,
+                 via: Optional[str] = None):
         self.op, self.route, self.fn, self.dynamic = op, route, fn, tuple(dynamic)
-        self.pack, self.decision, self.identity = pack, decision, identity
+        self.pack, self.decision, self.identity, self.via = pack, decision, identity, via
 
     def __call__(self, *args):
         tape = getattr(_state, "tape", None)
@@ -48,7 +52,7 @@ class Runner:
         return tape.run(self, args)
 
     def __repr__(self) -> str:
-        return f"Runner({self.op}: {self.route})"
+        return f"Runner({self.op}: {self.route}{'' if self.via is None else ' via ' + self.via})"
 
 
 class Step(NamedTuple):

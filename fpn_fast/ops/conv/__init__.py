@@ -195,9 +195,10 @@ def _decide_nchw(x, weight, bias, stride, padding, dilation, groups, winograd) -
                              and conv2d_nchw_supports(impl, x, weight, bias, stride, padding, dilation, groups))
     direct = runner(x, weight, bias, stride, padding, dilation, groups, False, None, winograd=False)
     fn, pack = _routes.nchw(implementation, x, weight, padding, direct)
-    # The route is the row's ("torch": conv2d_act's direct route, then to_nchw); what that direct
-    # route measured, where it was measured, is its decision.
-    return Runner("conv2d_nchw", implementation, fn, dynamic=(0,), pack=pack, decision=direct.decision)
+    # The route is the row's; "torch" and "onednn" run conv2d_act's direct route, then to_nchw:
+    # that route is the runner's ``via``, and what it measured, where it was measured, its decision.
+    via = None if implementation in WINOGRAD_ROUTES else direct.route
+    return Runner("conv2d_nchw", implementation, fn, dynamic=(0,), pack=pack, decision=direct.decision, via=via)
 
 
 def conv1x1_route(x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
