@@ -3,8 +3,11 @@
 For each precision (float32 with cuDNN's TF32 off, float32 with it on, bfloat16 autocast) two
 child processes run one after the other with the same, initially empty, Triton cache directory:
 
-- cold: nothing compiled yet (Triton compiles every kernel the backbone launches);
-- warm: a new process with the cache the cold one left (what a restarted server sees).
+- cold: nothing compiled yet (Triton compiles every kernel the backbone launches, and every
+  measured route is timed); it saves its route choices (``fpn_fast.save_choices``);
+- warm: a new process with the Triton cache the cold one left, which loads those choices
+  (``fpn_fast.load_choices``) first: what a restarted server sees. It reports how many routes it
+  measured all the same (``measured_routes``: 0 expected) and how many choices it loaded.
 
 Each child builds the model and ``optimize_for_inference`` copy (set-up, timed apart), then times
 the first call at shape A, a second call at A (steady state, for scale) and the first call at
@@ -47,6 +50,7 @@ def _child(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    loaded = fpn_fast.load_choices(args.load_choices) if args.load_choices else 0
     start = time.perf_counter()
     ours, _ = build_models(0, device, torch.contiguous_format)
     optimized = fpn_fast.optimize_for_inference(ours)
@@ -66,15 +70,21 @@ def _child(args) -> None:
     first = call(args.shape_a)
     steady = call(args.shape_a)
     second_shape = call(args.shape_b)
+    from fpn_fast.ops import measure
+    measured_routes = sum(d["loaded_from"] is None and d["candidates"][d["chosen"]]["ms"] is not None
+                          for d in measure.choices())
+    if args.save_choices:
+        fpn_fast.save_choices(args.save_choices)
     print("RESULT " + json.dumps(dict(setup_s=setup_s, first_call_s=first, steady_call_s=steady,
-                                      second_shape_first_call_s=second_shape)))
+                                      second_shape_first_call_s=second_shape, loaded_choices=loaded,
+                                      measured_routes=measured_routes)))
 
 
-def _run_child(precision: str, device: str, cache_dir: str, shape_a, shape_b) -> dict:
+def _run_child(precision: str, device: str, cache_dir: str, shape_a, shape_b, choices: list) -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     command = [sys.executable, os.path.abspath(__file__), "--child", "--device", device, "--precision", precision,
-               "--shape-a", *map(str, shape_a), "--shape-b", *map(str, shape_b)]
+               "--shape-a", *map(str, shape_a), "--shape-b", *map(str, shape_b), *choices]
     begin = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - begin
@@ -104,6 +114,8 @@ def main() -> int:
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     parser.add_argument("--shape-a", type=int, nargs=4, default=[2, 3, 800, 1216])
     parser.add_argument("--shape-b", type=int, nargs=4, default=[1, 3, 512, 512])
+    parser.add_argument("--save-choices", help=argparse.SUPPRESS)
+    parser.add_argument("--load-choices", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -117,8 +129,10 @@ def main() -> int:
     for precision in precisions:
         with tempfile.TemporaryDirectory(prefix="fpn_fast_triton_cache_") as cache_dir:
             runs = report["runs"][precision] = {}
-            for kind in ("cold", "warm"):  # warm: a new process with the cache the cold one left
-                runs[kind] = _run_child(precision, args.device, cache_dir, args.shape_a, args.shape_b)
+            choices = os.path.join(cache_dir, "choices.json")
+            # warm: a new process with the Triton cache and the route choices the cold one left
+            for kind, flags in (("cold", ["--save-choices", choices]), ("warm", ["--load-choices", choices])):
+                runs[kind] = _run_child(precision, args.device, cache_dir, args.shape_a, args.shape_b, flags)
                 _write(args.json, report)  # as it happens: a cut run keeps every finished child
         cold, warm = runs["cold"], runs["warm"]
         checks = {"cold_first_call": cold["first_call_s"], "warm_first_call": warm["first_call_s"],
@@ -126,10 +140,15 @@ def main() -> int:
         for name, seconds in checks.items():
             if seconds > TARGETS_S[name]:
                 missed.append(f"{precision} {name} {seconds:.2f} s > {TARGETS_S[name]} s")
+        if warm["measured_routes"]:
+            missed.append(f"{precision} the warm process measured {warm['measured_routes']} routes with "
+                          f"{warm['loaded_choices']} choices loaded (0 expected)")
         _write(args.json, report)
         print(f"{precision:13s} set-up {warm['setup_s']:6.2f} s | first call cold {cold['first_call_s']:6.2f} s, "
               f"warm {warm['first_call_s']:6.2f} s | second shape cold {cold['second_shape_first_call_s']:6.2f} s, "
-              f"warm {warm['second_shape_first_call_s']:6.2f} s | steady {warm['steady_call_s'] * 1e3:8.2f} ms",
+              f"warm {warm['second_shape_first_call_s']:6.2f} s | steady {warm['steady_call_s'] * 1e3:8.2f} ms | "
+              f"choices: {cold['measured_routes']} measured, {warm['loaded_choices']} loaded, "
+              f"{warm['measured_routes']} measured again",
               flush=True)
     for line in missed:
         print("TARGET MISSED: " + line)

@@ -22,7 +22,8 @@ Inference only (``fpn_fast.optimize_for_inference`` models), no autograd:
 =============================================  ==============  ====================================
 
 Each op decides its route once per call signature from its rows and keeps it as a runner
-(``runner.py``; measured rows: ``measure.py``); every op's TorchScript form and decomposition sit
+(``runner.py``; measured rows: ``measure.py``, their choices kept across processes with
+``save_choices`` / ``load_choices``: ``choices.py``); every op's TorchScript form and decomposition sit
 beside it. Where each file is: docs/design.md, "How the code is laid out".
 
 Backends: "extension" (the compiled fpn_fast._C ops, CPU and CUDA), "triton" (CUDA, or CPU
@@ -43,10 +44,11 @@ from .layout import to_channels_last, to_nchw
 from .conv import conv1x1, conv2d_act, conv2d_nchw, conv2d_nchw_input_format
 from .lateral import lateral_upsample_add
 from .cpu_cache import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit
+from .choices import ChoicesWarning, load_choices, save_choices
 
 __all__ = [
     "upsample_add", "upsample_add_", "stride2_pool", "conv1x1", "to_nchw", "to_channels_last", "conv2d_act", "lateral_upsample_add",
     "conv2d_nchw", "conv2d_nchw_input_format", "empty_cpu_cache", "set_cpu_cache_limit", "cpu_cache_stats",
     "set_backend", "get_backend", "use_backend", "available_backends", "BackendUnavailableError", "BACKENDS",
-    "TABLE", "nearest_source_index", "library_path",
+    "TABLE", "nearest_source_index", "library_path", "save_choices", "load_choices", "ChoicesWarning",
 ]

@@ -17,21 +17,22 @@ stream; agreement is computed on the device and read back once through pinned me
 waits on events recorded on the side stream only (no ``torch.cuda.synchronize``, no ``.item()``,
 no ``empty_cache``). The caller's stream then waits for the side stream.
 
-``choices()`` lists the decisions made so far with every candidate's time or why it lost.
+``choices()`` lists the decisions made so far with every candidate's time or why it lost;
+``choices.save_choices`` / ``load_choices`` keep them across processes.
 """
 import contextlib
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from .dispatch import MEASURED, capturing_graph, get_backend
 from .flags import cudnn_conv_allows_tf32
 
-__all__ = ["Candidate", "Decision", "measured", "fastest", "choices", "on_side_stream", "cuda_flags",
-           "cudnn_conv_allows_tf32", "stream_capturing"]
+__all__ = ["Candidate", "Decision", "measured", "fastest", "choices", "use_loaded", "forget_loaded",
+           "on_side_stream", "cuda_flags", "cudnn_conv_allows_tf32", "stream_capturing"]
 
 TIMED_RUNS = 5
 # A candidate agrees when it differs from the first by at most this fraction of the first's
@@ -71,19 +72,27 @@ class Candidate(NamedTuple):
 
 class Decision(NamedTuple):
     """A measured choice: ``op``'s route for the call ``signature`` (a description), the
-    ``chosen`` implementation and every candidate's ``Candidate``, in the row's order."""
+    ``chosen`` implementation and every candidate's ``Candidate``, in the row's order; ``device``
+    the tensors' device ("cuda:0"); ``loaded_from`` the choices file it was read from (None:
+    measured in this process; ``choices.load_choices``)."""
     op: str
     signature: str
     chosen: str
     candidates: Dict[str, Candidate]
+    device: str = ""
+    loaded_from: Optional[str] = None
 
     def as_dict(self) -> dict:
         return dict(op=self.op, signature=self.signature, chosen=self.chosen,
-                    candidates={name: c._asdict() for name, c in self.candidates.items()})
+                    candidates={name: c._asdict() for name, c in self.candidates.items()},
+                    device=self.device, loaded_from=self.loaded_from)
 
 
 _DECISIONS: "OrderedDict[tuple, Decision]" = OrderedDict()
 _MAX_DECISIONS = 1024
+# Decisions read from a choices file (``choices.load_choices``), by (op, signature): taken
+# instead of measuring while their chosen implementation is still a candidate.
+_LOADED: Dict[tuple, Decision] = {}
 _lock = threading.Lock()
 
 
@@ -93,6 +102,19 @@ def choices() -> List[dict]:
     {implementation: {"status", "ms", "reason"}} (see ``Candidate``)."""
     with _lock:
         return [decision.as_dict() for decision in _DECISIONS.values()]
+
+
+def use_loaded(decisions: Iterable[Decision]) -> None:
+    """Take these decisions (read from a choices file) instead of measuring their op and
+    signature from now on (``choices.load_choices``)."""
+    with _lock:
+        _LOADED.update({(d.op, d.signature): d for d in decisions})
+
+
+def forget_loaded() -> None:
+    """Drop every loaded decision: later decisions measure again."""
+    with _lock:
+        _LOADED.clear()
 
 
 def fastest(op: str, signature: str, runs: Dict[str, Callable[[], torch.Tensor]], refused: Dict[str, str],
@@ -108,12 +130,18 @@ def fastest(op: str, signature: str, runs: Dict[str, Callable[[], torch.Tensor]]
 
     Returns:
         The Decision (also kept for ``choices``). When no candidate runs, the first is "chosen",
-        so the call raises its error where it is made.
+        so the call raises its error where it is made. A decision loaded for this op and
+        signature (``choices.load_choices``) whose chosen implementation is among ``runs`` is
+        returned without running anything.
     """
+    loaded = _LOADED.get((op, signature))
+    if loaded is not None and loaded.chosen in runs:
+        return _keep(loaded)
     outcome: Dict[str, Candidate] = {name: Candidate("refused", None, reason) for name, reason in refused.items()}
     if len(runs) == 1:  # nothing to measure: the one candidate runs
         return _keep(Decision(op, signature, next(iter(runs)),
-                              {next(iter(runs)): Candidate("chosen", None, "the only candidate"), **outcome}))
+                              {next(iter(runs)): Candidate("chosen", None, "the only candidate"), **outcome},
+                              str(device)))
     timer = _CudaTimer(device) if device.type == "cuda" else _HostTimer()
     with timer.context():
         outputs = {}
@@ -135,7 +163,8 @@ def fastest(op: str, signature: str, runs: Dict[str, Callable[[], torch.Tensor]]
     if chosen not in outcome:
         outcome[chosen] = Candidate("chosen", None, "no candidate ran: the first one's error is the call's")
     order = list(runs) + [name for name in refused if name not in runs]
-    return _keep(Decision(op, signature, chosen, {name: outcome[name] for name in order if name in outcome}))
+    return _keep(Decision(op, signature, chosen, {name: outcome[name] for name in order if name in outcome},
+                          str(device)))
 
 
 def _keep(decision: Decision) -> Decision:
