@@ -1,7 +1,7 @@
 """The optimized modules around the folded convolutions: ``FoldedResidualBlock`` (a ResNet block
 with its norms folded) and ``InferenceFPN`` (the FPN for inference: fused lateral and top-down
 steps, output convolutions that write NCHW). The backbone that runs them through the engine is in
-``backbone.py``.
+``optimized_backbone.py``.
 """
 from collections import OrderedDict
 from typing import Dict, List, Optional

@@ -64,7 +64,7 @@ class InferenceBackboneWithFPN(nn.Module):
     """body + InferenceFPN; the image goes to channels_last first when ``channels_last``.
     Keeps ``out_channels``, so detection models use it as they used the original backbone.
 
-    Eager calls run through the inference engine (``plan.Engine``): the first call with an input
+    Eager calls run through the inference engine (``engine.Engine``): the first call with an input
     signature plans the forward (implementations resolved, weights packed, on CUDA captured as a
     CUDA graph), later calls with it only run the plan. ``plans()`` lists what is cached;
     ``set_engine(...)`` configures or turns it off. Scripted, traced, compiled and exported forms
@@ -147,7 +147,7 @@ class InferenceBackboneWithFPN(nn.Module):
 
     @torch.jit.unused
     def plans(self) -> List[Dict[str, object]]:
-        """The cached signatures, least recently used first (``plan.Engine.info``): signature,
+        """The cached signatures, least recently used first (``engine.Engine.info``): signature,
         planned, graph, reason, hits, graph_bytes."""
         engine = self.__dict__.get("_engine")
         return [] if engine is None else engine.info()

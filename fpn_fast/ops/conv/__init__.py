@@ -257,12 +257,23 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         RuntimeError: grad mode is on and an input requires grad (there is no backward).
     """
     _checks.check_inference_only("conv2d_act", x, weight, bias, residual)
+    weight, bias = _autocast_operands(x, weight, bias)
     run = runner(x, weight, bias, stride, padding, dilation, groups, relu, residual, winograd)
     pack = None if packs is None or run.pack is None else run.pack(packs, x)
     if x.is_cuda:
         with on_device_of(x):
             return run(x, weight, bias, residual, pack)
     return run(x, weight, bias, residual, pack)
+
+
+def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """weight and bias as autocast casts a convolution's float32 operands (no-ops otherwise).
+    Cast here, outside the runner, they are static arguments: a plan keeps the cast copies
+    (valid while its weight guard holds) instead of casting them on every replay."""
+    low = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if low is None:
+        return weight, bias
+    return _routes.low_precision(weight, low), _routes.low_precision(bias, low)
 
 
 def conv2d_act_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
@@ -332,6 +343,7 @@ def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         RuntimeError: grad mode is on and an input requires grad (there is no backward).
     """
     _checks.check_inference_only("conv2d_nchw", x, weight, bias)
+    weight, bias = _autocast_operands(x, weight, bias)
     run = nchw_runner(x, weight, bias, stride, padding, dilation, groups, winograd)
     pack = None if packs is None or run.pack is None else run.pack(packs, x)
     if x.is_cuda:

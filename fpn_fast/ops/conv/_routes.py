@@ -34,7 +34,7 @@ def tail(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> tor
     return out.relu_() if relu else out
 
 
-def _low_precision(t: Optional[torch.Tensor], low: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+def low_precision(t: Optional[torch.Tensor], low: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     """t cast as autocast would cast a convolution's float32 operand."""
     return t.to(low) if t is not None and low is not None and t.dtype == torch.float32 else t
 
@@ -92,7 +92,7 @@ def act(implementation: str, x: torch.Tensor, weight: torch.Tensor, stride, padd
             out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
             # Under autocast the convolution ran in low precision; so would its bias inside it,
             # and autocast would cast a float32 residual before the add.
-            epilogue(out, _low_precision(bias, low), _low_precision(residual, low), relu)
+            epilogue(out, low_precision(bias, low), low_precision(residual, low), relu)
             return out
         return run_triton, None
     if implementation == "cudnn_relu":

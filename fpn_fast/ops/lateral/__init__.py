@@ -138,6 +138,9 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     _checks.check_inference_only("lateral_upsample_add", x, weight, bias, top)
     low = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     _checks.check_lateral_upsample_add(x, weight, bias, top, low)
+    # Cast here, outside the runner, weight and bias are static arguments: a plan keeps the cast
+    # copies instead of casting them on every replay (x and top are cast inside it).
+    weight, bias = _cast(weight, low), _cast(bias, low)
     run = runner(x, weight, bias, top, fuse)
     if x.is_cuda:
         with on_device_of(x):
