@@ -129,6 +129,11 @@ ROUNDING: Dict[Tuple[str, str], Rounding] = {
     # cuDNN's fused conv + bias (+ residual) + ReLU (CUDA, a measured route taken only where its
     # ReLU keeps NaN): its own sum order, and one rounding where the reference rounds twice.
     ("conv2d_act", "cudnn_relu"): Rounding(sums=REORDERED, roundings=2),
+    # One Triton GEMM, the tail in its epilogue: the sum accumulated in float32 in its own order
+    # (TF32 exactly where cuDNN's convolutions may use it), bias, residual and ReLU in float32,
+    # one rounding to the output dtype where the reference rounds twice.
+    ("conv2d_act", "triton_gemm"): Rounding(sums=REORDERED, roundings=2),
+    ("conv2d_act", "triton_conv"): Rounding(sums=REORDERED, roundings=2),
     ("conv2d_act", "torch"): EXACT,
     ("conv2d_nchw", "winograd"): WINOGRAD,
     ("conv2d_nchw", "nnpack"): WINOGRAD,

@@ -16,7 +16,8 @@ from tests._cases import BACKENDS, require
 from tests.ops.op_tester import OpTester
 
 OPS = ("upsample_add", "stride2_pool", "conv2d_act", "conv2d_nchw", "lateral_upsample_add", "to_nchw")
-IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "cudnn_relu", "torch"}
+IMPLEMENTATIONS = {"extension", "triton", "onednn", "nnpack", "winograd", "cudnn_relu", "triton_gemm", "triton_conv",
+                   "torch"}
 
 
 @pytest.fixture

@@ -23,14 +23,15 @@ import torch.nn.functional as F
 
 from .. import _checks
 from .._triton import on_device_of
+from .._triton import unavailable_reason as _triton_reason
 from ..dispatch import (autocast_dtype, cached, candidates, capturing_graph, declare, get_backend, resolve, row,
                         tensor_key)
 from ..measure import cuda_flags, fastest, measured, stream_capturing
 from ..reference import memory_format_of
 from ..runner import Runner
 from . import _cudnn, _nnpack, _onednn, _routes, _triton_epilogue, _winograd
-from ._supports import (WINOGRAD_ROUTES, channels_last_like, conv2d_act_supports, conv2d_nchw_supports,
-                        conv_out_shape, cudnn_relu_refusal)
+from ._supports import (TRITON_GEMM_ROUTES, WINOGRAD_ROUTES, channels_last_like, conv2d_act_supports,
+                        conv2d_nchw_supports, conv_out_shape, cudnn_relu_refusal, triton_gemm_refusal)
 
 __all__ = ["conv2d_act", "conv2d_nchw", "conv2d_nchw_input_format", "conv1x1", "runner", "nchw_runner"]
 
@@ -50,17 +51,23 @@ PROBES = {
     "nnpack": _cpu_only("NNPACK", lambda: _nnpack.unavailable_reason()),
     "winograd": _cpu_only("the extension's Winograd convolution", lambda: _winograd.unavailable_reason()),
     "cudnn_relu": lambda device_type: _cudnn.unavailable_reason(device_type),
+    "triton_gemm": lambda device_type: _triton_reason(device_type),
+    "triton_conv": lambda device_type: _triton_reason(device_type),
 }
 
 ROWS = {
     # A folded convolution and its tail (bias, residual, ReLU): oneDNN post-ops on CPU; on CUDA
-    # measured (MEASURED below): cuDNN then one Triton pass, cuDNN's fused conv + bias (+ residual)
-    # + ReLU where its ReLU keeps NaN, or cuDNN then torch's tail. "extension" means oneDNN on CPU
-    # (the CPU fast path). Winograd first for 3x3 stride-1 convs: the extension's F(4x4, 3x3)
+    # measured (MEASURED below): cuDNN then one Triton pass ("triton", the reference the others
+    # must agree with), one Triton GEMM with the tail in its epilogue (1x1 stride-1 windows:
+    # "triton_gemm"; the others: "triton_conv", an implicit GEMM), cuDNN's fused conv + bias
+    # (+ residual) + ReLU where its ReLU keeps NaN, or cuDNN then torch's tail. Unmeasured (a
+    # graph captured or traced) the first that takes the call runs. "extension" means oneDNN on
+    # CPU (the CPU fast path). Winograd first for 3x3 stride-1 convs: the extension's F(4x4, 3x3)
     # where it pays, else NNPACK's (conv2d_act_supports, with the thresholds of ops.selection).
     ("conv2d_act", "cpu"): row(("winograd", "nnpack", "onednn", "torch"),
                                extension=("winograd", "nnpack", "onednn", "torch")),
-    ("conv2d_act", "cuda"): row(("triton", "cudnn_relu", "torch"), extension=("torch",)),
+    ("conv2d_act", "cuda"): row(("triton", "triton_gemm", "triton_conv", "cudnn_relu", "torch"),
+                                extension=("torch",)),
     # A convolution whose output is wanted in NCHW (the FPN's 3x3 output convs): a Winograd
     # convolution writing NCHW (the extension's, else NNPACK's), else the conv2d_act route then to_nchw.
     ("conv2d_nchw", "cpu"): row(("winograd", "nnpack", "onednn", "torch"),
@@ -68,6 +75,9 @@ ROWS = {
     ("conv2d_nchw", "cuda"): row(("torch",), extension=("torch",), triton=("torch",)),
 }
 MEASURED = [("conv2d_act", "cuda")]
+# The implementations a measured row takes only when it measures (its unmeasured route stays
+# cuDNN then the Triton epilogue, as a captured or traced graph expects).
+MEASURED_ONLY = ("cudnn_relu",) + TRITON_GEMM_ROUTES
 declare(ROWS, PROBES, MEASURED)
 
 
@@ -133,7 +143,7 @@ def _decide(x, weight, bias, stride, padding, dilation, groups, relu, residual, 
     measuring = measured("conv2d_act", x.device)
 
     def supports(implementation: str) -> bool:
-        return ((winograd or implementation not in WINOGRAD_ROUTES) and (measuring or implementation != "cudnn_relu")
+        return ((winograd or implementation not in WINOGRAD_ROUTES) and (measuring or implementation not in MEASURED_ONLY)
                 and conv2d_act_supports(implementation, x, weight, bias, stride, padding, dilation, relu, residual))
 
     def route(implementation: str):
@@ -163,6 +173,8 @@ def _why_not(implementation, x, weight, relu, residual, stride, padding, dilatio
         return "the residual is not of the output's shape"
     if implementation == "cudnn_relu":
         return cudnn_relu_refusal(x, weight, relu)
+    if implementation in TRITON_GEMM_ROUTES:
+        return triton_gemm_refusal(implementation, x, weight, None, stride, padding, dilation, residual)
     if implementation == "triton":
         return ("the Triton epilogue takes float32, float16 and bfloat16 outputs with a bias, residual or ReLU "
                 "to apply")

@@ -22,7 +22,7 @@ from ..layout import nchw_runner
 from ..reference import memory_format_of
 from ..selection import NNPACK_SLICED_MAX_PIXELS, PACK_MAX_PIXELS
 from . import _cudnn, _nnpack, _winograd
-from ._supports import channels_last_like
+from ._supports import TRITON_GEMM_ROUTES, channels_last_like
 
 Route = Tuple[Callable, Optional[Callable]]
 
@@ -95,12 +95,35 @@ def act(implementation: str, x: torch.Tensor, weight: torch.Tensor, stride, padd
             epilogue(out, low_precision(bias, low), low_precision(residual, low), relu)
             return out
         return run_triton, None
+    if implementation in TRITON_GEMM_ROUTES:
+        return _triton_gemm_route(implementation, x, stride, padding, relu), None
     if implementation == "cudnn_relu":
         return _cudnn.route(x, weight, stride, padding, dilation, groups), None
 
     def run_torch(x, weight, bias=None, residual=None, pack=None):
         return tail(F.conv2d(x, weight, bias, stride, padding, dilation, groups), residual, relu)
     return run_torch, None
+
+
+def _triton_gemm_route(implementation: str, x: torch.Tensor, stride, padding, relu: bool) -> Callable:
+    """The convolution as one Triton GEMM with bias, residual and ReLU in its epilogue: the 1x1
+    stride-1 kernel ("triton_gemm") or the implicit-GEMM one ("triton_conv"). Under autocast its
+    float32 operands are cast as autocast casts a convolution's (the folded weights already are:
+    ``conv2d_act`` casts them once), and it runs in the low dtype."""
+    low = autocast_dtype(x.device.type)
+    if implementation == "triton_gemm":
+        gemm = torch.ops.fpn_fast_triton.conv1x1_act.default
+
+        def run_triton_gemm(x, weight, bias=None, residual=None, pack=None):
+            return gemm(low_precision(x, low), low_precision(weight, low), low_precision(bias, low),
+                        low_precision(residual, low), relu)
+        return run_triton_gemm
+    conv = torch.ops.fpn_fast_triton.conv2d_act.default
+
+    def run_triton_conv(x, weight, bias=None, residual=None, pack=None):
+        return conv(low_precision(x, low), low_precision(weight, low), low_precision(bias, low),
+                    low_precision(residual, low), stride, padding, relu)
+    return run_triton_conv
 
 
 def nchw(implementation: str, x: torch.Tensor, weight: torch.Tensor, padding, direct) -> Route:

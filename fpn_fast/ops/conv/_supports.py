@@ -7,11 +7,14 @@ import torch
 
 from ..dispatch import autocast_dtype, capturing_graph
 from ..measure import stream_capturing
-from . import _cudnn, _nnpack, _triton_epilogue, _winograd
+from . import _cudnn, _nnpack, _triton_epilogue, _triton_gemm, _triton_implicit_gemm, _winograd  # noqa: F401 (registers)
 from ..selection import NNPACK_MIN_CHANNELS
 
 # The Winograd implementations; they hand results with non-finite values to a direct one.
 WINOGRAD_ROUTES = ("winograd", "nnpack")
+# The convolutions as one Triton GEMM with the tail in its epilogue: 1x1 stride-1 windows
+# (``_triton_gemm.conv1x1_act``), and every other window (``_triton_implicit_gemm.conv2d_act``).
+TRITON_GEMM_ROUTES = ("triton_gemm", "triton_conv")
 
 
 def channels_last_like(x: torch.Tensor) -> bool:
@@ -57,6 +60,8 @@ def conv2d_act_supports(implementation: str, x: torch.Tensor, weight: torch.Tens
         return (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
                 and autocast_dtype("cpu") is None)
     out_dtype = autocast_dtype(x.device.type) or x.dtype
+    if implementation in TRITON_GEMM_ROUTES:
+        return triton_gemm_refusal(implementation, x, weight, bias, stride, padding, dilation, residual) is None
     if implementation == "cudnn_relu":
         return residual_fits and cudnn_relu_refusal(x, weight, relu) is None
     # triton: the epilogue pass after the convolution, in the convolution's output dtype
@@ -80,6 +85,32 @@ def cudnn_relu_refusal(x: torch.Tensor, weight: torch.Tensor, relu: bool) -> Opt
         return "a graph is being captured (the probe cannot run)"
     layout = torch.channels_last if channels_last_like(x) else torch.contiguous_format
     return _cudnn.nan_refusal(x.device, autocast_dtype(x.device.type) or x.dtype, layout)
+
+
+def triton_gemm_refusal(implementation: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        stride, padding, dilation, residual: Optional[torch.Tensor]) -> Optional[str]:
+    """Why a Triton GEMM route does not take this conv2d_act call (None: it does): the 1x1
+    kernel takes 1x1 stride-1 unpadded windows only, the implicit GEMM every other window; both
+    no groups or dilation, and float32/float16/bfloat16 operands once autocast's casts are made
+    (``_triton_gemm.problem``, on the operands as the route passes them)."""
+    one_by_one = (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+                  and tuple(padding) == (0, 0))
+    if implementation == "triton_gemm" and not one_by_one:
+        return "not a 1x1 stride-1 unpadded window (the implicit GEMM's)"
+    if implementation == "triton_conv" and one_by_one:
+        return "a 1x1 stride-1 window (the 1x1 GEMM's)"
+    low = autocast_dtype(x.device.type)
+    cast = [None if t is None else (_as_dtype(t, low) if low is not None and t.dtype == torch.float32 else t)
+            for t in (x, weight, bias, residual)]
+    groups = x.shape[1] // max(weight.shape[1], 1) if x.dim() == 4 and weight.dim() == 4 else 1
+    found = _triton_gemm.problem(implementation, *cast, stride, padding, dilation, groups)
+    return None if found is None else found[1]
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of t's shape and device in ``dtype`` holding one element (what a check of dtypes,
+    shapes and devices needs, without casting t)."""
+    return t.new_empty((), dtype=dtype).expand(t.shape)
 
 
 def conv2d_nchw_supports(implementation: str, x: torch.Tensor, weight: torch.Tensor,
