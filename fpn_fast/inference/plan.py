@@ -40,6 +40,7 @@ from .._fast_path import _global_hooks, runs_as_written
 from ..backbone import IntermediateLayerGetter
 from ..fpn import LastLevelMaxPool
 from ..ops import dispatch as _dispatch
+from ..ops.casts import source_of as cast_source
 from ..ops.measure import cuda_flags
 from ..ops.runner import Step, active, recording
 from .folded_conv import Conv2dAct
@@ -222,10 +223,20 @@ class _Writer:
         if step.module is not None:
             self.called.append(step.module)
         if step.runner is not None:
-            weight = next((self.weight_names[id(a)] for i, a in enumerate(step.args)
-                           if i not in step.runner.dynamic and id(a) in self.weight_names), None)
+            weight = next((name for i, a in enumerate(step.args) if i not in step.runner.dynamic
+                           for name in (self.weight_name(a),) if name is not None), None)
             self.routes.append(Route(step.runner.op, step.runner.route, weight, step.runner.decision,
                                      step.runner.via))
+
+    def weight_name(self, value) -> Optional[str]:
+        """The name of the module whose parameter ``value`` is (or is autocast's kept cast of)."""
+        if not isinstance(value, Tensor):
+            return None
+        name = self.weight_names.get(id(value))
+        if name is None:
+            source = cast_source(value)
+            name = None if source is None else self.weight_names.get(id(source))
+        return name
 
     def outputs(self, out: Dict[str, Tensor]) -> str:
         return "    return OrderedDict([" + ", ".join(

@@ -26,6 +26,7 @@ from .._triton import on_device_of
 from .._triton import unavailable_reason as _triton_reason
 from ..dispatch import (autocast_dtype, cached, candidates, capturing_graph, declare, get_backend, resolve, row,
                         tensor_key)
+from ..casts import cast_once
 from ..measure import cuda_flags, fastest, measured, stream_capturing
 from ..reference import memory_format_of
 from ..runner import Runner
@@ -279,13 +280,14 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """weight and bias as autocast casts a convolution's float32 operands (no-ops otherwise).
-    Cast here, outside the runner, they are static arguments: a plan keeps the cast copies
-    (valid while its weight guard holds) instead of casting them on every replay."""
+    """weight and bias as autocast casts a convolution's float32 operands (no-ops otherwise),
+    kept while they are unchanged (``casts.cast_once``). Cast here, outside the runner, they are
+    static arguments: a plan keeps the casts as constants (valid while its weight guard holds)
+    instead of casting them on every replay."""
     low = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     if low is None:
         return weight, bias
-    return _routes.low_precision(weight, low), _routes.low_precision(bias, low)
+    return cast_once(weight, low), cast_once(bias, low)
 
 
 def conv2d_act_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,

@@ -18,6 +18,7 @@ from .._triton import on_device_of
 from ..conv import conv1x1_route
 from ..conv import runner as conv_runner
 from ..dispatch import autocast_dtype, cached, candidates, capturing_graph, declare, get_backend, resolve, row, tensor_key
+from ..casts import cast_once
 from ..measure import cuda_flags, fastest, measured, stream_capturing
 from ..runner import Runner
 from ..top_down import runner as top_down_runner
@@ -140,7 +141,7 @@ def lateral_upsample_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     _checks.check_lateral_upsample_add(x, weight, bias, top, low)
     # Cast here, outside the runner, weight and bias are static arguments: a plan keeps the cast
     # copies instead of casting them on every replay (x and top are cast inside it).
-    weight, bias = _cast(weight, low), _cast(bias, low)
+    weight, bias = cast_once(weight, low), cast_once(bias, low)
     run = runner(x, weight, bias, top, fuse)
     if x.is_cuda:
         with on_device_of(x):
