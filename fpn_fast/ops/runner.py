@@ -138,7 +138,9 @@ def recording(record: Callable[[Step], None]) -> Iterator[Tape]:
     try:
         yield tape
     finally:
-        _state.tape = None
+        # Removed, not set to None: the thread's state is then what it was before any recording,
+        # which torch.compile's guards on it (``hasattr``, on torch 2.11) see unchanged.
+        del _state.tape
 
 
 def step(fn: Callable, *args):

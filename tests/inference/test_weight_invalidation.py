@@ -361,3 +361,20 @@ def test_cpu_pool_limit_set_before_first_use_replaces_the_environment(run_python
         print("ok")
     """), env={"FPN_FAST_CPU_POOL_MB": "lots"})  # never read: the limit was set first
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 16, 16), (1, 3, 40, 56)])
+def test_a_residual_into_a_1x1_map_is_not_onednns(shape):
+    """ResNet18's layer4 at a 32x32 image is 1x1: oneDNN's residual-add post-op refuses to add
+    into a 1x1 output map on torch 2.11 ("could not create a memory", with the channels_last
+    folded weight or a prepacked one), so those convs take F.conv2d and the tail; the others
+    keep oneDNN and their packs. Both match torchvision."""
+    reference = _reference(0)
+    optimized = fpn_fast.optimize_for_inference(reference, winograd=False)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got, want = optimized(x), reference(x)
+    for name, expected in want.items():
+        scale = expected.abs().max().item()
+        assert (got[name] - expected).abs().max().item() <= REL_TOL * scale, name
+    assert any("_onednn_weight" in m._pack_cache() for m in optimized.modules() if isinstance(m, Conv2dAct))

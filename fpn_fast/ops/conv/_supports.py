@@ -1,6 +1,7 @@
 """Which implementation of ``conv2d_act`` / ``conv2d_nchw`` takes a call: the per-call
 ``supports`` predicates the dispatch rows are resolved with, reading the thresholds of
 ``ops.selection``. They say nothing of rounding (``selection.ROUNDING`` does)."""
+import math
 from typing import Optional
 
 import torch
@@ -57,8 +58,11 @@ def conv2d_act_supports(implementation: str, x: torch.Tensor, weight: torch.Tens
         if implementation == "nnpack":
             return x.shape[1] >= NNPACK_MIN_CHANNELS and _nnpack_fits(x, weight, bias, stride, padding, dilation,
                                                                        groups)
+        # oneDNN's residual-add post-op cannot add into a 1x1 output map on torch 2.11 ("could
+        # not create a memory", with channels_last or prepacked weights): F.conv2d and the tail then.
+        into_one_pixel = residual is not None and math.prod(residual.shape[2:]) == 1
         return (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
-                and autocast_dtype("cpu") is None)
+                and autocast_dtype("cpu") is None and not into_one_pixel)
     out_dtype = autocast_dtype(x.device.type) or x.dtype
     if implementation in TRITON_GEMM_ROUTES:
         return triton_gemm_refusal(implementation, x, weight, bias, stride, padding, dilation, residual) is None
