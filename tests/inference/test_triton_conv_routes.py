@@ -126,3 +126,14 @@ def test_the_refusals_name_why():
     assert refusal("triton_conv", x, w1, None, (2, 2), (0, 0), (1, 1), None) is None
     assert "dilation" in refusal("triton_conv", x, w3, None, (1, 1), (2, 2), (2, 2), None)
     assert "not supported" in refusal("triton_conv", x.double(), w3.double(), None, (1, 1), (1, 1), (1, 1), None)
+
+
+def test_the_triton_convs_can_be_left_out(run_python):
+    """FPN_FAST_TRITON_CONV=0 (read when first probed) takes them out of the measured candidates."""
+    code = ("from fpn_fast.ops import dispatch\n"
+            "print(dispatch.unavailable_reason('triton_gemm', 'cuda'), '|', dispatch.unavailable_reason('triton_conv', 'cpu'))")
+    off = run_python(code, env={"FPN_FAST_TRITON_CONV": "0"})
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip() == "turned off by FPN_FAST_TRITON_CONV=0 | turned off by FPN_FAST_TRITON_CONV=0"
+    on = run_python(code, env={"FPN_FAST_TRITON_CONV": "1"})
+    assert on.returncode == 0 and "FPN_FAST_TRITON_CONV" not in on.stdout, on.stderr

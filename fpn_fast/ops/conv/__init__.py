@@ -16,6 +16,7 @@ row is measured (``ops.measure``): its candidates are timed on the first call's 
 Winograd routes round differently from the direct sum (``selection.ROUNDING``).
 """
 import functools
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -46,14 +47,23 @@ def _cpu_only(what: str, unavailable_reason: Callable[[], Optional[str]]) -> Cal
     return probe
 
 
+def _triton_conv_reason(device_type: str) -> Optional[str]:
+    """The Triton GEMM convolutions' probe: Triton's, unless FPN_FAST_TRITON_CONV=0 (read when
+    first probed) leaves them out of the measured candidates (each compiles its kernels on the
+    first call that measures it)."""
+    if os.environ.get("FPN_FAST_TRITON_CONV", "1") == "0":
+        return "turned off by FPN_FAST_TRITON_CONV=0"
+    return _triton_reason(device_type)
+
+
 # Looked up per probe (not bound now), so a test can turn a route off and clear dispatch's cache.
 PROBES = {
     "onednn": _cpu_only("oneDNN's fused convolution", lambda: _onednn.unavailable_reason()),
     "nnpack": _cpu_only("NNPACK", lambda: _nnpack.unavailable_reason()),
     "winograd": _cpu_only("the extension's Winograd convolution", lambda: _winograd.unavailable_reason()),
     "cudnn_relu": lambda device_type: _cudnn.unavailable_reason(device_type),
-    "triton_gemm": lambda device_type: _triton_reason(device_type),
-    "triton_conv": lambda device_type: _triton_reason(device_type),
+    "triton_gemm": lambda device_type: _triton_conv_reason(device_type),
+    "triton_conv": lambda device_type: _triton_conv_reason(device_type),
 }
 
 ROWS = {
