@@ -7,6 +7,8 @@ compared with torchvision's (same random weights, norm statistics, biases) to 1e
 level's largest value in float32 (the GEMM sums in its own order, like the other fused routes:
 ``selection.ROUNDING``), and in bfloat16 autocast to the rounding of bfloat16 (2e-2 of a level's
 scale; see tests/inference/test_inference.py ``_damp_residual_branches_``)."""
+import os
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def _assert_close(actual, expected, rel):
 
 def test_a_plan_runs_the_triton_gemms_measurement_chose(triton_gemms_win):
     reference, optimized = _models()
-    x = torch.randn(1, 3, 19, 27)
+    x = torch.randn(1, 3, 13, 17)
     with torch.inference_mode():
         expected = reference(x)
         first = optimized(x)
@@ -107,8 +109,8 @@ def test_the_1x1_gemm_takes_a_bottleneck_1x1_with_its_residual(triton_gemms_win)
 
 
 def test_under_autocast_the_gemms_run_in_the_low_dtype(triton_gemms_win):
-    reference, optimized = _models()
-    x = torch.randn(1, 3, 19, 27)
+    reference, optimized = _models(returned_layers=(1,))
+    x = torch.randn(1, 3, 13, 17)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference(x)
         actual = optimized(x)
@@ -135,5 +137,5 @@ def test_the_triton_convs_can_be_left_out(run_python):
     off = run_python(code, env={"FPN_FAST_TRITON_CONV": "0"})
     assert off.returncode == 0, off.stderr
     assert off.stdout.strip() == "turned off by FPN_FAST_TRITON_CONV=0 | turned off by FPN_FAST_TRITON_CONV=0"
-    on = run_python(code, env={"FPN_FAST_TRITON_CONV": "1"})
-    assert on.returncode == 0 and "FPN_FAST_TRITON_CONV" not in on.stdout, on.stderr
+    assert os.environ.get("FPN_FAST_TRITON_CONV", "1") != "0"  # this process: on
+    assert dispatch.unavailable_reason("triton_gemm", "cpu") is None
