@@ -97,7 +97,7 @@ class GraphedPlan:
 
 
 def capture(run: Callable[[Tensor], Dict[str, Tensor]], x: Tensor, pool, autocast: Optional[torch.dtype],
-            stream, queue: ReplayQueue) -> GraphedPlan:
+            stream, queue: ReplayQueue, input_format: Optional[torch.memory_format] = None) -> GraphedPlan:
     """Capture ``run`` (a plan's function) for x's signature.
 
     Args:
@@ -107,6 +107,9 @@ def capture(run: Callable[[Tensor], Dict[str, Tensor]], x: Tensor, pool, autocas
         autocast: the autocast dtype in force (the capture re-enters autocast with its cache off).
         stream: a torch.cuda.Stream on x's device, used for the warm-up and the capture.
         queue: the ReplayQueue of the pool.
+        input_format: torch.channels_last to allocate the static input so (the plan's first step
+            converts its input to channels_last, which is then the static input itself: each
+            replay's image is copied once, by ``GraphedPlan.__call__``); None keeps x's strides.
 
     Returns:
         A GraphedPlan.
@@ -116,7 +119,10 @@ def capture(run: Callable[[Tensor], Dict[str, Tensor]], x: Tensor, pool, autocas
             the plan eagerly and says why).
     """
     device = x.device
-    static_input = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+    if input_format is not None and x.dim() == 4:
+        static_input = torch.empty(x.shape, dtype=x.dtype, device=device, memory_format=input_format)
+    else:
+        static_input = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
     static_input.copy_(x)
     current = torch.cuda.current_stream(device)
     with _CAPTURE_LOCK, queue.lock:  # one capture at a time; no replay of the pool meanwhile

@@ -197,7 +197,8 @@ class Engine:
                 pool, queue = self.pools[device]
             entry.captures += 1
             try:
-                entry.graphed = cuda_graphs.capture(entry.plan.run, x, pool, key.autocast, stream, queue)
+                entry.graphed = cuda_graphs.capture(entry.plan.run, x, pool, key.autocast, stream, queue,
+                                                    entry.plan.input_format)
                 entry.graph_guard = GraphGuard(called)  # after the capture, which ran the called modules
             except Exception as err:  # an op that synchronises, or another that graphs do not allow
                 reason = f"capturing the plan failed: {type(err).__name__}: {err}"

@@ -112,11 +112,15 @@ class Plan:
             ``applies()`` False). called: the modules it calls as written.
         guard: the WeightGuard of the folded convolutions. structure: the StructureGuard of the
             elided and called modules and the backbone.
+        input_format: torch.channels_last where the plan's only use of its input is converting
+            it to channels_last (a CUDA graph then takes the image in channels_last: one copy),
+            else None.
     """
 
     def __init__(self, run: Callable[[Tensor], Dict[str, Tensor]], source: str, elided: List[nn.Module],
-                 guard: WeightGuard, called: List[nn.Module], structure: StructureGuard, routes: List[Route]):
-        self.run, self.source, self.routes = run, source, routes
+                 guard: WeightGuard, called: List[nn.Module], structure: StructureGuard, routes: List[Route],
+                 input_format: Optional[torch.memory_format] = None):
+        self.run, self.source, self.routes, self.input_format = run, source, routes, input_format
         self.elided, self.called = elided, called
         self.guard, self.structure = guard, structure
 
@@ -176,6 +180,7 @@ class _Writer:
         self.weight_names = weight_names
         self.called: List[nn.Module] = []
         self.routes: List[Route] = []
+        self.input_uses: List[Optional[str]] = []  # per use of the input x: the runner's op (None: no runner)
         self.bind(x, "x")
 
     def constant(self, value) -> str:
@@ -215,6 +220,9 @@ class _Writer:
 
     def record(self, step: Step) -> None:
         dynamic = step.dynamic
+        self.input_uses += [step.runner.op if step.runner is not None else None
+                            for i, a in enumerate(step.args) if (dynamic is None or i in dynamic) and self.is_input(a)]
+        self.input_uses += [None for v in step.kwargs.values() if self.is_input(v)]
         args = [self.expression(a, dynamic is None or i in dynamic) for i, a in enumerate(step.args)]
         args += [f"{k}={self.expression(v, True)}" for k, v in step.kwargs.items()]
         target = f"v{next(self.names)}"
@@ -227,6 +235,15 @@ class _Writer:
                            for name in (self.weight_name(a),) if name is not None), None)
             self.routes.append(Route(step.runner.op, step.runner.route, weight, step.runner.decision,
                                      step.runner.via))
+
+    def is_input(self, value) -> bool:
+        entry = self.known.get(id(value)) if isinstance(value, Tensor) else None
+        return entry is not None and entry[1] == "x" and entry[0]() is value
+
+    def input_format(self, x: Tensor) -> Optional[torch.memory_format]:
+        """channels_last where the plan's only use of its input is converting it to channels_last
+        (a CUDA graph's static input can then be allocated so, and the image copied once), else None."""
+        return torch.channels_last if x.dim() == 4 and self.input_uses == ["to_channels_last"] else None
 
     def weight_name(self, value) -> Optional[str]:
         """The name of the module whose parameter ``value`` is (or is autocast's kept cast of)."""
@@ -312,5 +329,5 @@ def build_plan(backbone: nn.Module, x: Tensor) -> Tuple[Plan, Dict[str, Tensor]]
     called = list({id(m): m for m in writer.called}.values())
     convs = [m for m in elided if type(m) is Conv2dAct]
     plan = Plan(writer.namespace["run"], source, elided, WeightGuard(convs), called,
-                StructureGuard(elided, outer=backbone, called=called), writer.routes)
+                StructureGuard(elided, outer=backbone, called=called), writer.routes, writer.input_format(x))
     return plan, out
