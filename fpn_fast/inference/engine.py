@@ -261,11 +261,14 @@ def format_routes(rows: List[Dict[str, object]]) -> str:
             lines.append(f"signature {tuple(key.shape)} {key.dtype} {key.device} autocast={key.autocast} "
                          f"backend={key.backend}")
             last = key
-        chosen = row["candidates"].get(row.get("via") or row["route"], {})
+        # A measured row names its own route among its candidates; an unmeasured one that runs
+        # another op's route (``via``) carries that route's measurement.
+        chosen_name = row["route"] if row["route"] in row["candidates"] else (row.get("via") or row["route"])
+        chosen = row["candidates"].get(chosen_name, {})
         timed = f" {chosen['ms']:.3f} ms" if chosen.get("ms") is not None else ""
         others = []
         for name, candidate in row["candidates"].items():
-            if name == (row.get("via") or row["route"]):
+            if name == chosen_name:
                 continue
             text = f"{name}: {candidate['status']}"
             if candidate["ms"] is not None:

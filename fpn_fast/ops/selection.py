@@ -138,6 +138,8 @@ ROUNDING: Dict[Tuple[str, str], Rounding] = {
     ("conv2d_nchw", "winograd"): WINOGRAD,
     ("conv2d_nchw", "nnpack"): WINOGRAD,
     ("conv2d_nchw", "onednn"): Rounding(sums=REORDERED),
+    # The implicit GEMM writing NCHW: its own sum order, the bias in float32, one rounding.
+    ("conv2d_nchw", "triton_conv"): Rounding(sums=REORDERED, roundings=2),
     # Not F.conv2d itself: conv2d_nchw's direct route is conv2d_act's (conv.conv2d_act_direct, then
     # to_nchw), which resolves conv2d_act's own row, so under the triton backend (and on CUDA by
     # default) the Triton epilogue runs although conv2d_nchw's row names "torch" only: its rounding.

@@ -29,9 +29,10 @@ GEMM_ROUTES = _supports.TRITON_GEMM_ROUTES
 def triton_gemms_win(monkeypatch):
     """conv2d_act's CPU row measured with the Triton GEMM routes as candidates, which the host
     timer reports fastest. Returns the names timed per decision."""
-    key = ("conv2d_act", "cpu")
+    key, nchw = ("conv2d_act", "cpu"), ("conv2d_nchw", "cpu")
     monkeypatch.setitem(dispatch.TABLE, key, dict(dispatch.TABLE[key], auto=GEMM_ROUTES + ("torch",)))
-    dispatch.MEASURED.add(key)
+    monkeypatch.setitem(dispatch.TABLE, nchw, dict(dispatch.TABLE[nchw], auto=("triton_conv", "torch")))
+    dispatch.MEASURED.update((key, nchw))
     timed = []
 
     def time(self, runs):
@@ -40,7 +41,7 @@ def triton_gemms_win(monkeypatch):
     monkeypatch.setattr(measure._HostTimer, "time", time)
     dispatch.forget_runners()
     yield timed
-    dispatch.MEASURED.discard(key)
+    dispatch.MEASURED.difference_update((key, nchw))
     dispatch.forget_runners()
 
 
@@ -82,12 +83,15 @@ def test_a_plan_runs_the_triton_gemms_measurement_chose(triton_gemms_win):
     _assert_close(first, expected, 1e-4)
     _assert_close(replayed, expected, 1e-4)
     rows = [row for row in optimized.route_report() if row["op"] in ("conv2d_act", "conv2d_nchw")]
-    routes = {(row["module"], row["route"] if row["op"] == "conv2d_act" else row["via"]) for row in rows}
+    routes = {(row["module"], row["route"]) for row in rows}
     # The 1x1 stride-1 convs (the lateral's are the lateral op's) on the GEMM, every other on
     # the implicit GEMM: the stem, the 3x3s, the stride-2 downsamples, the FPN output convs.
     assert ("body.conv1", "triton_conv") in routes
     assert ("body.layer2.0.downsample", "triton_conv") in routes
-    assert ("fpn.layer_blocks.0", "triton_conv") in routes
+    # The FPN output convs: conv2d_nchw's implicit GEMM, writing NCHW from its epilogue.
+    assert {(row["module"], row["route"], row["via"]) for row in rows if row["op"] == "conv2d_nchw"} == {
+        ("fpn.layer_blocks.0", "triton_conv", None), ("fpn.layer_blocks.1", "triton_conv", None)}
+    assert all(level.is_contiguous() for level in replayed.values())
     assert {route for _, route in routes} == {"triton_conv"}  # resnet18 has no 1x1 stride-1 body conv
     assert triton_gemms_win and all(set(names) & set(GEMM_ROUTES) for names in triton_gemms_win)
 

@@ -51,7 +51,9 @@ def test_every_row_names_every_backend_and_ends_in_torch():
     ("conv2d_act", "cpu", "extension", ("winograd", "nnpack", "onednn", "torch")),
     ("conv2d_nchw", "cpu", "auto", ("winograd", "nnpack", "onednn", "torch")),
     ("conv2d_nchw", "cpu", "triton", ("torch",)),
-    ("conv2d_nchw", "cuda", "auto", ("torch",)),
+    # On CUDA measured: the Triton implicit GEMM writing NCHW, or conv2d_act's route then to_nchw.
+    ("conv2d_nchw", "cuda", "auto", ("triton_conv", "torch")),
+    ("conv2d_act", "cuda", "auto", ("triton", "triton_gemm", "triton_conv", "cudnn_relu", "torch")),
     ("conv2d_act", "cuda", "extension", ("torch",)),
     ("to_nchw", "cpu", "triton", ("torch",)),
     ("to_nchw", "cpu", "auto", ("extension", "torch")),
@@ -299,9 +301,11 @@ NOT_OPCHECKED = {
     "fpn_fast::_nnpack_unavailable_reason": "a probe, no tensors",
     "fpn_fast::_upsample_add_index_probe": "a test hook of the index math, no tensors: test_extension.py",
     "fpn_fast::_nearest_window_starts": "a test hook of the index math, no tensors: test_extension.py",
-    # Not wired into a dispatch row yet (issue 28), so no OpTester: opchecked beside their kernels.
-    "fpn_fast_triton::conv1x1_act": "opchecked in test_triton_conv_epilogue.py (no dispatch row yet)",
-    "fpn_fast_triton::conv2d_act": "opchecked in test_triton_conv_epilogue.py (no dispatch row yet)",
+    # Measured-only routes of conv2d_act's CUDA row (triton_gemm, triton_conv), which no
+    # unmeasured OpTester sample reaches: opchecked beside their kernels.
+    "fpn_fast_triton::conv1x1_act": "opchecked in test_triton_conv_epilogue.py (a measured-only route)",
+    "fpn_fast_triton::conv2d_act": "opchecked in test_triton_conv_epilogue.py (a measured-only route)",
+    "fpn_fast_triton::conv2d_nchw": "opchecked in test_triton_conv_epilogue.py (a measured-only route)",
     **{f"fpn_fast::_cpu_pool_{name}": "the CPU buffer pool's control, no tensors: test_cpu_inference_paths.py"
        for name in ("enter", "exit", "set_limit", "release", "stats")},
 }

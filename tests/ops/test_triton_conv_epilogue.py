@@ -461,6 +461,36 @@ def test_conv2d_opcheck_and_compile(device):
     assert torch.equal(compiled(*args), _triton_implicit_gemm.conv2d_act(*args))
 
 
+# ----------------------------------------------------------------------------- conv2d_nchw
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["3x3s1p1", "3x3s2p1", "3x3s1p1-1x1map", "1x3s2,1p0,1"])
+def test_conv2d_nchw_writes_nchw_whatever_x_is(name, dtype, device):
+    """The FPN output convs' route: F.conv2d(x, weight, bias) stored straight into a contiguous
+    NCHW output from a channels_last, contiguous or sliced x, with and without the bias."""
+    (x, weight, bias, _), stride, padding = _implicit(name, dtype, device)
+    for layout, with_bias in (("channels_last", True), ("contiguous", False), ("sliced", True)):
+        xl, b = laid_out(x, layout), bias if with_bias else None
+        out = _triton_implicit_gemm.conv2d_nchw(xl, weight, b, stride, padding)
+        assert out.is_contiguous() and out.dtype == dtype
+        _assert_accurate(out, xl, weight, b, None, False, stride, padding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_nchw_non_finite_and_opcheck(device):
+    (x, weight, bias, residual), stride, padding = _implicit("3x3s1p1", torch.float32, device)
+    planted = _non_finite(x, weight, bias, residual)
+    x_nan = planted[0].contiguous(memory_format=torch.channels_last)
+    out = _triton_implicit_gemm.conv2d_nchw(x_nan, weight, bias, stride, padding)
+    _assert_same_non_finite(out, eager(x_nan, weight, bias, None, False, stride, padding))
+    x = x.contiguous(memory_format=torch.channels_last)
+    for args in ((x, weight, bias, list(stride), list(padding)), (x.contiguous(), weight, None, [2, 2], [0, 1])):
+        torch.library.opcheck(torch.ops.fpn_fast_triton.conv2d_nchw.default, args)
+    with pytest.raises(ValueError, match=r"conv2d_nchw: weight \(19, 17, 3, 3\) must be \(K, 16, kh, kw\)"):
+        _triton_implicit_gemm.conv2d_nchw(x[:, :16], weight, bias, stride, padding)
+
+
 def test_registration_without_interpreter(run_python):
     """The registration a GPU machine makes (TRITON_INTERPRET unset), in a fresh process: the
     same schema, a fake kernel giving x's memory format, the refusal of inputs that need grad."""

@@ -83,9 +83,11 @@ ROWS = {
     # convolution writing NCHW (the extension's, else NNPACK's), else the conv2d_act route then to_nchw.
     ("conv2d_nchw", "cpu"): row(("winograd", "nnpack", "onednn", "torch"),
                                 extension=("winograd", "nnpack", "onednn", "torch"), triton=("torch",)),
-    ("conv2d_nchw", "cuda"): row(("torch",), extension=("torch",), triton=("torch",)),
+    # On CUDA measured too: the Triton implicit GEMM writing NCHW straight from its epilogue
+    # (one pass), or conv2d_act's measured route then to_nchw.
+    ("conv2d_nchw", "cuda"): row(("triton_conv", "torch"), extension=("torch",), triton=("torch",)),
 }
-MEASURED = [("conv2d_act", "cuda")]
+MEASURED = [("conv2d_act", "cuda"), ("conv2d_nchw", "cuda")]
 # The implementations a measured row takes only when it measures (its unmeasured route stays
 # cuDNN then the Triton epilogue, as a captured or traced graph expects).
 MEASURED_ONLY = ("cudnn_relu",) + TRITON_GEMM_ROUTES
@@ -214,14 +216,35 @@ def nchw_runner(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def _decide_nchw(x, weight, bias, stride, padding, dilation, groups, winograd) -> Runner:
-    implementation = resolve("conv2d_nchw", x.device.type, lambda impl: (winograd or impl not in WINOGRAD_ROUTES)
-                             and conv2d_nchw_supports(impl, x, weight, bias, stride, padding, dilation, groups))
+    measuring = measured("conv2d_nchw", x.device)
+
+    def supports(implementation: str) -> bool:
+        return ((winograd or implementation not in WINOGRAD_ROUTES)
+                and (measuring or implementation not in MEASURED_ONLY)
+                and conv2d_nchw_supports(implementation, x, weight, bias, stride, padding, dilation, groups))
+
     direct = runner(x, weight, bias, stride, padding, dilation, groups, False, None, winograd=False)
-    fn, pack = _routes.nchw(implementation, x, weight, padding, direct)
-    # The route is the row's; "torch" and "onednn" run conv2d_act's direct route, then to_nchw:
-    # that route is the runner's ``via``, and what it measured, where it was measured, its decision.
-    via = None if implementation in WINOGRAD_ROUTES else direct.route
-    return Runner("conv2d_nchw", implementation, fn, dynamic=(0,), pack=pack, decision=direct.decision, via=via)
+
+    def route(implementation: str):
+        fn, pack = _routes.nchw(implementation, x, weight, stride, padding, direct)
+        # "torch" and "onednn" run conv2d_act's direct route, then to_nchw: that route is the
+        # runner's ``via`` (and, unmeasured, what it measured is the decision).
+        via = None if implementation in WINOGRAD_ROUTES + TRITON_GEMM_ROUTES else direct.route
+        return fn, pack, via
+
+    if not measuring:
+        implementation = resolve("conv2d_nchw", x.device.type, supports)
+        fn, pack, via = route(implementation)
+        return Runner("conv2d_nchw", implementation, fn, dynamic=(0,), pack=pack, decision=direct.decision, via=via)
+    names, refused = candidates("conv2d_nchw", x.device.type, supports,
+                                lambda implementation: _why_not(implementation, x, weight, False, None,
+                                                                stride, padding, dilation))
+    routes = {name: route(name) for name in names}
+    decision = fastest("conv2d_nchw", _describe(x, weight, bias, stride, padding, dilation, groups, False, None),
+                       {name: functools.partial(fn, x, weight, bias, None) for name, (fn, _, _) in routes.items()},
+                       refused, x.device)
+    fn, pack, via = routes[decision.chosen]
+    return Runner("conv2d_nchw", decision.chosen, fn, dynamic=(0,), pack=pack, decision=decision, via=via)
 
 
 def conv1x1_route(x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

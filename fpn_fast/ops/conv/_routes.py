@@ -126,10 +126,18 @@ def _triton_gemm_route(implementation: str, x: torch.Tensor, stride, padding, re
     return run_triton_conv
 
 
-def nchw(implementation: str, x: torch.Tensor, weight: torch.Tensor, padding, direct) -> Route:
+def nchw(implementation: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, direct) -> Route:
     """conv2d_nchw's route ``implementation`` for x's signature; ``direct`` is conv2d_act's direct
     runner for it (its output converted to NCHW, the route of everything else)."""
     padding = list(padding)
+    if implementation == "triton_conv":
+        low = autocast_dtype(x.device.type)
+        conv = torch.ops.fpn_fast_triton.conv2d_nchw.default
+        stride = list(stride)
+
+        def run_triton_conv(x, weight, bias=None, pack=None):
+            return conv(low_precision(x, low), low_precision(weight, low), low_precision(bias, low), stride, padding)
+        return run_triton_conv, None
     direct_fn = direct.fn
     to_nchw = nchw_runner(x.device.type, not channels_last_like(x)).fn
     if implementation == "winograd":

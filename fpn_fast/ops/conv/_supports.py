@@ -120,6 +120,9 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def conv2d_nchw_supports(implementation: str, x: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], stride, padding, dilation, groups: int) -> bool:
     """Whether ``implementation`` takes this conv2d_nchw call (as ``conv2d_act_supports``)."""
+    if implementation == "triton_conv":
+        return (not capturing_graph() and x.dim() == 4 and groups == 1
+                and triton_gemm_refusal(implementation, x, weight, bias, stride, padding, dilation, None) is None)
     if implementation == "winograd":
         return _winograd_fits(x, weight, bias, stride, padding, dilation, groups)
     if implementation != "nnpack":

@@ -199,16 +199,19 @@ def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
     return n, k, (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1
 
 
-def empty_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+def empty_output(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                 nchw: bool = False) -> torch.Tensor:
     """The output buffer (also the fake kernels'): x's dtype and device, x's memory format
-    (channels_last for a channels_last x, as F.conv2d lays it out)."""
-    return _empty(list(output_shape(x, weight, stride, padding)), x, _is_channels_last(x))
+    (channels_last for a channels_last x, as F.conv2d lays it out), or contiguous NCHW when
+    ``nchw``."""
+    return _empty(list(output_shape(x, weight, stride, padding)), x, not nchw and _is_channels_last(x))
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           relu: bool, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
-    """Run the kernel into a fresh output (inputs already checked); the registered ops' body."""
-    out = empty_output(x, weight, stride, padding)
+           relu: bool, stride: Sequence[int], padding: Sequence[int], nchw: bool = False) -> torch.Tensor:
+    """Run the kernel into a fresh output (inputs already checked; ``nchw``: a contiguous NCHW
+    output whatever x's layout, the epilogue storing through its strides); the registered ops' body."""
+    out = empty_output(x, weight, stride, padding, nchw)
     if out.numel() == 0:
         return out
     _, c, h, w = _ints(x.shape)

@@ -8,7 +8,11 @@ runs over the window's taps and the input channels, a tap's pixels are read thro
 zero, as F.conv2d's zero padding. Same epilogue, same contract as ``conv1x1_act``: bias, then
 residual, ReLU keeping NaN, one rounding, a fresh output in x's memory format.
 
-Inference only: the op has no autograd; registered by ``fpn_fast.ops._triton.define_inference_op``.
+``conv2d_nchw`` is the same kernel with a bias and nothing else in its epilogue, storing a
+contiguous NCHW output whatever x's layout (the FPN's output convolutions, whose results leave the
+backbone in NCHW): one pass over the output instead of a conv, then a copy to NCHW.
+
+Inference only: the ops have no autograd; registered by ``fpn_fast.ops._triton.define_inference_op``.
 """
 from typing import List, Optional, Sequence
 
@@ -36,8 +40,20 @@ def _fake(x, weight, bias, residual, stride, padding, relu):
     return empty_output(x, weight, stride, padding)
 
 
+def _conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+                 padding: List[int]) -> torch.Tensor:
+    """The registered op's kernel: F.conv2d(x, weight, bias, stride, padding) written straight
+    into a contiguous NCHW output (CPU under the interpreter, CUDA)."""
+    return launch(x, weight, bias, None, False, stride, padding, nchw=True)
+
+
+def _fake_nchw(x, weight, bias, stride, padding):
+    return empty_output(x, weight, stride, padding, nchw=True)
+
+
 if triton is not None:  # one registration on a GPU and under the interpreter (see define_inference_op)
     _op = define_inference_op("fpn_fast_triton::conv2d_act", _conv2d_act, _fake)
+    _nchw_op = define_inference_op("fpn_fast_triton::conv2d_nchw", _conv2d_nchw, _fake_nchw)
 
 
 def supports(x, weight, bias=None, residual=None, relu: bool = False, *, stride: Sequence[int] = (1, 1),
@@ -98,3 +114,30 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_no_grad("conv2d_act", x, weight, bias, residual)
     with on_device_of(x):
         return torch.ops.fpn_fast_triton.conv2d_act(x, weight, bias, residual, stride, padding, bool(relu))
+
+
+def conv2d_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0)) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding).contiguous()`` in one Triton implicit GEMM
+    that stores its result straight into a contiguous NCHW tensor; for inference.
+
+    Precision as ``conv2d_act``'s (float32 accumulation, TF32 exactly where cuDNN may use it,
+    the bias added in float32, one rounding to x's dtype).
+
+    Args:
+        x: Tensor[N, C, H, W], float32, float16 or bfloat16, any strides. weight: Tensor[K, C,
+            kh, kw]. bias: Tensor[K] or None. stride, padding: an int or two. Same dtype and device.
+
+    Returns:
+        Tensor[N, K, P, Q], contiguous (NCHW), of x's dtype.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: as ``conv2d_act``'s.
+    """
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    found = problem("conv2d_nchw", x, weight, bias, None, stride, padding)
+    if found is not None:
+        raise found[0](found[1])
+    check_no_grad("conv2d_nchw", x, weight, bias)
+    with on_device_of(x):
+        return torch.ops.fpn_fast_triton.conv2d_nchw(x, weight, bias, stride, padding)
