@@ -15,20 +15,25 @@ from fpn_fast.ops import choices, dispatch, measure
 from tests._models import randomise_
 
 
+def _count_timings(monkeypatch, timer) -> list:
+    """Make ``timer.time`` (a measure timer class) append the names it times to the list returned."""
+    timed = []
+    time = timer.time
+
+    def counted(self, runs):
+        timed.append(sorted(runs))
+        return time(self, runs)
+    monkeypatch.setattr(timer, "time", counted)
+    return timed
+
+
 @pytest.fixture
 def measured_on_cpu(monkeypatch):
     """conv2d_act's CPU row measured; returns the list of candidate sets timed (each timing
     appends the names it timed)."""
     dispatch.MEASURED.add(("conv2d_act", "cpu"))
     dispatch.forget_runners()
-    timed = []
-    time = measure._HostTimer.time
-
-    def counted(self, runs):
-        timed.append(sorted(runs))
-        return time(self, runs)
-    monkeypatch.setattr(measure._HostTimer, "time", counted)
-    yield timed
+    yield _count_timings(monkeypatch, measure._HostTimer)
     dispatch.MEASURED.discard(("conv2d_act", "cpu"))
     dispatch.forget_runners()
     measure.forget_loaded()
@@ -181,13 +186,7 @@ def test_a_restarted_server_warms_up_without_measuring(measured_on_cpu, tmp_path
 def test_cuda_choices_round_trip_without_timing(monkeypatch, tmp_path):
     """On the GPU under "auto" (conv2d_act and the lateral step measured with CUDA events): a
     restarted process with the saved choices plans the same routes and times nothing."""
-    timed = []
-    time = measure._CudaTimer.time
-
-    def counted(self, runs):
-        timed.append(sorted(runs))
-        return time(self, runs)
-    monkeypatch.setattr(measure._CudaTimer, "time", counted)
+    timed = _count_timings(monkeypatch, measure._CudaTimer)
     dispatch.forget_runners()
     try:
         torch.manual_seed(0)

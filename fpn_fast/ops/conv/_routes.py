@@ -105,25 +105,33 @@ def act(implementation: str, x: torch.Tensor, weight: torch.Tensor, stride, padd
     return run_torch, None
 
 
+def _autocast_cast(fn: Callable, low: Optional[torch.dtype]) -> Callable:
+    """``fn`` itself without autocast; under it, ``fn`` with its float32 tensor arguments cast as
+    autocast casts a convolution's (the folded weights arrive cast already: ``conv2d_act`` casts
+    them once), since a registered Triton op is not autocast's to cast."""
+    if low is None:
+        return fn
+
+    def cast(*args):
+        return fn(*[low_precision(a, low) if isinstance(a, torch.Tensor) else a for a in args])
+    return cast
+
+
 def _triton_gemm_route(implementation: str, x: torch.Tensor, stride, padding, relu: bool) -> Callable:
     """The convolution as one Triton GEMM with bias, residual and ReLU in its epilogue: the 1x1
-    stride-1 kernel ("triton_gemm") or the implicit-GEMM one ("triton_conv"). Under autocast its
-    float32 operands are cast as autocast casts a convolution's (the folded weights already are:
-    ``conv2d_act`` casts them once), and it runs in the low dtype."""
-    low = autocast_dtype(x.device.type)
+    stride-1 kernel ("triton_gemm") or the implicit-GEMM one ("triton_conv"), in autocast's
+    dtype under autocast."""
     if implementation == "triton_gemm":
         gemm = torch.ops.fpn_fast_triton.conv1x1_act.default
 
         def run_triton_gemm(x, weight, bias=None, residual=None, pack=None):
-            return gemm(low_precision(x, low), low_precision(weight, low), low_precision(bias, low),
-                        low_precision(residual, low), relu)
-        return run_triton_gemm
+            return gemm(x, weight, bias, residual, relu)
+        return _autocast_cast(run_triton_gemm, autocast_dtype(x.device.type))
     conv = torch.ops.fpn_fast_triton.conv2d_act.default
 
     def run_triton_conv(x, weight, bias=None, residual=None, pack=None):
-        return conv(low_precision(x, low), low_precision(weight, low), low_precision(bias, low),
-                    low_precision(residual, low), stride, padding, relu)
-    return run_triton_conv
+        return conv(x, weight, bias, residual, stride, padding, relu)
+    return _autocast_cast(run_triton_conv, autocast_dtype(x.device.type))
 
 
 def nchw(implementation: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, direct) -> Route:
@@ -131,13 +139,12 @@ def nchw(implementation: str, x: torch.Tensor, weight: torch.Tensor, stride, pad
     runner for it (its output converted to NCHW, the route of everything else)."""
     padding = list(padding)
     if implementation == "triton_conv":
-        low = autocast_dtype(x.device.type)
         conv = torch.ops.fpn_fast_triton.conv2d_nchw.default
         stride = list(stride)
 
         def run_triton_conv(x, weight, bias=None, pack=None):
-            return conv(low_precision(x, low), low_precision(weight, low), low_precision(bias, low), stride, padding)
-        return run_triton_conv, None
+            return conv(x, weight, bias, stride, padding)
+        return _autocast_cast(run_triton_conv, autocast_dtype(x.device.type)), None
     direct_fn = direct.fn
     to_nchw = nchw_runner(x.device.type, not channels_last_like(x)).fn
     if implementation == "winograd":
