@@ -16,6 +16,7 @@
 //                                                            ops/cpu/nnpack_conv_kernel.cpp
 //   _upsample_add_index_probe, _nearest_window_starts (test hooks)   ops/upsample_add.cpp
 //   _cpu_pool_* (the CPU buffer pool)                        runtime/cpu/memory_pool.cpp
+// and, not ops, the module's functions _guard_arm/_guard_holds   runtime/host_guard.cpp
 //
 // The Python side (fpn_fast/ops/_extension.py and others) calls these by name, and registers
 // there the fake (meta) kernels of the tensor ops and the autograd formulas of upsample_add and
@@ -23,10 +24,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing fpn_fast._C runs the static registrations of every file in csrc/; the module
-// itself is empty.
+#include "runtime/host_guard.h"
+
+// Importing fpn_fast._C runs the static registrations of every file in csrc/; the module's own
+// functions are the plans' host-side guard (runtime/host_guard.cpp).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fpn_fast::host_guard_methods};
   return PyModule_Create(&module_def);
 }
 

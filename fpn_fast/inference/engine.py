@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .._fast_path import _global_hooks
 from .folded_conv import _check_inference
+from . import guards as _guards
 from .guards import GraphGuard, StructureGuard, WeightGuard, _hooked_or_training, _why_not_hide
 from .plan import Plan, PlanError, Signature, build_plan, signature
 
@@ -30,6 +31,8 @@ class _Entry:
         captures: graphs captured for it (a graph whose hidden modules changed is captured again,
             at most ``MAX_CAPTURES`` times in all).
         reason: why there is no plan, or no graph.
+        host: (``guards.HostGuard``, the graph guard it covers) once the guards held, or None: while
+            it holds and the graph guard is the same, a call skips the Python guards.
     """
 
     def __init__(self, plan: Optional[Plan], reason: Optional[str] = None,
@@ -41,12 +44,25 @@ class _Entry:
         self.captures = 0
         self.reason = reason
         self.hits = 0
+        self.host = None
 
     def retire(self) -> None:
         """Forget the graph once its last replay is done (its memory may be reused at once)."""
         if self.graphed is not None:
             self.graphed.retire()
             self.graphed = self.graph_guard = None
+
+    def unchanged(self, backbone: nn.Module) -> bool:
+        """Whether the host guard says that nothing the plan's and graph's guards read changed
+        since they last held (False: ask them)."""
+        host = self.host
+        return host is not None and host[1] is self.graph_guard and host[0].holds(backbone)
+
+    def arm(self) -> tuple:
+        """A host guard of the plan's guards and of the graph's as they are now (taken before
+        they are checked: kept, with ``host = ...``, only if they then hold)."""
+        plan, graph = self.plan, self.graph_guard
+        return _guards.arm([plan.structure], [plan.guard], graph), graph
 
 
 MAX_CAPTURES = 3
@@ -99,8 +115,11 @@ class Engine:
         if plan is None:
             # Cannot be planned: as written, until a module changes.
             return backbone._run_as_written(x) if _valid(entry) else None
-        if not _valid(entry) or _global_hooks():
-            return None
+        unchanged = entry.unchanged(backbone)
+        if not unchanged:
+            armed = entry.arm()
+            if not _valid(entry) or _global_hooks():
+                return None
         if key.grad_enabled and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
             return backbone._run_as_written(x)
         entry.hits += 1
@@ -115,8 +134,12 @@ class Engine:
             return plan.run(x) if key.autocast is None else backbone._run_as_written(x)
         graphed, guard = entry.graphed, entry.graph_guard
         if graphed is None or guard is None:
+            if not unchanged and armed[0] is not None and armed[1] is None:
+                entry.host = armed
             return plan.run(x)
-        if guard.holds():
+        if unchanged or guard.holds():
+            if not unchanged and armed[0] is not None and armed[1] is guard:
+                entry.host = armed
             return graphed(x, self.static_outputs)
         if not guard.plain():  # a hook or training mode the plan's calls honour
             return plan.run(x)

@@ -1,18 +1,27 @@
-"""What a plan may assume between calls, checked per call: the weights it was built from
-(``WeightGuard``), the modules it was built from (``StructureGuard``), and what a CUDA graph hides
-beyond the plan (``GraphGuard``). Each check is a few C-level comparisons per module; see
-docs/design.md ("Inference engine", invariants) for what each guards and why.
+"""What a plan may assume between calls: the weights it was built from (``WeightGuard``), the
+modules it was built from (``StructureGuard``), and what a CUDA graph hides beyond the plan
+(``GraphGuard``). Each check is a few C-level comparisons per module; see docs/design.md
+("Inference engine", invariants) for what each guards and why.
+
+These Python checks define whether a plan applies. A call does not run them while the extension's
+host guard (``arm``/``HostGuard.holds``, csrc/runtime/host_guard.cpp) says that nothing they read
+has changed since they last held: one C call instead of about a hundred Python-level comparisons.
 """
 import copy
 import itertools
 import operator
+import warnings
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_state
+
+from ..ops import host_guard as _host_guard
 
 
-__all__ = ["WeightGuard", "StructureGuard", "GraphGuard"]
+__all__ = ["WeightGuard", "StructureGuard", "GraphGuard", "HostGuard", "arm", "host_guard_mechanism"]
 
 
 _PARAMETERS = operator.attrgetter("_parameters")
@@ -100,7 +109,8 @@ class StructureGuard:
             self.outer_size, self.outer_type = len(state), type(outer)
             keys = [key for key in state if key not in _OUTER_IGNORED]
             self.outer_get = operator.itemgetter(*keys)
-            self.outer_values = tuple(_snapshot({key: state[key] for key in keys}).values())
+            self.outer_snapshot = _snapshot({key: state[key] for key in keys})
+            self.outer_values = tuple(self.outer_snapshot.values())
 
     def holds(self) -> bool:
         """True when no module was changed since the guard was made."""
@@ -112,6 +122,18 @@ class StructureGuard:
                     and (self.outer is None or self._outer_holds()))
         except Exception:  # noqa: BLE001 (an attribute replaced by a value whose == raises or is ambiguous)
             return False
+
+    def host_spec(self) -> Tuple[list, list, Optional[tuple]]:
+        """What the host guard records of this guard (``arm``): (module, snapshot, keys compared
+        by identity) per module, the called modules, and the outer module's (module, snapshot,
+        keys compared by identity, keys ignored), or None."""
+        structures = [(module, snapshot, _BY_IDENTITY) for module, snapshot in zip(self.modules, self.snapshots)]
+        outer = None
+        if self.outer is not None:
+            module = self.outer()
+            if module is not None:
+                outer = (module, self.outer_snapshot, _BY_IDENTITY, _OUTER_IGNORED)
+        return structures, self.called, outer
 
     def _outer_holds(self) -> bool:
         outer = self.outer()
@@ -188,3 +210,138 @@ class GraphGuard:
     def plain(self) -> bool:
         """No module the graph hides has a hook or training mode."""
         return not any(map(_hooked_or_training, self.modules))
+
+
+class HostGuard:
+    """The extension's record of everything a plan's guards read, taken right before they held
+    (``arm``): ``holds(outer)`` is True only if none of it changed since, so the Python guards
+    would hold again. Dict changes are seen by CPython's dict watchers (one generation counter,
+    Python >= 3.12) or PEP 509 version tags (before); types, ``__dict__`` identities, list and set
+    contents, the called modules' training flags and hook counts, and the tensors' version counters
+    and data pointers are read directly (csrc/runtime/host_guard.cpp). A False answer means "ask
+    the Python guards", not "changed".
+
+    Args:
+        capsule: what ``_C._guard_arm`` returned.
+        holds: ``_C._guard_holds``.
+    """
+
+    __slots__ = ("capsule", "_holds")
+
+    def __init__(self, capsule, holds):
+        self.capsule = capsule
+        self._holds = holds
+
+    def holds(self, outer: Optional[nn.Module] = None) -> bool:
+        """Whether nothing recorded changed.
+
+        Args:
+            outer: the module whose forward runs the plan (the backbone), where the structure
+                guard armed from had one; its address is compared before anything of it is read.
+
+        Returns:
+            True when the guards it was armed from would hold now.
+        """
+        return self._holds(self.capsule, outer)
+
+
+# The dicts ``_fast_path._global_hooks`` reads, and the namespace that holds them (a rebinding).
+_GLOBAL_DICTS = (_module_state._global_forward_hooks, _module_state._global_forward_pre_hooks,
+                 _module_state._global_backward_hooks, _module_state._global_backward_pre_hooks,
+                 _module_state.__dict__)
+_FUNCTIONS: list = []  # [ops.host_guard.HostGuardFunctions, or None where the host guard is off]
+
+
+def host_guard_mechanism() -> Optional[str]:
+    """How the host guard sees dict changes here ("dict watchers ..." or "dict version tags ..."),
+    or None where it is not used: the extension is not loaded, ``FPN_FAST_HOST_GUARD=0``, or its
+    self-check at first use failed (it warned then); calls then run the Python guards.
+
+    Returns:
+        A short description, or None.
+    """
+    functions = _functions()
+    return None if functions is None else functions.mechanism()
+
+
+def _functions():
+    if not _FUNCTIONS:
+        _FUNCTIONS.append(_self_checked())
+    return _FUNCTIONS[0]
+
+
+def arm(structures: Sequence[StructureGuard], weights: Sequence[WeightGuard] = (),
+        graph: Optional[GraphGuard] = None) -> Optional[HostGuard]:
+    """Record what these guards read, to be kept only if they hold right after (the caller runs
+    them next: a change in between is in the record's past, and the next ``holds`` sees it).
+
+    Args:
+        structures: structure guards (at most one with an outer module).
+        weights: weight guards: their tensors' version counters and data pointers.
+        graph: a CUDA graph's guard: its structure, and its tensors' data pointers.
+
+    Returns:
+        A HostGuard, or None where the host guard is not used or cannot record them (an inference
+        tensor among the weights has no version counter): the Python guards then run each call.
+    """
+    functions = _functions()
+    return None if functions is None else _arm(functions, structures, weights, graph)
+
+
+def _arm(functions, structures, weights, graph) -> Optional[HostGuard]:
+    if graph is not None:
+        structures = list(structures) + [graph.structure]
+    modules, called, outer = [], [], None
+    for guard in structures:
+        parts, calls, its_outer = guard.host_spec()
+        modules += parts
+        called += calls
+        outer = its_outer if its_outer is not None else outer
+    convs = [module for guard in weights for module in guard.modules]
+    pointers = [] if graph is None else graph.tensors.modules
+    try:
+        return HostGuard(functions.arm(modules, called, outer, convs, pointers, _GLOBAL_DICTS), functions.holds)
+    except Exception:  # noqa: BLE001 (what it cannot record: the Python guards decide each call)
+        return None
+
+
+def _self_checked():
+    """The host guard's functions, after checking that they notice an attribute set, an in-place
+    weight write, a hook and a global hook on a probe module; None (with a warning) where they
+    do not, or where there are none (``ops.host_guard.functions``)."""
+    functions = _host_guard.functions()
+    if functions is None:
+        return None
+    with torch.inference_mode(False):  # the first call may come under inference_mode: plain tensors here
+        missed = _missed_changes(functions)
+    if missed:
+        warnings.warn("fpn_fast: the extension's host guard did not notice " + ", ".join(missed)
+                      + " on this Python; each call runs the Python guards instead", RuntimeWarning, stacklevel=3)
+        return None
+    return functions
+
+
+def _missed_changes(functions) -> List[str]:
+    probe = nn.Conv2d(1, 1, 1)
+    probe._weights_generation = 0
+    missed = []
+    changes = [("an attribute set", lambda: setattr(probe, "stride", (2, 2))),
+               ("an in-place weight write", lambda: _in_place(probe.weight)),
+               ("a forward hook", lambda: probe.register_forward_hook(lambda *args: None).remove()),
+               ("a global forward hook",
+                lambda: torch.nn.modules.module.register_module_forward_hook(lambda *args: None).remove())]
+    for what, change in changes:
+        structure, weights = StructureGuard([probe]), WeightGuard([probe])
+        guard = _arm(functions, [structure], [weights], None)
+        if guard is None or not guard.holds():
+            missed.append(f"{what} (nothing changed yet)")
+            continue
+        change()
+        if guard.holds():
+            missed.append(what)
+    return missed
+
+
+def _in_place(weight: Tensor) -> None:
+    with torch.no_grad():
+        weight.add_(1)
