@@ -15,12 +15,14 @@
 #               torch.compile default and reduce-overhead, fpn_fast optimized with and without
 #               CUDA graphs; interleaved, CUDA events, medians; routes, graphs, compile times
 #   required 4. the core cuda tests: tests/inference and the lateral and epilogue op tests
-#   optional 5. first calls in fresh processes, cold and warm Triton cache (benchmarks/first_call.py)
-#   optional 6. the other cuda tests
-#   optional 7. kernel benchmarks: the fused lateral op per FPN level, the conv epilogue routes
-#   optional 8. training step, fpn_fast vs torchvision
-#   optional 9. the main job, float32, --optimize
-#   optional 10. torch.compile max-autotune against fpn_fast optimized (long compiles): last
+#   optional 5. host time: the plan guards (Python vs the extension's host guard), a replay's host
+#               time with copied and with static outputs (benchmarks/test_bench_host.py)
+#   optional 6. first calls in fresh processes, cold and warm Triton cache (benchmarks/first_call.py)
+#   optional 7. the other cuda tests
+#   optional 8. kernel benchmarks: the fused lateral op per FPN level, the conv epilogue routes
+#   optional 9. training step, fpn_fast vs torchvision
+#   optional 10. the main job, float32, --optimize
+#   optional 11. torch.compile max-autotune against fpn_fast optimized (long compiles): last
 #   then the summary, which opens with the headline table.
 # Output in $OUT (8 files at most, what a GPU session brings back), each written as its step
 # runs: gpu_check.log (everything), summary.txt, headline.json, first_call.json,
@@ -56,7 +58,7 @@ fi
 T_TOTAL="${T_TOTAL:-450}"
 T_BUILD="${T_BUILD:-75}" T_PREFLIGHT="${T_PREFLIGHT:-30}" T_HEADLINE="${T_HEADLINE:-240}"
 T_TESTS_CORE="${T_TESTS_CORE:-90}"
-T_FIRST="${T_FIRST:-120}" T_TESTS_REST="${T_TESTS_REST:-150}" T_KERNELS="${T_KERNELS:-60}"
+T_HOST="${T_HOST:-45}" T_FIRST="${T_FIRST:-120}" T_TESTS_REST="${T_TESTS_REST:-150}" T_KERNELS="${T_KERNELS:-60}"
 T_TRAIN="${T_TRAIN:-60}" T_MAIN="${T_MAIN:-45}" T_AUTOTUNE="${T_AUTOTUNE:-150}"
 MIN_STEP=20  # a step with less of T_TOTAL left than this is skipped, not started
 if [ "$ONLY" = headline ]; then T_TESTS_CORE=0; fi
@@ -126,6 +128,10 @@ summary() {
         echo "## cuda tests (${name#.tests_}): $(tail -n 1 "$OUT/$name.txt")"
         grep -E '^(FAILED|ERROR) ' "$OUT/$name.txt" | head -20
     done
+    if [ -s "$OUT/.bench_host.txt" ]; then
+        echo "## host time (benchmarks/test_bench_host.py; times per round: plan guards 1000 checks, replay host 1 call)"
+        grep -E '^(test_|Name|-- )' "$OUT/.bench_host.txt" | grep -v '^----' | head -12
+    fi
     for name in headline_autotune first_call bench_kernels bench_training main_optimize; do
         [ -s "$OUT/$name.json" ] || continue
         echo "## $name"
@@ -177,6 +183,9 @@ fi
 run_step "core cuda tests: ${CORE_TESTS[*]}" "$T_TESTS_CORE" \
     bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider -rfE ${XDIST[*]} -m cuda ${CORE_TESTS[*]} 2>&1 | tee '$OUT/.tests_core.txt'"
 
+OPTIONAL=1 run_step "host time: plan guards (Python vs the host guard), a replay's host time" "$T_HOST" \
+    bash -c "set -o pipefail; '$PY' -m pytest ${BENCH_ARGS[*]} benchmarks/test_bench_host.py -k '$DEV' 2>&1 | tee '$OUT/.bench_host.txt'"
+
 OPTIONAL=1 run_step "first calls in fresh processes (cold and warm Triton cache)" "$T_FIRST" \
     "$PY" benchmarks/first_call.py "${DRY_ARGS[@]}" --device "$DEV" --json "$OUT/first_call.json"
 
@@ -211,7 +220,7 @@ exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 checks
 status=$?
 summary > "$OUT/summary.txt" 2>&1
-rm -f "$OUT/.tests_core.txt" "$OUT/.tests_rest.txt"
+rm -f "$OUT/.tests_core.txt" "$OUT/.tests_rest.txt" "$OUT/.bench_host.txt"
 echo
 cat "$OUT/summary.txt"
 if [ "$DRY" = 1 ]; then

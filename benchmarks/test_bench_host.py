@@ -6,6 +6,12 @@ plan (CPU) or replays its CUDA graph.
 1000 checks per round. Variants: ``python guards`` (the plan's StructureGuard and WeightGuard and
 the global-hook check, what every call ran before the host guard and still runs after a change)
 and ``host guard`` (``_Entry.unchanged``: the extension's one call, csrc/runtime/host_guard.cpp).
+
+"replay host" group (CUDA): one call of the optimized backbone at batch 2, 3x800x1216, float32,
+served by its CUDA graph, timed on the host from an idle GPU (synchronised before each round, not
+after: the time is what the call spends before it returns, the GPU's work still queued), as
+headline.py's ``host_us``. Variants: ``replay copies`` (the default: the outputs are copies, one
+device copy per level) and ``replay static outputs`` (``set_engine(static_outputs=True)``).
 """
 import pytest
 import torch
@@ -14,7 +20,7 @@ import fpn_fast
 from fpn_fast._fast_path import _global_hooks
 from fpn_fast.inference import guards
 from fpn_fast.inference.engine import _valid
-from _bench import DEVICES, rounds, run_benchmark
+from _bench import DEVICES, HAS_CUDA, images_shape, rounds, run_benchmark
 
 CHECKS_PER_ROUND = 1000
 VARIANTS = ["python guards", "host guard"]
@@ -59,4 +65,30 @@ def test_plan_guards(benchmark, planned, device, variant):
         for _ in range(CHECKS_PER_ROUND):
             check()
     run_benchmark(benchmark, checks, "cpu", rounds(20, 20, device), calls_per_round=CHECKS_PER_ROUND)
+    benchmark.extra_info["mechanism"] = guards.host_guard_mechanism()
+
+
+REPLAY_VARIANTS = ["replay copies", "replay static outputs"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", REPLAY_VARIANTS, ids=[v.replace(" ", "_") for v in REPLAY_VARIANTS])
+def test_replay_host(benchmark, variant):
+    torch.manual_seed(0)
+    model = fpn_fast.resnet_fpn_backbone(backbone_name="resnet50", weights=None).eval().cuda()
+    model = fpn_fast.optimize_for_inference(model)
+    if variant == "replay static outputs":
+        model.set_engine(static_outputs=True)
+    x = torch.randn(images_shape((2, 3, 800, 1216)), device="cuda")
+    benchmark.group = f"replay host cuda resnet50-fpn {'x'.join(map(str, x.shape))}"
+    with torch.inference_mode():
+        model(x)
+        model(x)
+        assert model.plans()[0]["graph"], model.plans()[0]["reason"]
+
+        def call():
+            model(x)
+        benchmark.pedantic(call, setup=torch.cuda.synchronize, rounds=rounds(50, 50, "cuda"), warmup_rounds=2)
+        torch.cuda.synchronize()
     benchmark.extra_info["mechanism"] = guards.host_guard_mechanism()
