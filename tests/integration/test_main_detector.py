@@ -10,7 +10,7 @@ import torchvision
 from PIL import Image
 
 from fpn_fast import demo
-from tests.integration.test_main import run_main
+from tests.integration.test_main import run_main, run_main_or_in_process
 
 # Fewer proposals and detections than torchvision's 1000 and 100: the box head's cost drops tenfold.
 CHEAP = {"rpn_post_nms_top_n_test": 100, "box_detections_per_img": 20}
@@ -135,7 +135,7 @@ def test_user_images_and_checkpoint(user_folder):
 
 @pytest.mark.parametrize("case", ["missing path", "empty folder", "unreadable image", "missing weights",
                                   "not a checkpoint", "mismatched checkpoint", "unknown model argument"])
-def test_bad_input_exits_2_with_one_line(case, user_folder, tmp_path):
+def test_bad_input_exits_2_with_one_line(case, user_folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     (tmp_path / "text.pt").write_text("hello")
@@ -149,7 +149,7 @@ def test_bad_input_exits_2_with_one_line(case, user_folder, tmp_path):
         "mismatched checkpoint": (["--weights", str(user_folder / "detector.pt")], "does not fit"),
         "unknown model argument": (["--model-arg", "box_detections=3"], "takes no argument 'box_detections'"),
     }[case]
-    proc = run_main(*SMALL, *args, timeout=120)
+    proc = run_main_or_in_process(capsys, case == "missing path", *SMALL, *args)  # one in a fresh process
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("fpn-fast: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
