@@ -24,6 +24,7 @@
 
 #include <atomic>
 #include <exception>
+#include <unordered_map>
 #include <cstdint>
 #include <unordered_set>
 #include <utility>
@@ -36,6 +37,10 @@ namespace {
 #define FPN_FAST_DICT_WATCHERS 1
 std::atomic<uint64_t> generation{1};
 int watcher_id = -1;
+// How many live guards hold each watched dict (all under the GIL): a dict no guard holds any more
+// is unwatched, so that a module which changes its attributes on every call (one a dropped CUDA
+// graph used to hide) stops bumping the counter that every other guard compares.
+std::unordered_map<PyObject*, size_t> watchers;
 
 int on_dict_event(PyDict_WatchEvent, PyObject*, PyObject*, PyObject*) {
   generation.fetch_add(1, std::memory_order_relaxed);
@@ -63,7 +68,7 @@ struct TensorCheck {
   // which nn.Module._apply may use, refuse to swap it); read through it at each check.
   PyObject* tensor;
   int64_t version;  // -1: not checked (pointer only)
-  const void* pointer;
+  void* pointer;
 };
 
 struct Guard {
@@ -91,6 +96,15 @@ struct Guard {
 #endif
 
   ~Guard() {
+#ifdef FPN_FAST_DICT_WATCHERS
+    for (PyObject* dict : dicts) {  // held, so alive: unwatch the ones no other guard holds
+      auto found = watchers.find(dict);
+      if (found != watchers.end() && --found->second == 0) {
+        watchers.erase(found);
+        if (PyDict_Unwatch(watcher_id, dict) < 0) PyErr_Clear();
+      }
+    }
+#endif
     for (PyObject* object : held) Py_DECREF(object);
   }
 
@@ -100,13 +114,20 @@ struct Guard {
     return object;
   }
 
-  // Watch a dict (held). False with a Python error set where it cannot be watched.
+  // Watch a dict: held, and its tag read now (3.11), before any of its values is read. `keep`
+  // false: neither held nor counted (the outer module's, read through the module at each check;
+  // on >= 3.12 it stays watched: its address may be reused once it dies, so it is never unwatched).
+  // False with a Python error set where it cannot be watched.
   bool watch(PyObject* dict, bool keep = true) {
     if (!seen.insert(dict).second) return true;
 #ifdef FPN_FAST_DICT_WATCHERS
     if (PyDict_Watch(watcher_id, dict) < 0) return false;
-#endif
     if (!keep) return true;
+    ++watchers[dict];
+#else
+    if (!keep) return true;
+    tags.push_back(reinterpret_cast<PyDictObject*>(dict)->ma_version_tag);
+#endif
     dicts.push_back(hold(dict));
     return true;
   }
@@ -232,7 +253,9 @@ bool record_tensors(Guard& guard, PyObject* module, const char* slot, const char
       PyErr_SetString(PyExc_ValueError, "an inference tensor has no version counter");
       return false;
     }
-    guard.tensors.push_back({guard.hold(value), versioned ? tensor._version() : -1, tensor.const_data_ptr()});
+    // data_ptr(), as Python's Tensor.data_ptr() (which the Python guards compare): it materialises a
+    // copy-on-write storage, where const_data_ptr() would not see the address move.
+    guard.tensors.push_back({guard.hold(value), versioned ? tensor._version() : -1, tensor.data_ptr()});
   }
   return true;
 }
@@ -250,7 +273,7 @@ bool record_outer(Guard& guard, PyObject* spec) {
   guard.outer_dict = dict;
   guard.outer_size = PyDict_Size(dict);
 #ifndef FPN_FAST_DICT_WATCHERS
-  guard.outer_tag = reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+  guard.outer_tag = reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;  // before its values are read
 #endif
   bool ok = guard.watch(dict, /*keep=*/false) && record_values(guard, dict, snapshot, by_identity, ignored);
   Py_DECREF(dict);  // not held: it holds the engine, which holds this guard
@@ -308,33 +331,39 @@ PyObject* guard_arm(PyObject*, PyObject* args) {
     if (watcher_id < 0) return nullptr;
   }
 #endif
-  auto* guard = new Guard();
-#ifdef FPN_FAST_DICT_WATCHERS
-  guard->generation = generation.load(std::memory_order_relaxed);  // before anything is read
-#endif
+  Guard* guard = nullptr;
   bool ok = false;
   try {
+    guard = new Guard();
+#ifdef FPN_FAST_DICT_WATCHERS
+    guard->generation = generation.load(std::memory_order_relaxed);  // before anything is read
+#endif
     ok = each(structures, record_structure, *guard) && each(called, record_called, *guard) &&
          (outer == Py_None || record_outer(*guard, outer)) && each(weights, record_weights, *guard) &&
          each(pointers, record_pointers, *guard) && each(dicts, record_dict, *guard);
-  } catch (const std::exception& error) {  // c10::Error from a tensor (e.g. one without storage)
+  } catch (const std::exception& error) {  // c10::Error from a tensor (one without storage), bad_alloc
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, error.what());
   }
   if (!ok) {
     delete guard;
     return nullptr;
   }
-#ifndef FPN_FAST_DICT_WATCHERS
-  guard->tags.reserve(guard->dicts.size());
-  for (PyObject* dict : guard->dicts) guard->tags.push_back(reinterpret_cast<PyDictObject*>(dict)->ma_version_tag);
-#endif
   guard->seen.clear();
   PyObject* capsule = PyCapsule_New(guard, kCapsuleName, destroy);
   if (capsule == nullptr) delete guard;
   return capsule;
 }
 
-bool holds(const Guard& guard, PyObject* outer) {
+// An error raised while checking: an Exception means "changed" (as the Python guards' except
+// Exception), anything else (KeyboardInterrupt) propagates.
+int changed_or_error() {
+  if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+  PyErr_Clear();
+  return 0;
+}
+
+// 1: nothing recorded changed; 0: something may have; -1: an error to propagate.
+int holds(const Guard& guard, PyObject* outer) {
 #ifdef FPN_FAST_DICT_WATCHERS
   if (generation.load(std::memory_order_relaxed) != guard.generation) return false;
 #else
@@ -347,10 +376,7 @@ bool holds(const Guard& guard, PyObject* outer) {
   }
   for (const auto& [module, dict] : guard.own_dicts) {
     PyObject* current = PyObject_GenericGetDict(module, nullptr);
-    if (current == nullptr) {
-      PyErr_Clear();
-      return false;
-    }
+    if (current == nullptr) return changed_or_error();
     Py_DECREF(current);  // still held by the module
     if (current != dict) return false;
   }
@@ -360,40 +386,28 @@ bool holds(const Guard& guard, PyObject* outer) {
       continue;
     }
     int equal = PyObject_RichCompareBool(check.current, check.snapshot, Py_EQ);
-    if (equal != 1) {
-      if (equal < 0) PyErr_Clear();  // a comparison that raises: as the Python guard, not equal
-      return false;
-    }
+    if (equal != 1) return equal < 0 ? changed_or_error() : 0;  // one that raises: as the Python guard
   }
   for (const CalledCheck& check : guard.called) {
     if (Py_TYPE(check.module) != check.type) return false;
     PyObject* training = PyObject_GetAttrString(check.module, "training");
-    if (training == nullptr) {
-      PyErr_Clear();
-      return false;
-    }
+    if (training == nullptr) return changed_or_error();
     Py_DECREF(training);
     if (training != check.training) return false;
     const char* names[2] = {"_forward_hooks", "_forward_pre_hooks"};
     const Py_ssize_t sizes[2] = {check.hooks, check.pre_hooks};
     for (int i = 0; i < 2; ++i) {
       PyObject* hooks = PyObject_GetAttrString(check.module, names[i]);
-      if (hooks == nullptr) {
-        PyErr_Clear();
-        return false;
-      }
+      if (hooks == nullptr) return changed_or_error();
       Py_ssize_t size = PyObject_Size(hooks);
       Py_DECREF(hooks);
-      if (size != sizes[i]) {
-        if (size < 0) PyErr_Clear();
-        return false;
-      }
+      if (size != sizes[i]) return size < 0 ? changed_or_error() : 0;
     }
   }
   try {
     for (const TensorCheck& check : guard.tensors) {
       const at::Tensor& tensor = THPVariable_Unpack(check.tensor);
-      if (tensor.const_data_ptr() != check.pointer) return false;
+      if (tensor.data_ptr() != check.pointer) return false;
       if (check.version >= 0 && tensor._version() != check.version) return false;
     }
   } catch (const std::exception&) {  // a tensor that changed kind (swapped with an inference tensor)
@@ -402,10 +416,7 @@ bool holds(const Guard& guard, PyObject* outer) {
   if (guard.outer != nullptr) {
     if (outer != guard.outer || Py_TYPE(outer) != guard.outer_type) return false;
     PyObject* dict = PyObject_GenericGetDict(outer, nullptr);
-    if (dict == nullptr) {
-      PyErr_Clear();
-      return false;
-    }
+    if (dict == nullptr) return changed_or_error();
     Py_DECREF(dict);  // still held by the outer module
     if (dict != guard.outer_dict || PyDict_Size(dict) != guard.outer_size) return false;
 #ifndef FPN_FAST_DICT_WATCHERS
@@ -423,7 +434,8 @@ PyObject* guard_holds(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   auto* guard = static_cast<Guard*>(PyCapsule_GetPointer(args[0], kCapsuleName));
   if (guard == nullptr) return nullptr;
-  return PyBool_FromLong(holds(*guard, args[1]));
+  int result = holds(*guard, args[1]);
+  return result < 0 ? nullptr : PyBool_FromLong(result);
 }
 
 // _guard_mechanism() -> str: how dict changes are seen.

@@ -33,6 +33,8 @@ class _Entry:
         reason: why there is no plan, or no graph.
         host: (``guards.HostGuard``, the graph guard it covers) once the guards held, or None: while
             it holds and the graph guard is the same, a call skips the Python guards.
+        unarmable: the host guard could not record this plan's guards (an inference tensor among
+            its weights): its calls run the Python guards, without trying again.
     """
 
     def __init__(self, plan: Optional[Plan], reason: Optional[str] = None,
@@ -45,12 +47,14 @@ class _Entry:
         self.reason = reason
         self.hits = 0
         self.host = None
+        self.unarmable = False
 
     def retire(self) -> None:
         """Forget the graph once its last replay is done (its memory may be reused at once)."""
         if self.graphed is not None:
             self.graphed.retire()
             self.graphed = self.graph_guard = None
+        self.host = None
 
     def unchanged(self, backbone: nn.Module) -> bool:
         """Whether the host guard says that nothing the plan's and graph's guards read changed
@@ -58,11 +62,18 @@ class _Entry:
         host = self.host
         return host is not None and host[1] is self.graph_guard and host[0].holds(backbone)
 
-    def arm(self) -> tuple:
-        """A host guard of the plan's guards and of the graph's as they are now (taken before
-        they are checked: kept, with ``host = ...``, only if they then hold)."""
+    def arm(self) -> None:
+        """After the plan's guards held: record them (and the graph's, where it holds too) in a
+        host guard, kept only if they still hold after the recording, so that whatever changed
+        before it was seen by them and whatever changes after it is seen by the record."""
         plan, graph = self.plan, self.graph_guard
-        return _guards.arm([plan.structure], [plan.guard], graph), graph
+        if self.unarmable or (graph is not None and not graph.holds()):
+            return  # a capture or the plan's steps follow; the record is taken at a later call
+        host = _guards.arm([plan.structure], [plan.guard], graph)
+        if host is None:
+            self.unarmable = _guards.host_guard_mechanism() is not None
+        elif _valid(self) and not _global_hooks() and (graph is None or graph.holds()):
+            self.host = (host, graph)
 
 
 MAX_CAPTURES = 3
@@ -117,9 +128,9 @@ class Engine:
             return backbone._run_as_written(x) if _valid(entry) else None
         unchanged = entry.unchanged(backbone)
         if not unchanged:
-            armed = entry.arm()
             if not _valid(entry) or _global_hooks():
                 return None
+            entry.arm()
         if key.grad_enabled and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
             return backbone._run_as_written(x)
         entry.hits += 1
@@ -134,12 +145,8 @@ class Engine:
             return plan.run(x) if key.autocast is None else backbone._run_as_written(x)
         graphed, guard = entry.graphed, entry.graph_guard
         if graphed is None or guard is None:
-            if not unchanged and armed[0] is not None and armed[1] is None:
-                entry.host = armed
             return plan.run(x)
         if unchanged or guard.holds():
-            if not unchanged and armed[0] is not None and armed[1] is guard:
-                entry.host = armed
             return graphed(x, self.static_outputs)
         if not guard.plain():  # a hook or training mode the plan's calls honour
             return plan.run(x)

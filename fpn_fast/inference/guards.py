@@ -7,9 +7,11 @@ These Python checks define whether a plan applies. A call does not run them whil
 host guard (``arm``/``HostGuard.holds``, csrc/runtime/host_guard.cpp) says that nothing they read
 has changed since they last held: one C call instead of about a hundred Python-level comparisons.
 """
+import collections
 import copy
 import itertools
 import operator
+import threading
 import warnings
 import weakref
 from typing import List, Optional, Sequence, Tuple
@@ -250,6 +252,7 @@ _GLOBAL_DICTS = (_module_state._global_forward_hooks, _module_state._global_forw
                  _module_state._global_backward_hooks, _module_state._global_backward_pre_hooks,
                  _module_state.__dict__)
 _FUNCTIONS: list = []  # [ops.host_guard.HostGuardFunctions, or None where the host guard is off]
+_FUNCTIONS_LOCK = threading.Lock()  # one self-check per process, whichever thread calls first
 
 
 def host_guard_mechanism() -> Optional[str]:
@@ -266,7 +269,9 @@ def host_guard_mechanism() -> Optional[str]:
 
 def _functions():
     if not _FUNCTIONS:
-        _FUNCTIONS.append(_self_checked())
+        with _FUNCTIONS_LOCK:
+            if not _FUNCTIONS:
+                _FUNCTIONS.append(_self_checked())
     return _FUNCTIONS[0]
 
 
@@ -288,7 +293,7 @@ def arm(structures: Sequence[StructureGuard], weights: Sequence[WeightGuard] = (
     return None if functions is None else _arm(functions, structures, weights, graph)
 
 
-def _arm(functions, structures, weights, graph) -> Optional[HostGuard]:
+def _arm(functions, structures, weights, graph, dicts=_GLOBAL_DICTS) -> Optional[HostGuard]:
     if graph is not None:
         structures = list(structures) + [graph.structure]
     modules, called, outer = [], [], None
@@ -300,15 +305,16 @@ def _arm(functions, structures, weights, graph) -> Optional[HostGuard]:
     convs = [module for guard in weights for module in guard.modules]
     pointers = [] if graph is None else graph.tensors.modules
     try:
-        return HostGuard(functions.arm(modules, called, outer, convs, pointers, _GLOBAL_DICTS), functions.holds)
+        return HostGuard(functions.arm(modules, called, outer, convs, pointers, dicts), functions.holds)
     except Exception:  # noqa: BLE001 (what it cannot record: the Python guards decide each call)
         return None
 
 
 def _self_checked():
     """The host guard's functions, after checking that they notice an attribute set, an in-place
-    weight write, a hook and a global hook on a probe module; None (with a warning) where they
-    do not, or where there are none (``ops.host_guard.functions``)."""
+    weight write, a hook and a watched dict's change (as a global hook's registration) on probes
+    of their own; None (with a warning) where they miss one, or where there are none
+    (``ops.host_guard.functions``)."""
     functions = _host_guard.functions()
     if functions is None:
         return None
@@ -324,17 +330,22 @@ def _self_checked():
 def _missed_changes(functions) -> List[str]:
     probe = nn.Conv2d(1, 1, 1)
     probe._weights_generation = 0
-    missed = []
+    hooks = collections.OrderedDict()  # stands for the global hook dicts (not touched: other threads run)
     changes = [("an attribute set", lambda: setattr(probe, "stride", (2, 2))),
                ("an in-place weight write", lambda: _in_place(probe.weight)),
                ("a forward hook", lambda: probe.register_forward_hook(lambda *args: None).remove()),
-               ("a global forward hook",
-                lambda: torch.nn.modules.module.register_module_forward_hook(lambda *args: None).remove())]
+               ("a watched dict's new key", lambda: hooks.__setitem__(len(hooks), None))]
+    missed = []
     for what, change in changes:
-        structure, weights = StructureGuard([probe]), WeightGuard([probe])
-        guard = _arm(functions, [structure], [weights], None)
+        guard = None
+        # Another thread may change a watched dict meanwhile (>= 3.12: one counter for all): a record
+        # that does not hold before the change is taken again; what counts is a change missed.
+        for _ in range(5):
+            guard = _arm(functions, [StructureGuard([probe])], [WeightGuard([probe])], None, (hooks,))
+            if guard is None or guard.holds():
+                break
         if guard is None or not guard.holds():
-            missed.append(f"{what} (nothing changed yet)")
+            missed.append(f"{what} (it could not record an unchanged probe)")
             continue
         change()
         if guard.holds():

@@ -115,6 +115,25 @@ def _hook(model):
     HANDLES.append(model.body.layer2[0].register_forward_hook(lambda *args: None))
 
 
+def _swap_tensors(model):
+    conv = model.body.layer3[0].convs[0]
+    torch.utils.swap_tensors(conv.weight, nn.Parameter(conv.weight.detach() * 2, requires_grad=conv.weight.requires_grad))
+
+
+class _Kept:
+    """Keeps a tensor alive until the test's clean-up (which calls ``remove``)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def remove(self):
+        self.tensor = None
+
+
+class Meta(dict):
+    """A dict subclass attribute: compared by content, not watched."""
+
+
 def _parametrize(model):
     from torch.nn.utils import parametrize
 
@@ -135,6 +154,7 @@ WATCHED = {
     "list in place": _set_list_attribute,
     "set in place": _add_to_set,
     "OrderedDict order": _reorder,
+    "dict subclass in place": lambda m: m.fpn.meta.__setitem__("b", 2),
     "class": _swap_class,
     "__dict__ replaced": _replace_dict,
     "training (inner)": lambda m: m.fpn.train(),
@@ -146,6 +166,8 @@ WATCHED = {
     "in-place weight": _in_place,
     "in-place bias": _bias_in_place,
     ".data assigned": _data_assign,
+    "swap_tensors": _swap_tensors,
+    "a copy-on-write clone": lambda m: HANDLES.append(_Kept(torch._lazy_clone(m.fpn.layer_blocks[1].weight))),
     "load_state_dict": _load_state_dict,
     "load_state_dict(assign=True)": _assign_state_dict,
     "half().float()": lambda m: m.half().float(),
@@ -159,6 +181,7 @@ def _prepared(name):
     model.fpn.foo = 1
     model.fpn.inner_blocks[0].tags = ["a"]
     model.fpn.ordered = OrderedDict(a=1, b=2)
+    model.fpn.meta = Meta(a=1)
     return model
 
 
@@ -182,32 +205,71 @@ def test_each_watched_change_is_seen_and_the_next_call_is_right(name):
             HANDLES.pop().remove()
 
 
-# Each leaves what the plan computes as it was; the host guard may or may not notice, but where it
-# says "unchanged", the Python guards must agree.
-UNWATCHED = {
+# Each leaves the plan valid: the Python guards still hold, the next call builds nothing, and the
+# host guard holds again after it. The first four touch no dict the host guard reads: it must
+# still hold at once (no false alarm); the others change a watched dict and back.
+KEPT = {
     "outer forward hook": lambda m: HANDLES.append(m.register_forward_hook(lambda *args: None)),
     "outer eval()": lambda m: m.eval(),
     "inner eval()": lambda m: m.body.eval(),
     "read state_dict": lambda m: m.state_dict(),
     "another module's attribute": lambda m: setattr(nn.Linear(1, 1), "foo", 1),
     "a hook added and removed": lambda m: m.body.layer1.register_forward_hook(lambda *args: None).remove(),
+    "an equal tuple": lambda m: setattr(m.fpn.layer_blocks[0], "padding", tuple(list(m.fpn.layer_blocks[0].padding))),
 }
+QUIET = ("outer forward hook", "outer eval()", "inner eval()", "read state_dict")
 
 
-@pytest.mark.parametrize("name", list(UNWATCHED))
-def test_where_it_says_unchanged_the_python_guards_hold(name):
+@pytest.mark.parametrize("name", list(KEPT))
+def test_a_change_that_keeps_the_plan_builds_nothing_and_re_arms(name):
     model = _prepared(name)
     entry = _armed(model)
     try:
-        UNWATCHED[name](model)
-        if entry.unchanged(model):
-            assert _python_guards_hold(entry, model), name
+        KEPT[name](model)
+        assert _python_guards_hold(entry, model), name
+        if name in QUIET:
+            assert entry.unchanged(model), f"{name}: a false alarm"
         with torch.inference_mode():
             model(IMAGE)
+        assert model._engine.builds == 1 and _entry(model) is entry
         assert entry.unchanged(model), f"{name}: not re-armed after the guards held"
     finally:
         while HANDLES:
             HANDLES.pop().remove()
+
+
+class Tag(nn.Identity):
+    """A module the plan calls as written (its type is not one the plan sees through)."""
+
+
+def test_called_modules_type_training_and_hooks_are_seen_other_attributes_are_not():
+    model = _optimized()
+    tag = Tag().eval()
+    model.body.layer2.append(tag)
+    entry = _armed(model)
+    assert tag in entry.plan.called
+    tag.calls = 5  # a called module's own attributes are its business (it reads them when called)
+    assert entry.unchanged(model) and _python_guards_hold(entry, model)
+    for change, undo in [(lambda: tag.train(), lambda: tag.eval()),
+                         (lambda: HANDLES.append(tag.register_forward_pre_hook(lambda *args: None)),
+                          lambda: HANDLES.pop().remove()),
+                         (lambda: setattr(tag, "__class__", nn.Identity), lambda: setattr(tag, "__class__", Tag))]:
+        change()
+        assert not entry.unchanged(model) and not _python_guards_hold(entry, model)
+        undo()
+        with torch.inference_mode():
+            model(IMAGE)
+        assert entry.unchanged(model) and model._engine.builds == 1
+
+
+def test_calls_in_grad_mode_keep_the_record(monkeypatch):
+    """Grad mode on, nothing requiring grad: planned, and the Python guards run once, not per call."""
+    model = _optimized()
+    model(IMAGE)
+    counts = _count_python_guards(monkeypatch)
+    for _ in range(3):
+        model(IMAGE)
+    assert len(counts) == 4 and _entry(model).host is not None  # one re-arm: the two guards, twice
 
 
 def test_a_steady_call_runs_no_python_guard(monkeypatch):
@@ -222,7 +284,7 @@ def test_a_steady_call_runs_no_python_guard(monkeypatch):
     with torch.inference_mode():
         for _ in range(3):
             model(IMAGE)
-    assert len(counts) == 2  # the plan's structure and weight guards, once
+    assert len(counts) == 4  # the plan's structure and weight guards, before and after the record is taken
     assert model._engine.builds == 1
 
 
