@@ -318,7 +318,9 @@ def _self_checked():
     functions = _host_guard.functions()
     if functions is None:
         return None
-    with torch.inference_mode(False):  # the first call may come under inference_mode: plain tensors here
+    # The first call may come under inference_mode (plain tensors here) and autocast (no casts here:
+    # the probe's tensors are on the CPU).
+    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
         missed = _missed_changes(functions)
     if missed:
         warnings.warn("fpn_fast: the extension's host guard did not notice " + ", ".join(missed)
@@ -328,7 +330,9 @@ def _self_checked():
 
 
 def _missed_changes(functions) -> List[str]:
-    probe = nn.Conv2d(1, 1, 1)
+    probe = nn.Module()  # a parameter and attributes, as a folded convolution has
+    probe.weight = nn.Parameter(torch.zeros(1), requires_grad=False)
+    probe.stride = (1, 1)
     probe._weights_generation = 0
     hooks = collections.OrderedDict()  # stands for the global hook dicts (not touched: other threads run)
     changes = [("an attribute set", lambda: setattr(probe, "stride", (2, 2))),

@@ -25,7 +25,7 @@ from .._fast_path import runs_as_written
 from ..backbone import BackboneWithFPN
 from ..convert import convert
 from ..fpn import FeaturePyramidNetwork
-from . import fold
+from . import fold, guards
 from .fold import _torchvision_classes, fold_fpn_block, fold_norms
 from .optimized_backbone import InferenceBackboneWithFPN
 from .folded_conv import Conv2dAct
@@ -155,4 +155,6 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, fold
             module.winograd = bool(winograd)
         elif isinstance(module, InferenceBackboneWithFPN):
             module.set_engine(plan, max_plans=max_plans, cuda_graphs=cuda_graphs, static_outputs=static_outputs)
+    if plan:
+        guards.host_guard_mechanism()  # its self-check, once per process: here rather than in a served call
     return optimized.eval()
