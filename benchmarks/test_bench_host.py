@@ -11,7 +11,10 @@ and ``host guard`` (``_Entry.unchanged``: the extension's one call, csrc/runtime
 served by its CUDA graph, timed on the host from an idle GPU (synchronised before each round, not
 after: the time is what the call spends before it returns, the GPU's work still queued), as
 headline.py's ``host_us``. Variants: ``replay copies`` (the default: the outputs are copies, one
-device copy per level) and ``replay static outputs`` (``set_engine(static_outputs=True)``).
+device copy per level), ``replay static outputs`` (``set_engine(static_outputs=True)``), and
+``replay static + one foreach copy`` (the static outputs copied by the caller into new tensors with
+one ``torch._foreach_copy_``: what the engine's copies would cost as one multi-tensor copy, to
+decide whether to make them so).
 """
 import pytest
 import torch
@@ -68,7 +71,7 @@ def test_plan_guards(benchmark, planned, device, variant):
     benchmark.extra_info["mechanism"] = guards.host_guard_mechanism()
 
 
-REPLAY_VARIANTS = ["replay copies", "replay static outputs"]
+REPLAY_VARIANTS = ["replay copies", "replay static outputs", "replay static + one foreach copy"]
 
 
 @pytest.mark.cuda
@@ -78,7 +81,7 @@ def test_replay_host(benchmark, variant):
     torch.manual_seed(0)
     model = fpn_fast.resnet_fpn_backbone(backbone_name="resnet50", weights=None).eval().cuda()
     model = fpn_fast.optimize_for_inference(model)
-    if variant == "replay static outputs":
+    if variant != "replay copies":
         model.set_engine(static_outputs=True)
     x = torch.randn(images_shape((2, 3, 800, 1216)), device="cuda")
     benchmark.group = f"replay host cuda resnet50-fpn {'x'.join(map(str, x.shape))}"
@@ -88,7 +91,10 @@ def test_replay_host(benchmark, variant):
         assert model.plans()[0]["graph"], model.plans()[0]["reason"]
 
         def call():
-            model(x)
+            out = model(x)
+            if variant == "replay static + one foreach copy":
+                levels = list(out.values())
+                torch._foreach_copy_([torch.empty_like(level) for level in levels], levels)
         benchmark.pedantic(call, setup=torch.cuda.synchronize, rounds=rounds(50, 50, "cuda"), warmup_rounds=2)
         torch.cuda.synchronize()
     benchmark.extra_info["mechanism"] = guards.host_guard_mechanism()
