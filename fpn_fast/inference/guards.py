@@ -277,8 +277,9 @@ def _functions():
 
 def arm(structures: Sequence[StructureGuard], weights: Sequence[WeightGuard] = (),
         graph: Optional[GraphGuard] = None) -> Optional[HostGuard]:
-    """Record what these guards read, to be kept only if they hold right after (the caller runs
-    them next: a change in between is in the record's past, and the next ``holds`` sees it).
+    """Record what these guards read. The caller runs them after it and keeps the record only if
+    they hold then: a change before the record was taken is theirs to see, one after it the
+    record's.
 
     Args:
         structures: structure guards (at most one with an outer module).
