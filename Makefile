@@ -31,11 +31,7 @@ demo: install
 
 # Everything CI checks (.ci/run): the suite on the pinned torch, the oldest supported torch's
 # suites, the GPU check's dry run (every step on CPU at tiny sizes), and the install checks.
-# Two at a time (each part's output kept together, -O): the pinned suite beside the oldest torch's
-# (whose venv downloads while the pinned extension compiles), then the dry run beside the installs.
-test:
-	$(MAKE) --no-print-directory -j2 -O test-pinned test-oldest
-	$(MAKE) --no-print-directory -j2 -O gpu-check-dry test-install
+test: test-pinned test-oldest gpu-check-dry test-install
 
 test-pinned: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
