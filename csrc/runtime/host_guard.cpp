@@ -60,8 +60,22 @@ struct CalledCheck {
   PyObject* module;  // held
   PyTypeObject* type;
   PyObject* training;  // held
-  Py_ssize_t hooks, pre_hooks;
+  Py_ssize_t hooks[2];  // hook_counts
 };
+
+// len(module._forward_hooks), len(module._forward_pre_hooks), as the Python guard's _call_state
+// reads them. False with a Python error set where reading one raises.
+bool hook_counts(PyObject* module, Py_ssize_t counts[2]) {
+  const char* names[2] = {"_forward_hooks", "_forward_pre_hooks"};
+  for (int i = 0; i < 2; ++i) {
+    PyObject* hooks = PyObject_GetAttrString(module, names[i]);
+    if (hooks == nullptr) return false;
+    counts[i] = PyObject_Size(hooks);
+    Py_DECREF(hooks);
+    if (counts[i] < 0) return false;
+  }
+  return true;
+}
 
 struct TensorCheck {
   // held: the Python tensor, not its TensorImpl (a C++ reference would make torch.utils.swap_tensors,
@@ -204,16 +218,10 @@ bool record_called(Guard& guard, PyObject* module) {
   PyObject* training = PyObject_GetAttrString(module, "training");
   if (training == nullptr) return false;
   guard.held.push_back(training);  // the new reference
-  Py_ssize_t sizes[2];
-  const char* names[2] = {"_forward_hooks", "_forward_pre_hooks"};
-  for (int i = 0; i < 2; ++i) {
-    PyObject* hooks = PyObject_GetAttrString(module, names[i]);
-    if (hooks == nullptr) return false;
-    sizes[i] = PyObject_Size(hooks);
-    Py_DECREF(hooks);
-    if (sizes[i] < 0) return false;
-  }
-  guard.called.push_back({guard.hold(module), Py_TYPE(module), training, sizes[0], sizes[1]});
+  CalledCheck check{module, Py_TYPE(module), training, {0, 0}};
+  if (!hook_counts(module, check.hooks)) return false;
+  guard.hold(module);
+  guard.called.push_back(check);
   guard.hold(reinterpret_cast<PyObject*>(Py_TYPE(module)));
   return true;
 }
@@ -394,15 +402,9 @@ int holds(const Guard& guard, PyObject* outer) {
     if (training == nullptr) return changed_or_error();
     Py_DECREF(training);
     if (training != check.training) return false;
-    const char* names[2] = {"_forward_hooks", "_forward_pre_hooks"};
-    const Py_ssize_t sizes[2] = {check.hooks, check.pre_hooks};
-    for (int i = 0; i < 2; ++i) {
-      PyObject* hooks = PyObject_GetAttrString(check.module, names[i]);
-      if (hooks == nullptr) return changed_or_error();
-      Py_ssize_t size = PyObject_Size(hooks);
-      Py_DECREF(hooks);
-      if (size != sizes[i]) return size < 0 ? changed_or_error() : 0;
-    }
+    Py_ssize_t counts[2];
+    if (!hook_counts(check.module, counts)) return changed_or_error();
+    if (counts[0] != check.hooks[0] || counts[1] != check.hooks[1]) return false;
   }
   try {
     for (const TensorCheck& check : guard.tensors) {

@@ -33,8 +33,9 @@ class _Entry:
         reason: why there is no plan, or no graph.
         host: (``guards.HostGuard``, the graph guard it covers) once the guards held, or None: while
             it holds and the graph guard is the same, a call skips the Python guards.
-        unarmable: the host guard could not record this plan's guards (an inference tensor among
-            its weights): its calls run the Python guards, without trying again.
+        unarmable: there is no host guard for this plan (none here, or it could not record the
+            plan's guards: an inference tensor among its weights): its calls run the Python guards,
+            without trying again.
     """
 
     def __init__(self, plan: Optional[Plan], reason: Optional[str] = None,
@@ -62,18 +63,25 @@ class _Entry:
         host = self.host
         return host is not None and host[1] is self.graph_guard and host[0].holds(backbone)
 
-    def arm(self) -> None:
+    def arm(self) -> bool:
         """After the plan's guards held: record them (and the graph's, where it holds too) in a
         host guard, kept only if they still hold after the recording, so that whatever changed
-        before it was seen by them and whatever changes after it is seen by the record."""
+        before it was seen by them and whatever changes after it is seen by the record.
+
+        Returns:
+            True when it kept one: the plan's guards and the graph's (if any) hold now.
+        """
         plan, graph = self.plan, self.graph_guard
         if self.unarmable or (graph is not None and not graph.holds()):
-            return  # a capture or the plan's steps follow; the record is taken at a later call
+            return False  # a capture or the plan's steps follow; the record is taken at a later call
         host = _guards.arm([plan.structure], [plan.guard], graph)
         if host is None:
-            self.unarmable = _guards.host_guard_mechanism() is not None
-        elif _valid(self) and not _global_hooks() and (graph is None or graph.holds()):
-            self.host = (host, graph)
+            self.unarmable = True
+            return False
+        if not (_valid(self) and not _global_hooks() and (graph is None or graph.holds())):
+            return False
+        self.host = (host, graph)
+        return True
 
 
 MAX_CAPTURES = 3
@@ -130,7 +138,7 @@ class Engine:
         if not unchanged:
             if not _valid(entry) or _global_hooks():
                 return None
-            entry.arm()
+            unchanged = entry.arm()  # True: the graph's guard held just now as well
         if key.grad_enabled and _needs_grad(x, plan.guard):  # autograd would record: refuse as eager does
             return backbone._run_as_written(x)
         entry.hits += 1

@@ -9,6 +9,7 @@ What must hold, tested here on every change a plan's guards watch (and a few the
 - a steady-state call runs none of the Python guards; and a call after a change is right
   (compared with the modules run as written).
 """
+import contextlib
 import copy
 import sys
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from fpn_fast.inference import guards
 from fpn_fast.inference.engine import _valid
 from fpn_fast._fast_path import _global_hooks
 from fpn_fast.ops import host_guard
+from tests.inference.test_engine import _assert_same, _relative_error
 from tests._models import randomise_
 
 if host_guard.functions() is None:
@@ -175,7 +177,7 @@ WATCHED = {
 }
 
 
-def _prepared(name):
+def _prepared():
     """A fresh model, with the attributes that some changes edit in place set before planning."""
     model = _optimized()
     model.fpn.foo = 1
@@ -185,24 +187,27 @@ def _prepared(name):
     return model
 
 
-@pytest.mark.parametrize("name", list(WATCHED))
-def test_each_watched_change_is_seen_and_the_next_call_is_right(name):
-    model = _prepared(name)
+@contextlib.contextmanager
+def _changed(change):
+    """(model, its armed cache entry) after ``change(model)``; the hooks it registered removed after."""
+    model = _prepared()
     entry = _armed(model)
     try:
-        WATCHED[name](model)
+        change(model)
+        yield model, entry
+    finally:
+        while HANDLES:
+            HANDLES.pop().remove()
+
+
+@pytest.mark.parametrize("name", list(WATCHED))
+def test_each_watched_change_is_seen_and_the_next_call_is_right(name):
+    with _changed(WATCHED[name]) as (model, entry):
         assert not entry.unchanged(model), name
         if name in ("training (inner)", "training (outer)"):
             return  # the backbone refuses training mode (tests/inference/test_engine.py)
         with torch.inference_mode():
-            got = model(IMAGE)
-            expected = model._run_as_written(IMAGE)
-        assert list(got) == list(expected)
-        for key in expected:
-            assert torch.equal(got[key], expected[key]), (name, key)
-    finally:
-        while HANDLES:
-            HANDLES.pop().remove()
+            _assert_same(model(IMAGE), model._run_as_written(IMAGE))
 
 
 # Each leaves the plan valid: the Python guards still hold, the next call builds nothing, and the
@@ -222,10 +227,7 @@ QUIET = ("outer forward hook", "outer eval()", "inner eval()", "read state_dict"
 
 @pytest.mark.parametrize("name", list(KEPT))
 def test_a_change_that_keeps_the_plan_builds_nothing_and_re_arms(name):
-    model = _prepared(name)
-    entry = _armed(model)
-    try:
-        KEPT[name](model)
+    with _changed(KEPT[name]) as (model, entry):
         assert _python_guards_hold(entry, model), name
         if name in QUIET:
             assert entry.unchanged(model), f"{name}: a false alarm"
@@ -233,9 +235,6 @@ def test_a_change_that_keeps_the_plan_builds_nothing_and_re_arms(name):
             model(IMAGE)
         assert model._engine.builds == 1 and _entry(model) is entry
         assert entry.unchanged(model), f"{name}: not re-armed after the guards held"
-    finally:
-        while HANDLES:
-            HANDLES.pop().remove()
 
 
 class Tag(nn.Identity):
@@ -363,16 +362,12 @@ def _assert_close(got, expected):
     """Within 1e-5 of each level's largest value: the plan and the modules run the same convolutions
     (TF32 off), in possibly different cuDNN algorithms."""
     assert list(got) == list(expected)
-    for key in expected:
-        error = (got[key].float() - expected[key].float()).abs().max() / expected[key].float().abs().max()
-        assert error <= 1e-5, (key, error.item())
+    assert _relative_error(got, expected) <= 1e-5
 
 
 def test_a_host_guard_that_misses_a_change_is_not_used(monkeypatch):
     """The self-check at first use: functions whose ``holds`` never notices anything are refused,
     with a warning, and calls run the Python guards."""
-    from fpn_fast.ops import host_guard
-
     real = host_guard.functions()
     blind = host_guard.HostGuardFunctions(real.arm, lambda record, outer: True, real.mechanism)
     monkeypatch.setattr(host_guard, "functions", lambda: blind)
@@ -398,5 +393,4 @@ def test_turned_off_the_python_guards_run_each_call(monkeypatch):
         got = model(IMAGE)
         expected = model._run_as_written(IMAGE)
     assert _entry(model).host is None
-    for key in expected:
-        assert torch.equal(got[key], expected[key])
+    _assert_same(got, expected)
